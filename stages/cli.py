@@ -1,0 +1,116 @@
+"""`dpo`: a thin click group. Each command builds its frozen config (YAML, then flags) and calls one module."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from . import config as cfgmod
+from .errors import UserError
+
+
+def user_errors(fn):
+    """Bad input is one line on stderr and exit 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dpo-stages")
+def main():
+    """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""
+
+
+def data_options(fn):
+    for opt in reversed([
+        click.option("--data", multiple=True, help="Preference file(s): .jsonl, .jsonl.gz, .json, .parquet."),
+        click.option("--prompt-field", default=None, help="Column holding the prompt [prompt]."),
+        click.option("--chosen-field", default=None, help="Column holding the chosen reply [chosen]."),
+        click.option("--rejected-field", default=None, help="Column holding the rejected reply [rejected]."),
+        click.option("--strict/--no-strict", default=None, help="Rows with chosen == rejected are errors, not skipped."),
+        click.option("--max-length", type=int, default=None, help="Prompt + reply tokens [1024]."),
+        click.option("--max-prompt-length", type=int, default=None, help="Prompt tokens, keeping the end [512]."),
+        click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Run model code from the folder."),
+        click.option("--config", "config_path", type=click.Path(), default=None, help="YAML config; flags override."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("precompute-ref")
+@click.option("--model", default=None, help="Reference model: a local HF folder (safetensors).")
+@click.option("--out", default=None, help="Cache file [cache/ref.parquet].")
+@click.option("--adapter", default=None, help="PEFT adapter on top of the base (e.g. the SFT adapter).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
+@click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="NF4 base, exactly as `dpo train` loads it.")
+@click.option("--max-tokens-per-batch", type=int, default=None, help="Padded tokens per forward [8192].")
+@click.option("--share-prompt/--no-share-prompt", default=None, help="Run each prompt once for both replies [on].")
+@click.option("--sort-by-length/--no-sort-by-length", default=None, help="Length-sorted batches [on].")
+@click.option("--store-token-logps/--no-store-token-logps", default=None, help="Also store per-token log-probs.")
+@click.option("--batches-per-part", type=int, default=None, help="Resume granularity [8].")
+@click.option("--chunk-size", type=int, default=None, help="Positions per LM-head chunk [1024].")
+@click.option("--overwrite", is_flag=True, default=None, help="Discard unfinished parts made with other settings.")
+@click.option("--full-hash", is_flag=True, default=None, help="SHA-256 every weight byte in the fingerprint.")
+@data_options
+@user_errors
+def precompute_ref(config_path, **flags):
+    """Stage one: reference log-probs of every chosen/rejected reply, written once to Parquet."""
+    from .precompute import PrecomputeConfig, run
+
+    run(cfgmod.build(PrecomputeConfig, config_path, flags))
+
+
+@main.group()
+def cache():
+    """Inspect and check a reference cache."""
+
+
+@cache.command("info")
+@click.argument("path")
+@user_errors
+def cache_info(path):
+    """Print a cache's metadata and statistics."""
+    from .refcache import info_text
+
+    click.echo(info_text(path))
+
+
+@cache.command("verify")
+@click.argument("path")
+@click.option("--model", default=None, help="Also check the tokenizer and weights fingerprints against this model.")
+@click.option("--max-length", type=int, default=None)
+@click.option("--max-prompt-length", type=int, default=None)
+@click.option("--data", multiple=True, required=True)
+@click.option("--prompt-field", default="prompt")
+@click.option("--chosen-field", default="chosen")
+@click.option("--rejected-field", default="rejected")
+@user_errors
+def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field, chosen_field, rejected_field):
+    """Check that every example of DATA has a finite entry and the fingerprints match; list what differs."""
+    from .verify import verify_cache
+
+    problems = verify_cache(path, data, (prompt_field, chosen_field, rejected_field), model, max_length, max_prompt_length)
+    for p in problems:
+        click.echo(f"MISMATCH {p}")
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {path} covers every example of {', '.join(data)}")
+
+
+@main.command()
+@user_errors
+def demo():
+    """End-to-end demo on SmolLM2-135M (not yet available)."""
+    click.echo("dpo demo: not yet available")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""One frozen dataclass per command, filled from a YAML file and then CLI flags (flags win). Unknown keys are
+errors; the resolved config is saved next to every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+def _check_type(name: str, value, hint, where: str):
+    """Accept value for a field typed int/float/bool/str/tuple[...]/X | None; lists become tuples."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _check_type(name, value, hint, where)
+    if origin is tuple or hint is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else str
+        return tuple(_check_type(name, v, inner, where) for v in items)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, bool, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise UserError(f"{where}: {name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, config_path: str | None, overrides: dict):
+    """cls from YAML (optional) then overrides (None means 'not given'). Unknown or ill-typed keys are errors."""
+    values: dict = {}
+    if config_path:
+        try:
+            loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"--config {config_path}: cannot read YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {config_path}: expected a mapping of option: value at the top level")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"--config {config_path}" if config_path else "options"
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    where = config_path or "command line"
+    checked = {k: _check_type(k, v, hints[k], where) for k, v in values.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in checked and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"missing required option --{missing[0].replace('_', '-')} (or `{missing[0]}:` in the YAML config)")
+    return cls(**checked)
+
+
+def to_dict(cfg) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save(cfg, path: Path) -> None:
+    """Write the resolved config as YAML (atomically), so every output says how it was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""Tokenization: prompt and completion ids such that prompt_ids + completion_ids is exactly what the model sees.
+
+Plain rows follow TRL's DPOTrainer convention: prompt text tokenized without special tokens, completion text
+tokenized separately with EOS appended. Chat rows use the tokenizer's chat template: prompt rendered with the
+generation prompt, the completion is what the full conversation adds after it, cut after the last end-of-turn
+(EOS) token so trailing template whitespace is not scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from .data import Example
+from .errors import UserError
+
+TRUNCATION = "prompt_keep_end,completion_keep_start"
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    max_length: int | None = 1024          # prompt + one completion, in tokens
+    max_prompt_length: int | None = 512    # prompts longer than this keep their END
+
+
+@dataclass(frozen=True)
+class Encoded:
+    example_id: str
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        """Tokens in the longer of the two sequences (what a padded batch pays for)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_ids(tokenizer, messages, generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+    )
+    return list(ids)
+
+
+def _chat_completion(tokenizer, prompt_ids: list[int], ex: Example, completion) -> list[int]:
+    full = _chat_ids(tokenizer, list(ex.prompt) + list(completion), generation_prompt=False)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise UserError(
+            f"{ex.source}: row {ex.row}: the chat template renders the prompt differently with and without the "
+            "reply, so prompt and completion cannot be split; use a template whose generation prompt is a prefix"
+        )
+    completion_ids = full[len(prompt_ids):]
+    eos = tokenizer.eos_token_id
+    if eos in completion_ids:  # keep up to and including the last end-of-turn token
+        last = len(completion_ids) - 1 - completion_ids[::-1].index(eos)
+        completion_ids = completion_ids[: last + 1]
+    return completion_ids
+
+
+def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list[int]]:
+    """Untruncated (prompt, chosen, rejected) ids."""
+    if ex.is_chat:
+        if tokenizer.chat_template is None:
+            raise UserError(
+                f"{ex.source}: row {ex.row}: conversational data needs a tokenizer with a chat template; "
+                "use an instruct model's tokenizer or convert the rows to prompt/chosen/rejected text"
+            )
+        prompt = _chat_ids(tokenizer, ex.prompt, generation_prompt=True)
+        return prompt, _chat_completion(tokenizer, prompt, ex, ex.chosen), _chat_completion(tokenizer, prompt, ex, ex.rejected)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no eos_token; set one in tokenizer_config.json")
+    return _ids(tokenizer, ex.prompt), _ids(tokenizer, ex.chosen) + [eos], _ids(tokenizer, ex.rejected) + [eos]
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], settings: TokenizeSettings):
+    """Prompt cut from the left (keep its end), then completions from the right. None if nothing can be scored."""
+    if settings.max_prompt_length is not None:
+        prompt = prompt[-settings.max_prompt_length:] if settings.max_prompt_length > 0 else []
+    if settings.max_length is not None:
+        room = settings.max_length - len(prompt)
+        if room < 1:
+            return None
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        return None
+    return prompt, chosen, rejected
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], settings: TokenizeSettings) -> tuple[list[Encoded], int]:
+    """Encode every example; returns (encoded, number skipped because they cannot fit max_length)."""
+    out, skipped = [], 0
+    for ex in examples:
+        cut = truncate(*tokenize_example(tokenizer, ex), settings)
+        if cut is None:
+            skipped += 1
+            continue
+        p, c, r = cut
+        out.append(Encoded(ex.example_id, tuple(p), tuple(c), tuple(r)))
+    return out, skipped
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer, settings: TokenizeSettings) -> dict:
+    """What decides the token ids: vocabulary/merges/normaliser, special tokens, chat template and truncation.
+
+    Hashes content, not paths, so the same tokenizer copied elsewhere gives the same fingerprint.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    specials = json.dumps(
+        {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token, "pad": tokenizer.pad_token,
+         "class": type(tokenizer).__name__, "added": sorted(map(str, tokenizer.get_added_vocab()))},
+        sort_keys=True,
+    )
+    template = tokenizer.chat_template or ""
+    return {
+        "tokenizer_hash": _sha(spec + specials)[:32],
+        "chat_template_hash": _sha(template)[:32] if template else None,
+        **asdict(settings),
+        "truncation": TRUNCATION,
+        "plain_text_convention": "prompt:no_special_tokens,completion:+eos",
+    }

@@ -1,0 +1,145 @@
+"""Loading models: plain or NF4 base, optional PEFT adapter, the CPU bitsandbytes fix, weight fingerprints.
+
+Both stages load through `load_model`, so `--load-in-4bit` in stage one quantises exactly as stage two does and
+the policy equals the reference at step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOAD_COUNT = {"models": 0}  # every model load; tests assert that stage two loads exactly one
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    dtype: str = "auto"            # fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU)
+    load_in_4bit: bool = False
+    adapter: str | None = None
+    trust_remote_code: bool = False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not one of fp32, bf16, fp16, auto")
+    return DTYPES[name]
+
+
+def check_model_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UserError(f"--model {path}: no config.json there; pass a local Hugging Face model folder")
+    if not list(p.glob("*.safetensors")):
+        raise UserError(f"--model {path}: no *.safetensors weights; only safetensors are loaded (convert .bin first)")
+    return p
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # padding is always masked, so any id will do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def fix_bnb_cpu(model) -> int:
+    """bitsandbytes on CPUs with AVX512-BF16 repacks Linear4bit weights in any no-grad forward, after which
+    gradients through the base are silently wrong. Switch that path off on every Linear4bit; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _quant_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    # quant storage bf16 so FSDP2 can shard the packed weights like any other bf16 tensor
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=False, bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def load_model(spec: ModelSpec, device: torch.device, trainable_adapter: bool = False):
+    """Causal LM from a local safetensors folder, frozen; adapter on top if given (trainable if asked)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(spec.path)
+    dtype = resolve_dtype(spec.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True)
+    if spec.load_in_4bit:
+        kwargs["quantization_config"] = _quant_config(dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    LOAD_COUNT["models"] += 1
+    if not spec.load_in_4bit:
+        model.to(device)
+    fix_bnb_cpu(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.adapter:
+        from peft import PeftModel
+
+        if not (Path(spec.adapter) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {spec.adapter}: no adapter_config.json there; pass a PEFT adapter folder")
+        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable_adapter)
+    return model
+
+
+def quantization_name(spec: ModelSpec) -> str:
+    return "nf4(storage=bf16,double_quant=False)" if spec.load_in_4bit else "none"
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+def _safetensors_header(path: Path) -> bytes:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def folder_fingerprint(path: str | None, full_hash: bool = False) -> dict | None:
+    """Cheap and content-based: config/adapter json, and per weight file its name, size and safetensors header
+    (names, dtypes, shapes, offsets). `full_hash` adds a SHA-256 of every byte (slow for 140 GB)."""
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "adapter_config.json"):
+        if (p / name).is_file():
+            h.update(name.encode() + (p / name).read_bytes())
+    files = sorted(p.glob("*.safetensors"))
+    for f in files:
+        h.update(f.name.encode() + str(f.stat().st_size).encode() + _safetensors_header(f))
+        if full_hash:
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return {
+        "path": str(p.resolve()), "hash": h.hexdigest()[:32], "full_hash": full_hash,
+        "files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def config_hash(path: str) -> str:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:32]

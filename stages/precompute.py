@@ -1,0 +1,210 @@
+"""Stage one: `dpo precompute-ref`. Run the frozen reference ONCE over every example and write a cache.
+
+  read + validate rows -> tokenize -> open (or resume) the parts folder -> length-sorted token-budget batches,
+  split across ranks -> load the reference, shard it with FSDP2 -> score each batch (prompt shared by both
+  replies) -> write a part every few batches -> rank 0 merges parts by example id -> summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, config, refcache
+from .data import FieldMap, ids_digest, load_examples
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model, shutdown
+from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
+from .errors import UserError
+from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .models import ModelSpec, config_hash, folder_fingerprint, load_model, load_tokenizer, quantization_name
+from .progress import Progress, say
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    model: str
+    data: tuple[str, ...]
+    out: str = "cache/ref.parquet"
+    adapter: str | None = None
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_tokens_per_batch: int = 8192
+    share_prompt: bool = True
+    sort_by_length: bool = True
+    store_token_logps: bool = False
+    batches_per_part: int = 8
+    chunk_size: int = DEFAULT_CHUNK
+    overwrite: bool = False
+    full_hash: bool = False
+    strict: bool = False
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+
+
+def run(cfg: PrecomputeConfig) -> Path:
+    env = init_distributed()
+    out = Path(cfg.out)
+    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict)
+    say(env, f"data: {report.summary()}")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length)
+    encoded, too_long = encode_examples(tokenizer, examples, settings)
+    if too_long:
+        say(env, f"tokenize: skipped {too_long} rows that cannot fit --max-length {cfg.max_length} (prompt too long)")
+    if not encoded:
+        raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
+    meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size)
+    parts = open_parts_everywhere(out, meta["manifest"], cfg.overwrite, env)
+    done = refcache.done_ids(parts)
+    todo = [e for e in encoded if e.example_id not in done]
+    say(env, f"cache: {len(done)} of {len(encoded)} examples already done in {parts}; {len(todo)} to go")
+
+    batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
+    mine = batches[env.rank::env.world_size]
+    steps = math.ceil(len(batches) / env.world_size)  # every rank runs this many forwards (dummies pad)
+    model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), env.device)
+    model.eval()
+    share = cfg.share_prompt and supports_prompt_sharing(model)
+    shard_model(model, env)
+
+    start = time.perf_counter()
+    stats = score_batches(model, tokenizer.pad_token_id, mine, steps, parts, share, cfg, env)
+    stats = all_reduce_sum(stats, env)
+    barrier(env)
+    seconds = time.perf_counter() - start
+    if env.is_main:
+        meta["elapsed_seconds"] = round(seconds, 3)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.store_token_logps)
+        config.save(cfg, out.with_name(out.name + ".config.yaml"))
+        say(env, summary_line(out, len(encoded), stats, seconds))
+    barrier(env)
+    shutdown(env)
+    return out
+
+
+def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size) -> dict:
+    """What produced the numbers. `manifest` holds what must match to resume or to trust the cache."""
+    tokenization = tokenizer_fingerprint(tokenizer, settings)
+    manifest = {
+        "model": folder_fingerprint(cfg.model, cfg.full_hash)["hash"],
+        "adapter": (folder_fingerprint(cfg.adapter, cfg.full_hash) or {}).get("hash"),
+        "dtype": cfg.dtype, "quantization": quantization_name(ModelSpec(cfg.model, load_in_4bit=cfg.load_in_4bit)),
+        "tokenization": tokenization, "ids_digest": ids_digest(e.example_id for e in encoded),
+        "store_token_logps": cfg.store_token_logps,
+    }
+    return {
+        "format_version": refcache.FORMAT_VERSION, "tool_version": __version__, "manifest": manifest,
+        "model": {"path": cfg.model, "config_hash": config_hash(cfg.model),
+                  "weights": folder_fingerprint(cfg.model, cfg.full_hash)},
+        "adapter": folder_fingerprint(cfg.adapter, cfg.full_hash),
+        "dtype": cfg.dtype, "quantization": manifest["quantization"], "tokenization": tokenization,
+        "data": {"files": report.files, "rows_read": report.read, "rows_kept": report.kept,
+                 "skipped": report.skipped, "too_long": len(examples) - len(encoded),
+                 "examples": len(encoded), "ids_digest": manifest["ids_digest"]},
+        "world_size": world_size, "share_prompt": cfg.share_prompt,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def open_parts_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> Path:
+    """Rank 0 opens (or checks) the parts folder; every rank raises the same error if the settings differ."""
+    error = None
+    if env.is_main:
+        try:
+            refcache.open_parts(out, manifest, overwrite)
+        except UserError as e:
+            error = str(e)
+    error = broadcast_object(error, env)
+    if error:
+        raise UserError(error)
+    return refcache.parts_dir(out)
+
+
+def batch_cost(batch: list[Encoded], shared: bool) -> int:
+    """Padded tokens a forward pays: [prompt|chosen|rejected] rows when shared, else 2B rows of prompt+reply."""
+    if shared:
+        return len(batch) * max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in batch)
+    return 2 * len(batch) * max(e.length for e in batch)
+
+
+def plan_batches(todo: list[Encoded], budget: int, shared: bool, sort: bool) -> list[list[Encoded]]:
+    """Greedy token-budget batches, longest first (an out-of-memory shows at once); a lone example always fits."""
+    order = sorted(todo, key=lambda e: batch_cost([e], shared), reverse=True) if sort else list(todo)
+    batches: list[list[Encoded]] = []
+    for e in order:
+        if batches and batch_cost(batches[-1] + [e], shared) <= budget:
+            batches[-1].append(e)
+        else:
+            batches.append([e])
+    return batches
+
+
+def score_batches(model, pad_id, mine, steps, parts, share, cfg, env) -> torch.Tensor:
+    """Forward every batch of this rank under inference_mode; a part file every `batches_per_part` batches.
+    Returns [examples, real tokens, padded tokens] for the summary."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    rows: list[dict] = []
+    part_index = refcache.next_part_index(parts, env.rank)
+    progress = Progress(env, total=sum(len(b) for b in mine) * env.world_size, unit="ex", desc="reference")
+    dummy = mine[0][:1] if mine else None
+    with torch.inference_mode():
+        for step in range(steps):
+            batch = mine[step] if step < len(mine) else (dummy or [])
+            if not batch:  # a rank with no examples at all still has to join the collectives
+                batch = [Encoded("dummy", (pad_id,), (pad_id,), (pad_id,))]
+            if share:
+                out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size)
+            else:
+                out = sequence_logps(model, collate_pairs(batch, pad_id), cfg.chunk_size, cfg.store_token_logps)
+            if step >= len(mine):
+                continue  # dummy forward: keeps ranks in step, result discarded
+            rows += result_rows(batch, out, cfg.store_token_logps)
+            real, padded = batch_tokens(batch, share)
+            stats += torch.tensor([len(batch), real, padded], dtype=torch.float64)
+            progress.update(len(batch) * env.world_size, tokens=real * env.world_size)
+            if (step + 1) % cfg.batches_per_part == 0:
+                refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
+                part_index, rows = part_index + 1, []
+    refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
+    progress.close()
+    return stats
+
+
+def batch_tokens(batch: list[Encoded], shared: bool) -> tuple[int, int]:
+    """(real tokens, padded tokens) of one forward."""
+    if shared:
+        real = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in batch)
+    else:
+        real = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in batch)
+    return real, batch_cost(batch, shared)
+
+
+def result_rows(batch: list[Encoded], out, store_token_logps: bool) -> list[dict]:
+    rows = []
+    for i, e in enumerate(batch):
+        row = {
+            "example_id": e.example_id, "ref_chosen_logps": float(out.chosen_logps[i]),
+            "ref_rejected_logps": float(out.rejected_logps[i]), "chosen_tokens": int(out.chosen_tokens[i]),
+            "rejected_tokens": int(out.rejected_tokens[i]), "prompt_tokens": len(e.prompt_ids),
+        }
+        if store_token_logps:
+            row["ref_chosen_token_logps"] = out.token_logps[i].tolist()
+            row["ref_rejected_token_logps"] = out.token_logps[len(batch) + i].tolist()
+        rows.append(row)
+    return rows
+
+
+def summary_line(out: Path, n: int, stats: torch.Tensor, seconds: float) -> str:
+    examples, real, padded = stats.tolist()
+    waste = 1 - real / padded if padded else 0.0
+    return (f"done: {out} - {n} examples ({int(examples)} computed now), {int(real)} tokens in {seconds:.1f}s, "
+            f"{real / max(seconds, 1e-9):.0f} tokens/s, padding waste {100 * waste:.1f}%")

@@ -1,0 +1,185 @@
+"""The cache format: the only contract between stage one (writes) and stage two (reads).
+
+One Parquet file, one row per example, keyed by the content id:
+  example_id (str), ref_chosen_logps, ref_rejected_logps (float64 sums over completion tokens, TRL's names),
+  chosen_tokens, rejected_tokens, prompt_tokens (int32), and optionally per-token lists
+  ref_chosen_token_logps, ref_rejected_token_logps (list<float32>).
+Metadata is JSON under the schema key `dpo_stages`. While stage one runs, each rank writes parts into
+`<out>.parts/` with a manifest of the settings; rank 0 merges them by example id and renames into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+META_KEY = b"dpo_stages"
+# Settings that decide token ids: a mismatch means the cached numbers are for other sequences.
+TOKENIZATION_KEYS = ("max_length", "max_prompt_length", "truncation", "plain_text_convention")
+FINGERPRINT_KEYS = ("tokenizer_hash", "chat_template_hash")  # --allow-cache-mismatch waives only these
+
+SCHEMA = pa.schema([
+    ("example_id", pa.string()),
+    ("ref_chosen_logps", pa.float64()),
+    ("ref_rejected_logps", pa.float64()),
+    ("chosen_tokens", pa.int32()),
+    ("rejected_tokens", pa.int32()),
+    ("prompt_tokens", pa.int32()),
+])
+TOKEN_FIELDS = [("ref_chosen_token_logps", pa.list_(pa.float32())), ("ref_rejected_token_logps", pa.list_(pa.float32()))]
+
+
+def schema(store_token_logps: bool) -> pa.Schema:
+    return pa.schema(list(SCHEMA) + [pa.field(n, t) for n, t in TOKEN_FIELDS]) if store_token_logps else SCHEMA
+
+
+def rows_to_table(rows: list[dict], store_token_logps: bool) -> pa.Table:
+    """rows: dicts with the schema's columns; refuses non-finite values, naming the example."""
+    for r in rows:
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if not math.isfinite(r[key]):
+                raise UserError(
+                    f"example {r['example_id']}: {key} is {r[key]} (non-finite); the reference model overflowed - "
+                    "use --dtype fp32 or bf16 instead of fp16, or check the model weights"
+                )
+    sch = schema(store_token_logps)
+    return pa.Table.from_pylist([{k: r[k] for k in sch.names} for r in rows], schema=sch)
+
+
+def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: never a half-written file that looks complete."""
+    if meta is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such cache file; run `dpo precompute-ref --out {path}` first")
+    try:
+        raw = pq.read_schema(p).metadata or {}
+    except Exception as e:  # noqa: BLE001 - any parquet failure is one user-facing line
+        raise UserError(f"{path}: not a readable Parquet file ({e}); rerun `dpo precompute-ref`") from None
+    if META_KEY not in raw:
+        raise UserError(f"{path}: a Parquet file without dpo_stages metadata; it was not written by `dpo precompute-ref`")
+    meta = json.loads(raw[META_KEY])
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: cache format {meta.get('format_version')}, this tool reads {FORMAT_VERSION}; rerun precompute-ref")
+    return meta
+
+
+def read_cache(path: str | Path) -> tuple[pl.DataFrame, dict]:
+    meta = read_meta(path)
+    return pl.read_parquet(path), meta
+
+
+# -------------------------------------------------------------------------------------------------- parts
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
+    """Parts folder for this run. An existing one is resumed only if it was made with the same settings."""
+    d = parts_dir(out)
+    mf = d / "manifest.json"
+    if d.exists() and overwrite:
+        shutil.rmtree(d)
+    if mf.is_file():
+        old = json.loads(mf.read_text())
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if diff:
+            raise UserError(
+                f"{d}: unfinished parts were made with other settings ({', '.join(diff)} differ); "
+                "rerun with the same settings to resume, or pass --overwrite to start again"
+            )
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = mf.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1))
+    os.replace(tmp, mf)
+    return d
+
+
+def done_ids(d: Path) -> set[str]:
+    """Ids already written by any rank (parts are renamed into place, so a listed part is whole)."""
+    ids: set[str] = set()
+    for part in sorted(d.glob("part-*.parquet")):
+        ids.update(pq.read_table(part, columns=["example_id"]).column(0).to_pylist())
+    return ids
+
+
+def write_part(d: Path, rank: int, index: int, rows: list[dict], store_token_logps: bool) -> None:
+    if rows:
+        write_atomic(rows_to_table(rows, store_token_logps), d / f"part-r{rank:04d}-{index:06d}.parquet")
+
+
+def next_part_index(d: Path, rank: int) -> int:
+    return len(list(d.glob(f"part-r{rank:04d}-*.parquet")))
+
+
+def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_token_logps: bool) -> pa.Table:
+    """Rank 0: join every part by example id into one file. Each id must appear exactly once with finite values."""
+    parts = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))]
+    table = pa.concat_tables(parts) if parts else schema(store_token_logps).empty_table()
+    ids = table.column("example_id").to_pylist()
+    if len(ids) != len(set(ids)):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{d}: example {twice} was written twice; delete the folder (or --overwrite) and rerun")
+    missing = expected_ids - set(ids)
+    if missing:
+        raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same command to finish")
+    table = table.filter(pa.array([i in expected_ids for i in ids])).sort_by("example_id")
+    write_atomic(table, out, meta)
+    shutil.rmtree(d)
+    return table
+
+
+# ----------------------------------------------------------------------------------------- checks for readers
+def tokenization_problems(meta: dict, tokenization: dict, allow_fingerprint_mismatch: bool) -> list[str]:
+    """Differences between the cache's tokenization and this run's; fingerprints are waivable, lengths are not."""
+    cached = meta.get("tokenization", {})
+    keys = TOKENIZATION_KEYS + (() if allow_fingerprint_mismatch else FINGERPRINT_KEYS)
+    return [f"{k}: cache has {cached.get(k)!r}, this run has {tokenization.get(k)!r}"
+            for k in keys if cached.get(k) != tokenization.get(k)]
+
+
+def coverage_problems(df: pl.DataFrame, example_ids: list[str]) -> list[str]:
+    """Every example needs a finite cached entry."""
+    have = df.select("example_id", "ref_chosen_logps", "ref_rejected_logps")
+    want = pl.DataFrame({"example_id": example_ids})
+    joined = want.join(have, on="example_id", how="left")
+    problems = []
+    missing = joined.filter(pl.col("ref_chosen_logps").is_null())["example_id"]
+    if len(missing):
+        problems.append(f"{len(missing)} of {len(example_ids)} examples are not in the cache (e.g. {missing[0]})")
+    bad = joined.filter(~pl.col("ref_chosen_logps").is_finite() | ~pl.col("ref_rejected_logps").is_finite())
+    if bad.height:
+        problems.append(f"{bad.height} examples have non-finite cached log-probs (e.g. {bad['example_id'][0]})")
+    return problems
+
+
+def info_text(path: str | Path) -> str:
+    df, meta = read_cache(path)
+    lines = [f"cache {path}", f"  rows: {df.height}"]
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        lines.append(f"  {col}: mean {df[col].mean():.4f}  min {df[col].min():.4f}  max {df[col].max():.4f}")
+    for col in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        lines.append(f"  {col}: mean {df[col].mean():.1f}  total {df[col].sum()}")
+    lines.append("  metadata:")
+    lines += ["    " + line for line in json.dumps(meta, indent=2, sort_keys=True).splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""DPO losses against numbers worked out by hand with math.log / math.exp (never by calling the code under test).
+
+Notation: h = (π_c − r_c) − (π_r − r_r); log σ(x) = −log(1 + e^−x).
+"""
+
+import math
+
+import pytest
+import torch
+
+from stages.errors import UserError
+from stages.loss import LOSS_TYPES, LossOutput, dpo_loss
+
+torch.set_num_threads(1)
+
+F64 = torch.float64
+
+
+def t(*xs, dtype=F64):
+    return torch.tensor(xs, dtype=dtype)
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_required_vector():
+    # π_c=−5, π_r=−7, r_c=−6, r_r=−6: h = (−5+6) − (−7+6) = 1 − (−1) = 2; β = 1 → −log σ(2) = log(1 + e^−2)
+    expected = math.log(1.0 + math.exp(-2.0))
+    assert expected == pytest.approx(0.126928, abs=1e-6)
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), beta=1.0)
+    assert isinstance(out, LossOutput)
+    assert out.losses.item() == pytest.approx(0.126928, abs=1e-5)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-12)
+    # rewards β·(π − r): chosen 1·(−5+6) = 1, rejected 1·(−7+6) = −1
+    assert out.chosen_rewards.tolist() == pytest.approx([1.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-1.0])
+
+
+def test_beta_multiplies_not_divides():
+    # same logps (h = 2), β = 2: paper form −log σ(β·h) = −log σ(4) = log(1 + e^−4) ≈ 0.01815;
+    # the δ/β form would give −log σ(1) = log(1 + e^−1) ≈ 0.31326
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), beta=2.0)
+    assert out.losses.item() == pytest.approx(math.log(1.0 + math.exp(-4.0)), abs=1e-12)
+    assert out.losses.item() != pytest.approx(math.log(1.0 + math.exp(-1.0)), abs=1e-3)
+    # rewards scale with β: 2·1, 2·(−1)
+    assert out.chosen_rewards.tolist() == pytest.approx([2.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-2.0])
+
+
+def test_sigmoid_batch_beta_0_1():
+    # row 0: h = 2 → β·h = 0.2 → log(1 + e^−0.2)
+    # row 1: π_c=−10, π_r=−8, r_c=−9, r_r=−9: h = (−1) − (1) = −2 → β·h = −0.2 → log(1 + e^0.2)
+    # row 2: all equal → h = 0 → log 2
+    pc, pr, rc, rr = t(-5.0, -10.0, -3.0), t(-7.0, -8.0, -3.0), t(-6.0, -9.0, -3.0), t(-6.0, -9.0, -3.0)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    expected = [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.2)), math.log(2.0)]
+    assert out.losses.shape == (3,)
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.1, 0.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.1, 0.0])
+
+
+def test_label_smoothing_cdpo():
+    # h = 2, β = 0.5 → z = 1, ε = 0.1:
+    # −(1−ε) log σ(1) − ε log σ(−1) = 0.9·log(1 + e^−1) + 0.1·log(1 + e^1)
+    expected = 0.9 * math.log(1 + math.exp(-1.0)) + 0.1 * math.log(1 + math.exp(1.0))
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), beta=0.5, label_smoothing=0.1)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.41326, abs=1e-5)  # 0.9·0.31326 + 0.1·1.31326 = 0.28194 + 0.13133
+
+
+def test_robust_rdpo():
+    # h = 2, β = 0.5 → z = 1, ε = 0.2:
+    # (−(1−ε) log σ(1) + ε log σ(−1)) / (1 − 2ε) = (0.8·log(1+e^−1) − 0.2·log(1+e^1)) / 0.6
+    expected = (0.8 * math.log(1 + math.exp(-1.0)) - 0.2 * math.log(1 + math.exp(1.0))) / 0.6
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), loss_type="robust", beta=0.5, label_smoothing=0.2)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-12)
+    # at ε = 0 robust is plain DPO: log(1 + e^−1)
+    out0 = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), loss_type="robust", beta=0.5)
+    assert out0.losses.item() == pytest.approx(math.log(1 + math.exp(-1.0)), abs=1e-12)
+
+
+def test_ipo_uses_length_normalised_logps():
+    # chosen 2 tokens, rejected 4 tokens. Normalised: π_c = −4/2 = −2, r_c = −6/2 = −3, π_r = −8/4 = −2,
+    # r_r = −8/4 = −2 → h = (−2+3) − (−2+2) = 1. β = 0.25 → 1/(2β) = 2 → (1 − 2)² = 1.
+    # (Without normalisation h would be 2 and the loss (2 − 2)² = 0, so this catches a missing division.)
+    out = dpo_loss(t(-4.0), t(-8.0), t(-6.0), t(-8.0), loss_type="ipo", beta=0.25,
+                   chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
+    assert out.losses.item() == pytest.approx(1.0, abs=1e-12)
+    # rewards from normalised logps: 0.25·(−2+3) = 0.25, 0.25·(−2+2) = 0
+    assert out.chosen_rewards.tolist() == pytest.approx([0.25])
+    assert out.rejected_rewards.tolist() == pytest.approx([0.0])
+
+
+def test_ipo_batch():
+    # row 0: tokens 1/1, h = (−1+2) − (−3+2) = 2, β = 0.5 → 1/(2β) = 1 → (2 − 1)² = 1
+    # row 1: tokens 3/3, π_c=−3, r_c=−3, π_r=−6, r_r=−3 → normalised h = (−1+1) − (−2+1) = 1 → (1 − 1)² = 0
+    out = dpo_loss(t(-1.0, -3.0), t(-3.0, -6.0), t(-2.0, -3.0), t(-2.0, -3.0), loss_type="ipo", beta=0.5,
+                   chosen_tokens=torch.tensor([1, 3]), rejected_tokens=torch.tensor([1, 3]))
+    assert out.losses.tolist() == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+def test_hinge():
+    # β = 0.5; rows with h = 2, −2, 1 → relu(1 − 0.5h) = relu(0) = 0, relu(2) = 2, relu(0.5) = 0.5
+    pc, pr = t(-5.0, -7.0, -5.0), t(-7.0, -5.0, -6.0)
+    rc, rr = t(-6.0, -6.0, -6.0), t(-6.0, -6.0, -6.0)
+    out = dpo_loss(pc, pr, rc, rr, loss_type="hinge", beta=0.5)
+    assert out.losses.tolist() == pytest.approx([0.0, 2.0, 0.5], abs=1e-12)
+
+
+def test_sft_term_added_per_example():
+    # required vector plus sft_weight 0.5 with 5 chosen tokens: 0.126928 + 0.5·(5/5) = 0.626928
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), beta=1.0, sft_weight=0.5, chosen_tokens=torch.tensor([5]))
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-2.0)) + 0.5, abs=1e-12)
+    # hinge (0 here since β·h = 1·2 ≥ 1) + 0.2·(10/4) = 0.5 ; the sft term uses the UN-normalised sum / tokens
+    out = dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), loss_type="hinge", beta=1.0, sft_weight=0.2,
+                   chosen_tokens=torch.tensor([4]))
+    assert out.losses.item() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_sigmoid_gradients_match_hand_formula():
+    # dL/dπ_c = −β σ(−βh), dL/dπ_r = +β σ(−βh); references get no gradient.
+    beta = 0.1
+    pc = t(-5.0, -10.0).requires_grad_()
+    pr = t(-7.0, -8.0).requires_grad_()
+    rc, rr = t(-6.0, -9.0), t(-6.0, -9.0)
+    out = dpo_loss(pc, pr, rc, rr, beta=beta)
+    out.losses.sum().backward()
+    hs = [2.0, -2.0]
+    assert pc.grad.tolist() == pytest.approx([-beta * sig(-beta * h) for h in hs], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([beta * sig(-beta * h) for h in hs], abs=1e-12)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+def test_ipo_and_sft_gradients():
+    # ipo: L = (h − 1/(2β))², h = π_c/n_c − r_c/n_c − π_r/n_r + r_r/n_r
+    # dL/dπ_c = 2(h − 1/(2β))/n_c. With the ipo vector above: h = 1, 1/(2β) = 2, n_c = 2 → 2·(−1)/2 = −1;
+    # dL/dπ_r = −2(h − 1/(2β))/n_r = −2·(−1)/4 = 0.5.  sft (w = 0.3): adds −w/n_c = −0.15 to dL/dπ_c.
+    pc, pr = t(-4.0).requires_grad_(), t(-8.0).requires_grad_()
+    out = dpo_loss(pc, pr, t(-6.0), t(-8.0), loss_type="ipo", beta=0.25, sft_weight=0.3,
+                   chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
+    out.losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-1.0 - 0.15, abs=1e-12)
+    assert pr.grad.item() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_float32_dtype_kept_and_stable():
+    out = dpo_loss(t(-5.0, 0.0, -2000.0, dtype=torch.float32), t(-7.0, -2000.0, 0.0, dtype=torch.float32),
+                   t(-6.0, 0.0, 0.0, dtype=torch.float32), t(-6.0, 0.0, 0.0, dtype=torch.float32), beta=1.0)
+    assert out.losses.dtype == torch.float32 and out.chosen_rewards.dtype == torch.float32
+    # h = 2, 2000, −2000 → log(1+e^−2), ≈ 0, ≈ 2000 (no inf/nan from exp overflow)
+    assert out.losses.tolist() == pytest.approx([math.log(1 + math.exp(-2.0)), 0.0, 2000.0], rel=1e-6, abs=1e-6)
+    assert torch.isfinite(out.losses).all()
+
+
+def test_errors():
+    a = t(-1.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(a, a, a, a, loss_type="kto")
+    with pytest.raises(UserError, match="loss_type"):  # the same error is a UserError for the CLI
+        dpo_loss(a, a, a, a, loss_type="kto")
+    for eps in (0.5, 0.7, -0.1):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            dpo_loss(a, a, a, a, loss_type="robust", label_smoothing=eps)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(a, a, a, a, loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(a, a, a, a, beta=0.0)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(a, a, a, a, loss_type="ipo")
+    with pytest.raises(ValueError, match="rejected_tokens"):
+        dpo_loss(a, a, a, a, loss_type="ipo", chosen_tokens=torch.tensor([1]))
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(a, a, a, a, sft_weight=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        dpo_loss(t(-1.0, -2.0), a, a, a)
+    assert LOSS_TYPES == ("sigmoid", "robust", "ipo", "hinge")
