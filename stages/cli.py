@@ -105,6 +105,50 @@ def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field,
     click.echo(f"ok: {path} covers every example of {', '.join(data)}")
 
 
+def options_from(cls, skip=(), multiple_renames=None):
+    """Click options generated from a config dataclass: --field-name, bools as --x/--no-x, tuples repeatable.
+    Defaults are None so that only flags actually given override the YAML config."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip:
+                continue
+            name, hint = f.name.replace("_", "-"), hints[f.name]
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = f" [{default}]" if default not in (None, ()) else ""
+            if base is bool:
+                opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"[{default}]")
+            elif typing.get_origin(base) is tuple:
+                opt = click.option(f"--{name}", f.name, multiple=True, help=f"Repeatable.{shown}")
+            else:
+                opt = click.option(f"--{name}", f.name, type=base, default=None, help=shown.strip())
+            fn = opt(fn)
+        return click.option("--config", "config_path", type=click.Path(), default=None,
+                            help="YAML config; flags override.")(fn)
+    return decorate
+
+
+def _train_config_cls():
+    from .train import TrainConfig
+
+    return TrainConfig
+
+
+@main.command(context_settings={"show_default": False})
+@options_from(_train_config_cls())
+@user_errors
+def train(config_path, **flags):
+    """Stage two: train a (Q)LoRA policy against a reference cache; no reference model is loaded."""
+    from .train import TrainConfig, run
+
+    run(cfgmod.build(TrainConfig, config_path, flags))
+
+
 @main.command()
 @user_errors
 def demo():

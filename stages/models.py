@@ -143,3 +143,29 @@ def folder_fingerprint(path: str | None, full_hash: bool = False) -> dict | None
 def config_hash(path: str) -> str:
     cfg = json.loads((Path(path) / "config.json").read_text())
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)  # PEFT's all-linear: every linear layer but the LM head
+
+
+def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradient_checkpointing: bool):
+    """The one model stage two holds: frozen (NF4) base + trainable LoRA (new, or `spec.adapter` continued)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(spec, device, trainable_adapter=True)
+    if gradient_checkpointing:
+        base = model.get_base_model() if spec.adapter else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    if not spec.adapter:
+        targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    fix_bnb_cpu(model)  # again: PEFT may have wrapped or re-created Linear4bit modules
+    return model

@@ -13,8 +13,9 @@ Notation used in the docstrings (all per GPU unless stated):
     T      training tokens per GPU per step = batch · 2 · seq_len (chosen and rejected of each example)
     T1     stage-one tokens per forward = max_tokens_per_batch
     C      logits chunk = min(LOGITS_CHUNK_TOKENS, tokens)
-    nf4(n) = n/2 + n/64 bytes (4-bit codes + one 8-bit double-quantised absmax per 64-block; the second-level
-           fp32 constants, 4 bytes per 256 blocks, are negligible and left out)
+    nf4(n) = n/2 + 4n/64 bytes: 4-bit codes + one fp32 absmax per 64-block, as stages/models.py loads NF4
+           (bnb_4bit_use_double_quant=False). With double quantisation (NF4_DOUBLE_QUANT = True) the absmax
+           is 8-bit: n/2 + n/64 + 4·n/(64·256).
 A fixed OVERHEAD_BYTES = 2 GiB per GPU is added to every scenario for the CUDA context, cuBLAS workspaces and
 NCCL buffers. Attention is assumed to be SDPA/flash (no seq_len² score matrix is stored).
 """
@@ -31,7 +32,8 @@ from stages.errors import UserError
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB          # CUDA context + cuBLAS workspace + NCCL buffers, per GPU
-LOGITS_CHUNK_TOKENS = 1024        # tokens per chunk of the fp32 log-softmax in the log-prob head
+LOGITS_CHUNK_TOKENS = 1024        # = stages.logprobs.DEFAULT_CHUNK: positions per chunk in the log-prob head
+NF4_DOUBLE_QUANT = False          # as stages/models.py loads NF4 (fp32 absmax per 64-block)
 BF16, FP32 = 2, 4
 # Model types whose decoder layer is exactly: RMSNorm, q/k/v/o attention, RMSNorm, gate/up/down SwiGLU MLP.
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -177,9 +179,12 @@ def lora_parameters(config: dict, r: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- memory
 
-def nf4_bytes(n: int) -> int:
-    """Bytes of n weights in NF4 with double quantisation: n/2 (codes) + n/64 (8-bit absmax per 64-block)."""
-    return math.ceil(n / 2) + math.ceil(n / 64)
+def nf4_bytes(n: int, double_quant: bool | None = None) -> int:
+    """Bytes of n weights in NF4: n/2 (4-bit codes) + one absmax per 64-block, fp32 (4n/64) by default as
+    stages/models.py loads it, or 8-bit (n/64) plus fp32 second-level constants per 256 blocks with double quant."""
+    dq = NF4_DOUBLE_QUANT if double_quant is None else double_quant
+    blocks = _cdiv(n, 64)
+    return _cdiv(n, 2) + (blocks + 4 * _cdiv(blocks, 256) if dq else 4 * blocks)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -213,14 +218,14 @@ def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int
                        + 2·T·a (the recomputed layer's saved tensors a = per-token layer bytes, plus their
                        gradients while its backward runs)
     checkpointing off: L·T·a (every layer's saved tensors) + T·a (gradients of one layer)
-    log-prob head    : T·V·2 (bf16 logits autograd keeps for the lm_head backward)
-                       + 2·C·V·4 (one fp32 chunk of log-softmax and its gradient) + 2·T·h·2 (final hidden
-                       states and their gradient)
+    log-prob head    : C·V·(2+4+4+2) (stages.logprobs checkpoints each chunk, so at most one chunk's bf16
+                       logits, their fp32 copy, and the two gradients exist at once)
+                       + 3·T·h·2 (final hidden states, the gathered completion positions, their gradient)
     """
     T = cfg.batch * 2 * cfg.seq_len
     a = layer_activation_bytes_per_token(s) + (lora_input_bytes_per_token(s, cfg.lora_r) if lora else 0)
     C = min(LOGITS_CHUNK_TOKENS, T)
-    head = T * s.vocab * BF16 + 2 * C * s.vocab * FP32 + 2 * T * s.hidden * BF16
+    head = C * s.vocab * (BF16 + FP32 + FP32 + BF16) + 3 * T * s.hidden * BF16
     if cfg.gradient_checkpointing:
         return {"activations: layer checkpoints": s.layers * T * s.hidden * BF16,
                 "activations: one layer recomputed + grads": 2 * T * a, "log-prob head": head}
@@ -231,12 +236,12 @@ def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int
 def inference_activations(s: Shape, cfg: PlanConfig) -> dict[str, int]:
     """Stage-one forward (no grad) over T1 = max_tokens_per_batch tokens:
     hidden states 2·T1·h·2 (residual stream into and out of a layer) + T1·a (one layer's intermediates)
-    + C·V·(2+4) (one chunk of bf16 logits and its fp32 log-softmax)."""
+    + C·V·(2+4) + T1·h·2 (one chunk of bf16 logits and its fp32 copy; the gathered completion positions)."""
     T1 = cfg.max_tokens_per_batch
     C = min(LOGITS_CHUNK_TOKENS, T1)
     return {"activations: hidden states": 2 * T1 * s.hidden * BF16,
             "activations: one layer": T1 * layer_activation_bytes_per_token(s),
-            "log-prob head": C * s.vocab * (BF16 + FP32)}
+            "log-prob head": C * s.vocab * (BF16 + FP32) + T1 * s.hidden * BF16}
 
 
 def _root_params(c: dict[str, int]) -> int:
@@ -516,6 +521,6 @@ def format_plan(plan: Plan) -> str:
         f"cuBLAS workspaces and NCCL buffers",
         "  - weights and optimizer state are FSDP-sharded over all GPUs; activations and all-gathered layers are not",
         "  - naive DPO = full fine-tuning of a bf16 policy with AdamW (16 B/param) plus a resident bf16 "
-        "reference (2 B/param)",
+        "reference (2 B/param); its activations are counted as in stage two, so the gap is weights and optimizer",
     ]
     return "\n".join(lines)

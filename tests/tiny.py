@@ -79,7 +79,7 @@ def _train_bpe() -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: lossless round trip
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: NFC text round-trips
         show_progress=False,
     )
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)

@@ -1,0 +1,84 @@
+"""Checkpoints of stage two: the LoRA adapter in PEFT format plus everything needed to continue exactly.
+
+Layout: `<output>/checkpoint-<step>/` with `adapter/` (PeftModel.from_pretrained loads it), `trainer_state.pt`
+(full, unsharded LoRA weights, optimizer and scheduler state: plain tensors, loadable with weights_only=True and
+on any world size), `rng-rank<r>.pt` per rank, and `state.json` (step, time). Written into a temporary folder and
+renamed, so a folder named checkpoint-N is always whole; the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from .distributed import DistEnv, barrier, broadcast_object
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    found = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_adapter(model, path: Path, env: DistEnv) -> None:
+    """Gather the (possibly sharded) LoRA weights and write a normal PEFT adapter folder on rank 0."""
+    from peft import get_peft_model_state_dict
+
+    full, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if env.is_main:
+        lora = get_peft_model_state_dict(model, state_dict=full)
+        model.save_pretrained(str(path), state_dict=lora, safe_serialization=True)
+
+
+def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, extra: dict, keep: int) -> Path:
+    final = output / f"checkpoint-{step}"
+    tmp = output / f".checkpoint-{step}.tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(env)
+    save_adapter(model, tmp / "adapter", env)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, [optimizer], options=opts)
+    torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    if env.is_main:
+        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **extra}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    barrier(env)
+    return final
+
+
+def load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; returns state.json. Rank 0 reads, then broadcasts."""
+    blob = torch.load(path / "trainer_state.pt", weights_only=True) if env.is_main else {"model": {}, "optimizer": {}}
+    opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, broadcast_from_rank0=env.enabled)
+    set_state_dict(model, [optimizer], model_state_dict=blob["model"], optim_state_dict=blob["optimizer"], options=opts)
+    scheduler.load_state_dict(broadcast_object(blob.get("scheduler"), env))
+    rng = path / f"rng-rank{env.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))  # python's random state is a tuple; file is ours
+    return json.loads((path / "state.json").read_text())

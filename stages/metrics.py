@@ -1,0 +1,98 @@
+"""DPO metrics with TRL's names and meanings, reduced across ranks, written to metrics.jsonl (+ TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .distributed import DistEnv, all_reduce_sum
+
+# Sums kept per batch; means are taken over examples (tokens for logits/*), after the all-reduce.
+SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "ref_drift")
+
+
+class Accumulator:
+    """Per-example sums over any number of micro-batches; `reduce` gives global means."""
+
+    def __init__(self):
+        self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        self.examples = 0
+        self.chosen_tokens = 0
+        self.rejected_tokens = 0
+
+    def add(self, losses, lp, loss_out, ref_chosen, ref_rejected) -> None:
+        """losses [B], lp: LogpOutput (policy), loss_out: LossOutput, ref_*: [B] cached values."""
+        c, r = loss_out.chosen_rewards.detach().double().cpu(), loss_out.rejected_rewards.detach().double().cpu()
+        pc, pr = lp.chosen_logps.detach().double().cpu(), lp.rejected_logps.detach().double().cpu()
+        drift = ((pc - ref_chosen).abs() + (pr - ref_rejected).abs()) / 2
+        values = [losses.detach().double().sum().cpu(), c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
+                  pc.sum(), pr.sum(), lp.chosen_logits_sum.double().sum().cpu(),
+                  lp.rejected_logits_sum.double().sum().cpu(), drift.sum()]
+        self.sums += torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+        self.examples += int(losses.shape[0])
+        self.chosen_tokens += int(lp.chosen_tokens.sum())
+        self.rejected_tokens += int(lp.rejected_tokens.sum())
+
+    def reduce(self, env: DistEnv, prefix: str = "") -> dict:
+        counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens], dtype=torch.float64)
+        both = all_reduce_sum(torch.cat([self.sums, counts]).to(_reduce_device(env)), env).cpu()
+        sums, (n, ct, rt) = both[: len(SUM_KEYS)], both[len(SUM_KEYS):].tolist()
+        out = {}
+        for key, value in zip(SUM_KEYS, sums.tolist()):
+            denom = ct if key == "logits/chosen" else rt if key == "logits/rejected" else n
+            out[prefix + key] = value / max(denom, 1)
+        return out
+
+
+def _reduce_device(env: DistEnv):
+    return env.device if env.device.type == "cuda" else torch.device("cpu")
+
+
+class MetricsWriter:
+    """Appends one JSON object a line; TensorBoard too when asked. Rank 0 only."""
+
+    def __init__(self, path: Path, env: DistEnv, tensorboard: bool):
+        self.path, self.enabled = path, env.is_main
+        self.tb = None
+        if tensorboard and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def readable(record: dict) -> str:
+    keys = ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+            "grad_norm", "learning_rate", "tokens_per_second")
+    parts = []
+    for k in keys + tuple(k for k in record if k.startswith("eval/") and k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")):
+        if k in record:
+            v = record[k]
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "  ".join(parts)
+
+
+def read_metrics(path: Path, upto_step: int | None = None) -> list[dict]:
+    """Records of a metrics.jsonl, optionally only those at or before a step (for resume)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if upto_step is None or r.get("step", 0) <= upto_step]

@@ -1,0 +1,90 @@
+"""Stage two's input: rows read, tokenized exactly as the cache says, and joined with it by example id.
+
+Everything here runs BEFORE any model is loaded, so a cache that does not match fails in seconds. A sweep
+prepares once and trains many times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from . import refcache
+from .data import FieldMap, load_examples
+from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
+from .errors import UserError
+from .models import folder_fingerprint, load_tokenizer
+from .verify import token_count_problems
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training example: token ids plus its cached reference values."""
+
+    enc: Encoded
+    ref_chosen: float
+    ref_rejected: float
+
+    @property
+    def length(self) -> int:
+        return self.enc.length
+
+
+@dataclass
+class Prepared:
+    train: list[Item]
+    eval: list[Item]
+    tokenizer: object
+    settings: TokenizeSettings
+    cache_meta: dict
+    notes: list[str]  # what the user should read: counts, skips, warnings
+
+
+def _settings(meta: dict, max_length, max_prompt_length) -> TokenizeSettings:
+    """Default to the cache's own lengths; an explicit different value is caught by the fingerprint check."""
+    tok = meta["tokenization"]
+    return TokenizeSettings(
+        tok["max_length"] if max_length is None else max_length,
+        tok["max_prompt_length"] if max_prompt_length is None else max_prompt_length,
+    )
+
+
+def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str) -> list[Item]:
+    problems = refcache.coverage_problems(df, [e.example_id for e in encoded])
+    problems += token_count_problems(df, encoded)
+    if problems:
+        raise UserError(f"{cache_path}: {what} data: {problems[0]}; rerun `dpo precompute-ref` over these files")
+    ref = dict(zip(df["example_id"].to_list(), zip(df["ref_chosen_logps"].to_list(), df["ref_rejected_logps"].to_list())))
+    return [Item(e, *ref[e.example_id]) for e in encoded]
+
+
+def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
+    """cfg needs: model, data, eval_data, ref_cache, max_length, max_prompt_length, strict, *_field,
+    trust_remote_code, allow_cache_mismatch. `cache` lets a sweep pass the one cache it has read."""
+    df, meta = cache if cache is not None else refcache.read_cache(cfg.ref_cache)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)
+    problems = refcache.tokenization_problems(meta, tokenizer_fingerprint(tokenizer, settings), cfg.allow_cache_mismatch)
+    if problems:
+        waiver = "" if cfg.allow_cache_mismatch else " (or --allow-cache-mismatch if only the tokenizer hash differs)"
+        raise UserError(f"{cfg.ref_cache}: made with other tokenization: {problems[0]}; rerun `dpo precompute-ref` "
+                        f"with this model and lengths{waiver}")
+    notes = []
+    weights = folder_fingerprint(cfg.model)["hash"]
+    if weights != meta["manifest"]["model"]:
+        notes.append(f"note: the cache was made from {meta['model']['path']}, not these weights; the step-0 drift "
+                     "check will show how far apart they are")
+    fields = FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    sets = []
+    for what, paths in (("train", cfg.data), ("eval", cfg.eval_data)):
+        if not paths:
+            sets.append([])
+            continue
+        examples, report = load_examples(paths, fields, cfg.strict)
+        encoded, too_long = encode_examples(tokenizer, examples, settings)
+        notes.append(f"{what} data: {report.summary()}" + (f"; {too_long} too long for --max-length" if too_long else ""))
+        sets.append(_join(encoded, df, cfg.ref_cache, what))
+    if not sets[0]:
+        raise UserError(f"{', '.join(cfg.data)}: no training examples left after validation and truncation")
+    return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes)

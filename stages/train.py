@@ -1,0 +1,277 @@
+"""Stage two: `dpo train --ref-cache`. Train a QLoRA policy against cached reference log-probs.
+
+  read the cache -> read + tokenize the data exactly as the cache says, join by example id (fails before any
+  model loads) -> load ONE model (NF4 base + LoRA), shard with FSDP2 -> resume if a checkpoint exists ->
+  step-0 drift check -> for each step: policy log-probs (one forward for chosen+rejected) -> DPO loss against the
+  cached values -> backward, clip, AdamW -> metrics, eval, checkpoints -> adapter + summary.json.
+No reference model is ever loaded: the reference exists only as two float64 columns of a Parquet file.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, config
+from .distributed import DistEnv, init_distributed, shard_model, shutdown
+from .errors import UserError
+from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps
+from .loss import LOSS_TYPES, dpo_loss
+from .metrics import Accumulator, MetricsWriter, read_metrics, readable
+from .models import LoraSettings, ModelSpec, load_policy
+from .prepare import Item, Prepared, prepare
+from .progress import Progress, say
+from .trainutil import batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
+
+DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    data: tuple[str, ...]
+    ref_cache: str
+    output: str
+    eval_data: tuple[str, ...] = ()
+    adapter: str | None = None
+    load_in_4bit: bool = True
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+    gradient_checkpointing: bool = True
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_steps: int = -1
+    epochs: float = 1.0
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: bool = True
+    tensorboard: bool = False
+    allow_cache_mismatch: bool = False
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    chunk_size: int = DEFAULT_CHUNK
+    strict: bool = False
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+
+
+def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
+    """Train one policy; returns the summary. A sweep passes `prepared` so the data and cache are read once."""
+    check(cfg)
+    env = init_distributed()
+    out = Path(cfg.output)
+    if (out / "summary.json").is_file() and cfg.resume:
+        say(env, f"{out}: already finished (summary.json exists); nothing to do")
+        return checkpoint_summary(out)
+    prep = prepared or prepare(cfg)
+    for note in prep.notes:
+        say(env, note)
+    if env.is_main:
+        config.save(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    total_steps, steps_per_epoch = plan_steps(cfg, len(prep.train), env)
+    model = load_policy(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code),
+                        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+                        env.device, cfg.gradient_checkpointing)
+    shard_model(model, env)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    start_step = resume(cfg, out, model, optimizer, scheduler, env)
+    writer = MetricsWriter(out / "metrics.jsonl", env, cfg.tensorboard)
+    if start_step == 0:
+        drift_check(model, prep, cfg, env, writer)
+    started = time.perf_counter()
+    train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch)
+    final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval else {}
+    if final:
+        writer.write({"step": total_steps, **final})
+        say(env, "final eval: " + readable({"step": total_steps, **final}))
+    checkpoint.save(out, total_steps, model, optimizer, scheduler, env, {}, cfg.save_total_limit)
+    checkpoint.save_adapter(model, out / "adapter", env)
+    summary = write_summary(out, cfg, total_steps, time.perf_counter() - started, env)
+    writer.close()
+    shutdown(env)
+    return summary
+
+
+def check(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSS_TYPES:
+        raise UserError(f"--loss {cfg.loss!r} is not one of {', '.join(LOSS_TYPES)}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise UserError("set --max-steps N or --epochs E (> 0)")
+    if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise UserError("--batch-size and --gradient-accumulation-steps must be >= 1")
+
+
+def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
+    """Optimizer steps: each takes batch_size x accumulation x world_size examples."""
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * env.world_size
+    steps_per_epoch = n_train // per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_train} training examples are fewer than one optimizer step needs ({per_step} = "
+                        "batch size x accumulation x processes); lower --batch-size")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return total, steps_per_epoch
+
+
+def resume(cfg, out: Path, model, optimizer, scheduler, env) -> int:
+    found = checkpoint.list_checkpoints(out) if cfg.resume else []
+    if not found:
+        if env.is_main and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()  # a fresh run: no stale records
+        return 0
+    state = checkpoint.load(found[-1], model, optimizer, scheduler, env)
+    if env.is_main:  # drop records logged after the checkpoint: they will be logged again
+        kept = read_metrics(out / "metrics.jsonl", upto_step=state["step"])
+        (out / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
+    say(env, f"resumed from {found[-1]} (step {state['step']})")
+    return state["step"]
+
+
+def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
+    """One forward (chosen + rejected) -> per-example DPO losses against the cached reference."""
+    lp = sequence_logps(model, collate_pairs([i.enc for i in items], pad_id), cfg.chunk_size)
+    ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
+    ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
+    out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, loss_type=cfg.loss, beta=cfg.beta,
+                   label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
+                   chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens)
+    return out.losses, lp, out, ref_c.cpu(), ref_r.cpu()
+
+
+def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
+    """Before any update the policy should equal the reference: log mean |pi - ref| on the first batch."""
+    items = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, 0)[env.rank]
+    model.eval()
+    with torch.no_grad():
+        losses, lp, out, ref_c, ref_r = policy_forward(model, items, prep.tokenizer.pad_token_id, cfg)
+    acc = Accumulator()
+    acc.add(losses, lp, out, ref_c, ref_r)
+    m = acc.reduce(env)
+    tokens = (lp.chosen_tokens + lp.rejected_tokens).double().mean().item() / 2
+    per_token = m["ref_drift"] / max(tokens, 1)
+    writer.write({"step": 0, "ref_drift": m["ref_drift"], "ref_drift_per_token": per_token})
+    say(env, f"step 0: ref_drift {m['ref_drift']:.4g} (mean |policy - reference| of summed log-probs, "
+             f"{per_token:.3g} per token)")
+    if per_token > DRIFT_WARN:
+        say(env, f"WARNING: the policy differs from the cached reference before training (ref_drift {per_token:.3g} "
+                 "per token). Rewards will not start at 0. Was the cache made with another base, quantization "
+                 "or adapter? For NF4 training, cache with `dpo precompute-ref --load-in-4bit`.")
+    model.train()
+
+
+def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch):
+    pad_id, accum, world = prep.tokenizer.pad_token_id, cfg.gradient_accumulation_steps, env.world_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(env, total=total_steps, unit="step", desc="train")
+    progress.bar.update(start_step)
+    model.train()
+    acc, window_tokens, window_start = Accumulator(), 0, time.perf_counter()
+    for step in range(start_step, total_steps):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, epoch)
+        for micro in range(accum):
+            items = batches[(in_epoch * accum + micro) * world + env.rank]
+            losses, lp, out, ref_c, ref_r = policy_forward(model, items, pad_id, cfg)
+            (losses.mean() / accum).backward()
+            acc.add(losses, lp, out, ref_c, ref_r)
+            window_tokens += sum(i.enc.length * 2 for i in items)
+        grad_norm = clip(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **acc.reduce(env),
+                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_second": window_tokens * world / max(elapsed, 1e-9)}
+            writer.write(record)
+            progress.update(cfg.logging_steps if done % cfg.logging_steps == 0 else done % cfg.logging_steps,
+                            loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+            say(env, readable(record))
+            acc, window_tokens, window_start = Accumulator(), 0, time.perf_counter()
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done < total_steps and prep.eval:
+            record = {"step": done, **evaluate(model, prep.eval, pad_id, cfg, env)}
+            writer.write(record)
+            say(env, "eval: " + readable(record))
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {}, cfg.save_total_limit)
+    progress.close()
+
+
+def clip(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def evaluate(model, items: list[Item], pad_id: int, cfg, env) -> dict:
+    """The whole eval set, split across ranks; every rank runs the same number of forwards."""
+    batches = [items[i:i + cfg.eval_batch_size] for i in range(0, len(items), cfg.eval_batch_size)]
+    steps = math.ceil(len(batches) / env.world_size)
+    acc = Accumulator()
+    model.eval()
+    with torch.no_grad():
+        for k in range(steps):
+            index = k * env.world_size + env.rank
+            batch = batches[index] if index < len(batches) else batches[0]
+            losses, lp, out, ref_c, ref_r = policy_forward(model, batch, pad_id, cfg)
+            if index < len(batches):
+                acc.add(losses, lp, out, ref_c, ref_r)
+    model.train()
+    m = acc.reduce(env, prefix="eval/")
+    m.pop("eval/ref_drift", None)
+    return m
+
+
+def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
+    import json
+
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "eval/rewards/accuracies" in r]
+    train = [r for r in records if "loss" in r]
+    summary = {
+        "steps": steps, "seconds": round(seconds, 2), "peak_memory_gb": peak_memory_gb(env),
+        "beta": cfg.beta, "loss_type": cfg.loss, "final_train": train[-1] if train else None,
+        "final_eval": evals[-1] if evals else None,
+        "best_eval": max(evals, key=lambda r: r["eval/rewards/accuracies"]) if evals else None,
+        "ref_drift": next((r["ref_drift"] for r in records if r.get("step") == 0 and "ref_drift" in r), None),
+    }
+    if env.is_main:
+        tmp = out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+        say(env, f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, summary in {out / 'summary.json'}")
+    return summary
+
+
+def checkpoint_summary(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "summary.json").read_text())

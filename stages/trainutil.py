@@ -1,0 +1,65 @@
+"""Stage-two plumbing: data order, optimizer, schedule, seeds, memory."""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+
+import torch
+
+from .errors import UserError
+
+MEGABATCH = 16  # length grouping: sort within groups of 16 micro-batches, so batches stay shuffled overall
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int) -> list[list]:
+    """Micro-batches of exactly `batch_size` examples, the same on every rank and for every world size:
+    shuffle (seeded by seed and epoch), sort each megabatch by length (little padding), drop the remainder."""
+    order = list(range(len(items)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    usable = len(order) - len(order) % batch_size
+    batches = []
+    span = batch_size * MEGABATCH
+    for start in range(0, usable, span):
+        group = sorted(order[start:min(start + span, usable)], key=lambda i: -items[i].length)
+        batches += [[items[i] for i in group[k:k + batch_size]] for k in range(0, len(group), batch_size)]
+    return batches
+
+
+def build_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the policy has no trainable parameters; check --target-modules")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--optimizer {cfg.optimizer} needs a GPU (bitsandbytes); use adamw on CPU")
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise UserError(f"--optimizer {cfg.optimizer!r} is not one of adamw, adamw_8bit, paged_adamw_8bit")
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant_with_warmup"):
+        raise UserError(f"--lr-scheduler {cfg.lr_scheduler!r} is not one of cosine, linear, constant_with_warmup")
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def peak_memory_gb(env) -> float:
+    """GPU: max allocated by torch; CPU: process peak RSS."""
+    if env.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)

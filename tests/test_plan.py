@@ -1,0 +1,229 @@
+"""`dpo plan`: parameter counts and memory arithmetic against numbers worked out by hand."""
+
+import json
+
+import pytest
+import torch
+
+from stages.errors import UserError
+from stages.plan import (GIB, OVERHEAD_BYTES, PlanConfig, count_parameters, format_plan, lora_parameters,
+                         parse_gpu_memory, plan_memory)
+
+torch.set_num_threads(1)
+
+# hidden 64, 2 layers, 4 heads of 16, 2 KV heads (kv_d = 32), intermediate 128, vocab 512
+SMALL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True}
+
+QWEN25_72B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
+              "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+
+LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False}
+
+
+def write(tmp_path, config, name="config.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(config))
+    return p
+
+
+def test_small_tied_counts_by_hand():
+    c = count_parameters(SMALL)
+    # attn: q 64·64 = 4096, k 64·32 = 2048, v 2048, o 64·64 = 4096 → 12288
+    assert c["attn_per_layer"] == 4096 + 2048 + 2048 + 4096 == 12288
+    # mlp: gate 64·128 + up 64·128 + down 128·64 = 3·8192 = 24576; norms 2·64 = 128
+    assert c["mlp_per_layer"] == 24576 and c["norms_per_layer"] == 128
+    assert c["per_layer"] == 12288 + 24576 + 128 == 36992
+    # embed 512·64 = 32768, tied lm_head 0, final norm 64: total 2·36992 + 32768 + 64
+    assert c["embed"] == 32768 and c["lm_head"] == 0 and c["final_norm"] == 64
+    assert c["total"] == 2 * 36992 + 32768 + 64 == 106816
+    # linear weights (NF4): 2 layers · (12288 + 24576) = 73728; other = embed + norms = 32768 + 2·128 + 64
+    assert c["linear_weights"] == 73728 and c["linear_per_layer"] == 36864
+    assert c["other"] == 32768 + 256 + 64 == 33088
+
+
+def test_small_untied_and_qwen2_bias_by_hand():
+    untied = count_parameters({**SMALL, "tie_word_embeddings": False})
+    assert untied["lm_head"] == 32768 and untied["total"] == 106816 + 32768 == 139584
+    # qwen2: q/k/v biases 64 + 32 + 32 = 128 per layer, no o_proj bias
+    q = count_parameters({**SMALL, "model_type": "qwen2", "tie_word_embeddings": False})
+    assert q["attn_per_layer"] == 12288 + 128
+    assert q["total"] == 2 * (36992 + 128) + 2 * 32768 + 64 == 139840
+    assert q["linear_weights"] == 73728  # biases are not quantised
+    # llama attention_bias: q, k, v AND o biases: 64 + 32 + 32 + 64 = 192; mlp_bias: 128 + 128 + 64 = 320
+    b = count_parameters({**SMALL, "attention_bias": True, "mlp_bias": True})
+    assert b["attn_per_layer"] == 12288 + 192 and b["mlp_per_layer"] == 24576 + 320
+
+
+def test_lora_parameters_by_hand():
+    # r·(in+out): q 4·(64+64) = 512, k 4·(64+32) = 384, v 384, o 512, gate/up 4·(64+128) = 768, down 768
+    assert lora_parameters(SMALL, 4) == 2 * (512 + 384 + 384 + 512 + 3 * 768) == 8192
+
+
+def test_qwen25_72b_count():
+    c = count_parameters(QWEN25_72B)
+    # q 8192·8192 + bias 8192; k, v 8192·1024 + bias 1024 each; o 8192·8192 (no bias)
+    attn = 8192 * 8192 + 8192 + 2 * (8192 * 1024 + 1024) + 8192 * 8192
+    assert attn == 151_005_184
+    mlp = 3 * 8192 * 29568  # 726,663,168
+    per_layer = attn + mlp + 2 * 8192  # 877,684,736
+    total = 80 * per_layer + 2 * 152064 * 8192 + 8192  # untied embed + lm_head, final norm
+    assert total == 72_706_203_648
+    assert c["total"] == total
+    assert abs(c["total"] - 72.7e9) < 0.1e9
+
+
+def test_llama31_8b_count():
+    c = count_parameters(LLAMA31_8B)
+    attn = 2 * 4096 * 4096 + 2 * 4096 * 1024     # q, o + k, v = 41,943,040
+    mlp = 3 * 4096 * 14336                         # 176,160,768
+    total = 32 * (attn + mlp + 2 * 4096) + 2 * 128256 * 4096 + 4096
+    assert total == 8_030_261_248
+    assert c["total"] == total
+    assert abs(c["total"] - 8.03e9) < 0.01e9
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {"tie_word_embeddings": True}), ("llama", {"tie_word_embeddings": False}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}), ("qwen2", {"tie_word_embeddings": False}),
+    ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 32}), ("mistral", {}),
+])
+def test_counts_match_transformers(model_type, extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = {k: v for k, v in SMALL.items() if k != "model_type"} | extra
+    hf = AutoConfig.for_model(model_type, **cfg)
+    model = AutoModelForCausalLM.from_config(hf)
+    c = count_parameters({**hf.to_dict(), "model_type": model_type})
+    assert c["total"] == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert c["linear_weights"] == linear
+
+
+def test_lora_matches_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf = AutoConfig.for_model("qwen2", **{k: v for k, v in SMALL.items() if k != "model_type"})
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(AutoModelForCausalLM.from_config(hf), LoraConfig(r=4, target_modules=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == lora_parameters({**SMALL, "model_type": "qwen2"}, 4) == 8192
+
+
+def test_small_memory_by_hand(tmp_path):
+    cfg = PlanConfig(str(write(tmp_path, SMALL)), gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
+                     max_tokens_per_batch=256)
+    plan = plan_memory(cfg)
+    # per-token bytes of one layer: 2·(5h + 3q_d + 3kv_d + 4i) + 4·(2h + heads)
+    a = 2 * (5 * 64 + 3 * 64 + 3 * 32 + 4 * 128) + 4 * (2 * 64 + 4)
+    assert a == 2768
+    s1 = plan.scenario("stage1_bf16").breakdown
+    assert s1["reference weights (sharded)"] == 2 * 106816 // 2 == 106816
+    # two bf16 layers (current + prefetch) + the root unit (embed + final norm; tied) in bf16
+    assert s1["all-gathered params (FSDP)"] == 2 * 2 * 36992 + 2 * (32768 + 64) == 213632
+    assert s1["activations: hidden states"] == 2 * 256 * 64 * 2 == 65536
+    assert s1["activations: one layer"] == 256 * a == 708608
+    # chunk = min(1024, 256) tokens of bf16 + fp32 logits, plus the gathered hidden rows in bf16
+    assert s1["log-prob head"] == 256 * 512 * (2 + 4) + 256 * 64 * 2 == 819200
+    assert s1["CUDA/NCCL overhead (fixed)"] == OVERHEAD_BYTES == 2 * GIB
+    total = 106816 + 213632 + 65536 + 708608 + 819200 + 2 * GIB
+    assert plan.scenario("stage1_bf16").total == total
+    assert not plan.scenario("stage1_bf16").fits        # the 2 GiB overhead alone exceeds 1 GiB
+
+    s2 = plan.scenario("stage2").breakdown
+    # NF4 as stages/models.py loads it (no double quant): n/2 + fp32 absmax per 64-block = n/2 + 4n/64
+    # nf4(73728) = 36864 + 4·1152 = 41472; the other 33088 params in bf16; / 2 GPUs
+    assert s2["base weights NF4 (sharded)"] == (36864 + 4 * 1152 + 2 * 33088) // 2 == 53824
+    assert s2["LoRA weights + grads + AdamW (sharded)"] == 18 * 8192 // 2 == 73728
+    layer_nf4 = 36864 // 2 + 4 * (36864 // 64) + 2 * (36992 - 36864)  # 18432 + 2304 + 256 = 20992
+    a_lay = 8192 // 2
+    assert s2["all-gathered params (FSDP)"] == (2 * (layer_nf4 + 2 * a_lay) + 4 * a_lay + 2 * 64 * 128
+                                                + 2 * (32768 + 64)) == 156800
+    T = 1 * 2 * 64
+    assert s2["activations: layer checkpoints"] == 2 * T * 64 * 2 == 32768
+    lora_in = 2 * (5 * 64 + 64 + 128) + 2 * 7 * 4                      # 1080
+    assert s2["activations: one layer recomputed + grads"] == 2 * T * (a + lora_in) == 985088
+    # one checkpointed chunk (128 tokens): bf16 + fp32 logits and both gradients; 3 bf16 [T, h] tensors
+    assert s2["log-prob head"] == T * 512 * (2 + 4 + 4 + 2) + 3 * T * 64 * 2 == 835584
+
+    naive = plan.scenario("naive").breakdown
+    assert naive["policy weights + grads, bf16 (sharded)"] == 4 * 106816 // 2
+    assert naive["AdamW fp32 master + m + v (sharded)"] == 12 * 106816 // 2
+    assert naive["reference weights (sharded)"] == 2 * 106816 // 2
+    for sc in plan.scenarios:
+        assert sc.total == sum(sc.breakdown.values())
+
+
+def test_72b_naive_does_not_fit_stage_two_does(tmp_path):
+    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory_gb=80))
+    naive, s2 = plan.scenario("naive"), plan.scenario("stage2")
+    # 18 bytes/param / 8 GPUs = 72.7e9·18/8 ≈ 163.6e9 bytes ≈ 152 GiB before activations
+    assert naive.breakdown["policy weights + grads, bf16 (sharded)"] + \
+        naive.breakdown["AdamW fp32 master + m + v (sharded)"] + \
+        naive.breakdown["reference weights (sharded)"] == pytest.approx(72_706_203_648 * 18 / 8, abs=8)
+    assert not naive.fits and naive.total > 150 * GIB
+    assert s2.fits and s2.total < 40 * GIB
+    assert plan.scenario("stage1_bf16").fits and plan.scenario("stage1_nf4").fits
+    assert any("naive DPO needs at least" in x for x in plan.suggestions)
+    text = format_plan(plan)
+    assert "72,706,203,648" in text and "NO" in text and "stage 2 QLoRA" in text
+
+
+def test_suggestions_when_things_do_not_fit(tmp_path):
+    path = str(write(tmp_path, QWEN25_72B))
+    plan = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=80, gradient_checkpointing=False))
+    assert not plan.scenario("stage1_bf16").fits and plan.scenario("stage1_nf4").fits
+    assert any("NF4" in x for x in plan.suggestions)
+    assert any("gradient checkpointing on" in x for x in plan.suggestions)
+    small = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=24))
+    assert any("stage 2 needs at least" in x for x in small.suggestions)
+
+
+def test_llama_8b_single_gpu(tmp_path):
+    plan = plan_memory(PlanConfig(str(write(tmp_path, LLAMA31_8B)), gpus=1, gpu_memory_gb=80))
+    assert not plan.scenario("naive").fits     # 8.03e9 · 18 B ≈ 135 GiB
+    assert plan.scenario("stage1_bf16").fits and plan.scenario("stage2").fits
+
+
+def test_config_loading(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write(folder, SMALL)
+    assert plan_memory(PlanConfig(str(folder))).counts["total"] == 106816
+    wrapped = write(tmp_path, {"model_type": "llava", "text_config": SMALL}, "mm.json")
+    assert plan_memory(PlanConfig(str(wrapped))).counts["total"] == 106816
+    with pytest.raises(UserError, match="not found"):
+        plan_memory(PlanConfig(str(tmp_path / "nope")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        plan_memory(PlanConfig(str(bad)))
+    missing = write(tmp_path, {k: v for k, v in SMALL.items() if k != "intermediate_size"}, "m.json")
+    with pytest.raises(UserError, match="intermediate_size"):
+        plan_memory(PlanConfig(str(missing)))
+    moe = write(tmp_path, {**SMALL, "num_local_experts": 8}, "moe.json")
+    with pytest.raises(UserError, match="mixture of experts"):
+        plan_memory(PlanConfig(str(moe)))
+    with pytest.raises(UserError, match="--gpus"):
+        plan_memory(PlanConfig(str(folder), gpus=0))
+
+
+def test_nf4_bytes():
+    from stages.plan import nf4_bytes
+    # 64·256·3 = 49152 weights: 24576 bytes of codes; 768 blocks
+    assert nf4_bytes(49152, double_quant=False) == 24576 + 4 * 768          # fp32 absmax per block
+    assert nf4_bytes(49152, double_quant=True) == 24576 + 768 + 4 * 3       # 8-bit absmax + fp32 per 256 blocks
+
+
+def test_parse_gpu_memory():
+    assert parse_gpu_memory("80GB") == 80.0
+    assert parse_gpu_memory("80") == 80.0
+    assert parse_gpu_memory("141GiB") == 141.0
+    assert parse_gpu_memory("81920MB") == 80.0
+    assert parse_gpu_memory(24) == 24.0
+    with pytest.raises(UserError, match="gpu-memory"):
+        parse_gpu_memory("lots")
