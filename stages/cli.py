@@ -20,6 +20,10 @@ def user_errors(fn):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        finally:  # commands may run several stages in one process group (sweep); end it once, here
+            from .distributed import end_process_group
+
+            end_process_group()
     return wrapper
 
 
@@ -147,6 +151,56 @@ def train(config_path, **flags):
     from .train import TrainConfig, run
 
     run(cfgmod.build(TrainConfig, config_path, flags))
+
+
+def _sweep_config_cls():
+    from .sweep import SweepConfig
+
+    return SweepConfig
+
+
+@main.command(context_settings={"show_default": False})
+@options_from(_sweep_config_cls(), skip=("betas", "losses"))
+@click.option("--beta", "betas", type=float, multiple=True, help="β of one run; repeat for more (required).")
+@click.option("--loss", "losses", multiple=True, help="Loss type(s); repeatable [sigmoid].")
+@user_errors
+def sweep(config_path, **flags):
+    """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
+    from .sweep import SweepConfig, run_sweep
+
+    run_sweep(cfgmod.build(SweepConfig, config_path, flags))
+
+
+@main.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", default=None, help="Folder for compare.png / compare.csv [the folder holding the runs].")
+@user_errors
+def compare_cmd(run_dirs, out):
+    """Table, CSV and plot of training runs (RUN_DIR: a `dpo train` output or a whole `dpo sweep` folder)."""
+    from .compare import compare, format_table
+
+    rows, png, csv_path = compare(run_dirs, out)
+    click.echo(format_table(rows))
+    click.echo(f"plot: {png}\ntable: {csv_path}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Model folder with config.json, or a config JSON file (no weights needed).")
+@click.option("--gpus", type=int, default=8, show_default=True)
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory per GPU, e.g. 80GB, 24GB.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Prompt + reply tokens per sequence.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Pairs per GPU per micro-batch (stage two).")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--max-tokens-per-batch", type=int, default=16384, show_default=True, help="Stage-one token budget.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@user_errors
+def plan(model, gpus, gpu_memory, seq_len, batch, lora_r, max_tokens_per_batch, gradient_checkpointing):
+    """Per-GPU memory of naive DPO, stage one and stage two, from the model config alone."""
+    from .plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
+
+    cfg = PlanConfig(model, gpus, parse_gpu_memory(gpu_memory), seq_len, batch, lora_r, max_tokens_per_batch,
+                     gradient_checkpointing)
+    click.echo(format_plan(plan_memory(cfg)))
 
 
 @main.command()

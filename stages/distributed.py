@@ -44,9 +44,9 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local, device)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.barrier()
+def end_process_group() -> None:
+    """Called once by the CLI when a command ends (a sweep trains several runs in one process group)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -63,7 +63,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def shard_model(model, env: DistEnv, reshard_after_forward: bool = True):
-    """FSDP2: one unit per decoder layer, the rest (embeddings, final norm, head) in the root unit."""
+    """FSDP2: one unit per decoder layer, the rest (embeddings, final norm, head) in the root unit.
+
+    The root stays gathered after forward: the log-prob head runs its chunks inside the forward but recomputes
+    them in backward (checkpointed), when the head's weight must still be whole."""
     if not env.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -72,7 +75,7 @@ def shard_model(model, env: DistEnv, reshard_after_forward: bool = True):
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 
 

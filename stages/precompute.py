@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, config, refcache
 from .data import FieldMap, ids_digest, load_examples
-from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model, shutdown
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
@@ -87,7 +87,6 @@ def run(cfg: PrecomputeConfig) -> Path:
         config.save(cfg, out.with_name(out.name + ".config.yaml"))
         say(env, summary_line(out, len(encoded), stats, seconds))
     barrier(env)
-    shutdown(env)
     return out
 
 

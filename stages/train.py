@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config
-from .distributed import DistEnv, init_distributed, shard_model, shutdown
+from .distributed import DistEnv, init_distributed, shard_model
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps
 from .loss import LOSS_TYPES, dpo_loss
@@ -114,7 +114,6 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     checkpoint.save_adapter(model, out / "adapter", env)
     summary = write_summary(out, cfg, total_steps, time.perf_counter() - started, env)
     writer.close()
-    shutdown(env)
     return summary
 
 

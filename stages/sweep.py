@@ -1,0 +1,134 @@
+"""`dpo sweep`: one training per (loss type, β) against ONE reference cache, then `dpo compare` over them.
+
+The cache is read and the data are read, validated, tokenized and joined with it once; every run gets the same
+prepared items, seed, data order and settings, and only β / loss type differ. The reference model is never loaded
+(stage one is not even imported). Runs go to `<output>/beta-<β>-<loss>/`; a rerun skips finished runs
+(summary.json) and resumes an unfinished one from its checkpoint, exactly as `dpo train` does. Under torchrun
+every rank runs the same loop; the process group lives for the whole sweep (the CLI ends it once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import config, prepare as prepare_mod, refcache, train
+from .compare import Row, compare, format_table
+from .distributed import barrier, init_distributed
+from .errors import UserError
+from .progress import say
+from .train import TrainConfig
+
+VARIED = ("beta", "loss")             # TrainConfig fields the sweep varies
+FREE_ON_RESUME = ("betas", "losses", "resume", "output")  # may change between reruns of one sweep folder
+
+
+def _sweep_config_class():
+    """TrainConfig's fields minus beta/loss, plus betas/losses (kept in sync with `dpo train` automatically)."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in VARIED:
+            continue
+        default = {} if f.default is dataclasses.MISSING else {"default": f.default}
+        fields.append((f.name, hints[f.name], dataclasses.field(**default)))
+        if f.name == "output":  # right after the required fields, so the saved YAML reads naturally
+            fields += [("betas", tuple[float, ...], dataclasses.field(default=())),
+                       ("losses", tuple[str, ...], dataclasses.field(default=("sigmoid",)))]
+    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = ("`dpo sweep` options: every `dpo train` option except beta/loss, plus betas (--beta, repeatable) "
+                   "and losses (--loss, repeatable, default sigmoid).")
+    return cls
+
+
+SweepConfig = _sweep_config_class()
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    run_dirs: list[Path]
+    summaries: list[dict]
+    rows: list[Row]            # compare's rows, best first (empty on ranks other than 0)
+    png: Path | None
+    csv: Path | None
+
+
+def run_name(beta: float, loss: str) -> str:
+    return f"beta-{float(beta)!r}-{loss}"  # repr: exact and unique (0.1 -> "0.1", 1e-05 -> "1e-05")
+
+
+def combinations(cfg) -> list[tuple[str, float]]:
+    """(loss, β) in order: loss types outer, β inner; duplicates dropped; each validated like `dpo train`."""
+    if not cfg.betas:
+        raise UserError("give at least one --beta (repeatable: --beta 0.01 --beta 0.1), or `betas: [...]` in the YAML")
+    if not cfg.losses:
+        raise UserError("give at least one --loss (default sigmoid), or `losses: [...]` in the YAML")
+    bad = [b for b in cfg.betas if not (b > 0 and b < float("inf"))]
+    if bad:
+        raise UserError(f"--beta {bad[0]}: β must be a positive number")
+    combos = list(dict.fromkeys((loss, float(b)) for loss in cfg.losses for b in cfg.betas))
+    for loss, beta in combos:
+        train.check(train_config(cfg, beta, loss))
+    return combos
+
+
+def train_config(cfg, beta: float, loss: str) -> TrainConfig:
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in VARIED}
+    shared["output"] = str(Path(cfg.output) / run_name(beta, loss))
+    return TrainConfig(**shared, beta=beta, loss=loss)
+
+
+def check_same_settings(cfg, path: Path) -> None:
+    """A sweep folder is resumed only with the settings it was started with (β and loss lists may change)."""
+    if not cfg.resume or not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = config.to_dict(cfg)
+    diff = sorted(k for k in set(old) | set(new) if k not in FREE_ON_RESUME and old.get(k) != new.get(k))
+    if diff:
+        raise UserError(f"{path}: this sweep folder was started with other settings ({', '.join(diff)} differ); "
+                        "rerun with the same settings, use another --output, or pass --no-resume to retrain every run")
+
+
+def free_memory() -> None:
+    """The previous run's model is unreferenced once train.run returns; give its memory back before the next."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_sweep(cfg) -> SweepResult:
+    combos = combinations(cfg)
+    env = init_distributed()
+    out = Path(cfg.output)
+    check_same_settings(cfg, out / "sweep.yaml")
+    barrier(env)  # every rank has checked before rank 0 overwrites sweep.yaml
+    if env.is_main:
+        config.save(cfg, out / "sweep.yaml")
+    say(env, f"sweep: {len(combos)} runs into {out}/ ({', '.join(run_name(b, lo) for lo, b in combos)})")
+    prep, run_dirs, summaries = None, [], []
+    for i, (loss, beta) in enumerate(combos, 1):
+        tcfg = train_config(cfg, beta, loss)
+        finished = cfg.resume and (Path(tcfg.output) / "summary.json").is_file()
+        if prep is None and not finished:  # read + join once, and only if some run still has work to do
+            prep = prepare_mod.prepare(tcfg, cache=refcache.read_cache(cfg.ref_cache))
+        say(env, f"sweep: run {i}/{len(combos)}: β={beta:g} loss={loss} -> {tcfg.output}")
+        summaries.append(train.run(tcfg, prepared=prep))
+        if prep is not None and prep.notes:  # the data notes were printed by the first run; not again
+            prep = dataclasses.replace(prep, notes=[])
+        run_dirs.append(Path(tcfg.output))
+        free_memory()
+    barrier(env)
+    rows, png, csv_path = [], None, None
+    if env.is_main:
+        rows, png, csv_path = compare(run_dirs, out)
+        say(env, format_table(rows))
+        say(env, f"sweep: done; plot {png}, table {csv_path}")
+    return SweepResult(run_dirs, summaries, rows, png, csv_path)
