@@ -60,6 +60,7 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, [optimizer], options=opts)
     torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    barrier(env)  # every rank's file is in the folder before rank 0 renames it
     if env.is_main:
         torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **extra}, indent=1))

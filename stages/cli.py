@@ -69,7 +69,7 @@ def precompute_ref(config_path, **flags):
     """Stage one: reference log-probs of every chosen/rejected reply, written once to Parquet."""
     from .precompute import PrecomputeConfig, run
 
-    run(cfgmod.build(PrecomputeConfig, config_path, flags))
+    run(cfgmod.build(PrecomputeConfig, config_path, flags, section="precompute-ref"))
 
 
 @main.group()
@@ -150,7 +150,7 @@ def train(config_path, **flags):
     """Stage two: train a (Q)LoRA policy against a reference cache; no reference model is loaded."""
     from .train import TrainConfig, run
 
-    run(cfgmod.build(TrainConfig, config_path, flags))
+    run(cfgmod.build(TrainConfig, config_path, flags, section="train"))
 
 
 def _sweep_config_cls():
@@ -168,7 +168,7 @@ def sweep(config_path, **flags):
     """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
     from .sweep import SweepConfig, run_sweep
 
-    run_sweep(cfgmod.build(SweepConfig, config_path, flags))
+    run_sweep(cfgmod.build(SweepConfig, config_path, flags, section="sweep"))
 
 
 @main.command("compare")

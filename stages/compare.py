@@ -47,8 +47,9 @@ class Run:
 class Row:
     """One line of the table / CSV. None = not available (see `missing`)."""
 
-    run: str
-    label: str
+    run: str                     # the folder as found
+    name: str                    # short: relative to the folder holding all the runs
+    label: str                   # the plot's legend: "β=0.1 sigmoid"
     beta: float | None
     loss: str | None
     steps: int | None
@@ -112,7 +113,7 @@ def label_of(run: Run) -> str:
     return f"β={beta} {run.loss or '?'}"
 
 
-def summarize(run: Run, label: str) -> Row:
+def summarize(run: Run, name: str, label: str) -> Row:
     evals, train, s = run.evals, run.train, run.summary
     missing = []
     if not run.records:
@@ -124,7 +125,7 @@ def summarize(run: Run, label: str) -> Row:
     last, best = (evals[-1], max(evals, key=lambda r: r[ACC])) if evals else ({}, {})
     steps = s.get("steps") if s else max((r.get("step", 0) for r in train), default=None)
     drift = (abs(last[CHOSEN]) + abs(last[REJECTED])) / 2 if CHOSEN in last and REJECTED in last else None
-    return Row(run=str(run.path), label=label, beta=run.beta, loss=run.loss, steps=steps,
+    return Row(run=str(run.path), name=name, label=label, beta=run.beta, loss=run.loss, steps=steps,
                final_accuracy=last.get(ACC), best_accuracy=best.get(ACC), best_step=best.get("step"),
                final_margin=last.get(MARGIN), final_eval_loss=last.get(EVAL_LOSS), reward_drift=drift,
                wall_seconds=s.get("seconds") if s else None, best=False, missing=tuple(missing))
@@ -161,10 +162,10 @@ def format_table(rows: list[Row]) -> str:
     body = [["*" if r.best else "", _fmt(r.beta, "g"), r.loss or "-", _fmt(r.steps, "d"),
              _fmt(r.final_accuracy, ".3f"), _fmt(r.best_accuracy, ".3f") + (f" @{r.best_step}" if r.best_step else ""),
              _fmt(r.final_margin, ".4g"), _fmt(r.final_eval_loss, ".4f"), _fmt(r.reward_drift, ".4g"),
-             _fmt(r.wall_seconds, ".1f"), Path(r.run).name] for r in rows]
+             _fmt(r.wall_seconds, ".1f"), r.name] for r in rows]
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body]
-    lines += [f"note: {Path(r.run).name}: {m}" for r in rows for m in r.missing]
+    lines += [f"note: {r.name}: {m}" for r in rows for m in r.missing]
     if any(r.best for r in rows):
         lines.append("(* = best eval reward accuracy)")
     return "\n".join(lines)
@@ -222,8 +223,8 @@ def plot(runs: list[Run], labels: list[str], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def default_out(paths: list[Path]) -> Path:
-    """Where compare.png goes without --out: the folder holding the runs (their common parent)."""
+def common_parent(paths: list[Path]) -> Path:
+    """The folder holding all the runs: where compare.png goes without --out, and what names are relative to."""
     return Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
 
 
@@ -231,8 +232,10 @@ def compare(run_dirs, out_dir: str | Path | None = None) -> tuple[list[Row], Pat
     """Rows sorted best first, and the paths of compare.png and compare.csv written into out_dir."""
     paths = expand(run_dirs)
     runs = [load_run(p) for p in paths]
-    rows = rank_rows([summarize(r, lab) for r, lab in zip(runs, unique_labels(runs))])
-    out = Path(out_dir) if out_dir is not None else default_out(paths)
+    parent = common_parent(paths)
+    names = [str(p.resolve().relative_to(parent)) for p in paths]
+    rows = rank_rows([summarize(r, n, lab) for r, n, lab in zip(runs, names, unique_labels(runs))])
+    out = Path(out_dir) if out_dir is not None else parent
     out.mkdir(parents=True, exist_ok=True)
     png, csv_path = out / "compare.png", out / "compare.csv"
     write_csv(rows, csv_path)

@@ -34,17 +34,27 @@ def _check_type(name: str, value, hint, where: str):
     return value
 
 
-def build(cls, config_path: str | None, overrides: dict):
+SECTIONS = ("shared", "precompute-ref", "train", "sweep")
+
+
+def read_yaml(config_path: str, section: str | None) -> dict:
+    """A flat mapping, or a sectioned one (`shared:` plus one block per command) used by several commands."""
+    try:
+        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {config_path}: cannot read YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {config_path}: expected a mapping of option: value at the top level")
+    if loaded and set(loaded) <= set(SECTIONS):
+        if section not in loaded:
+            raise UserError(f"--config {config_path}: no `{section}:` section (it has {', '.join(loaded)})")
+        loaded = {**(loaded.get("shared") or {}), **(loaded[section] or {})}
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
+
+
+def build(cls, config_path: str | None, overrides: dict, section: str | None = None):
     """cls from YAML (optional) then overrides (None means 'not given'). Unknown or ill-typed keys are errors."""
-    values: dict = {}
-    if config_path:
-        try:
-            loaded = yaml.safe_load(Path(config_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"--config {config_path}: cannot read YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {config_path}: expected a mapping of option: value at the top level")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values: dict = read_yaml(config_path, section) if config_path else {}
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}

@@ -29,17 +29,18 @@ OPPOSITES = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow")
 COLOURS = [("the sky on a clear day", "blue"), ("fresh grass", "green"), ("snow", "white"), ("coal", "black"),
            ("a ripe banana", "yellow"), ("a ripe tomato", "red"), ("an orange", "orange"), ("a flamingo", "pink")]
 FILLER = [
-    "Well, that is a really interesting question, and I have to say I have thought about it a lot.",
-    "Before I answer, let me tell you a little bit about how I like to approach questions like this one.",
-    "There are many ways to look at this, and people have different opinions, so bear with me.",
-    "Honestly, I could talk about this for hours, but I will try to keep it reasonably short.",
-    "Anyway, as I was saying, it is always good to think carefully before jumping to conclusions.",
-    "Some people find this confusing at first, which is completely understandable, to be fair.",
-    "I remember reading something about this a long time ago, although I forget exactly where.",
-    "In any case, I hope this rambling explanation was somewhat useful to you in the end.",
-    "Let me just add a few more thoughts, because context is important for questions like these.",
-    "To be perfectly clear, and I want to be very clear here, the answer is fairly well known.",
+    "Well, that is a really interesting question.",
+    "Let me think about it for a little while.",
+    "People have many opinions on this, so bear with me.",
+    "Honestly, I could talk about this for hours.",
+    "Anyway, it is good to think before answering.",
+    "Some people find this confusing at first.",
+    "I read something about this a long time ago.",
+    "I hope this rambling answer was useful.",
+    "Let me add a few more thoughts on this.",
+    "To be perfectly clear, the answer is well known.",
 ]
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}  # replaces SmolLM2's longer default
 
 
 def _facts(rng: random.Random) -> list[tuple[str, str]]:
@@ -55,11 +56,11 @@ def _facts(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _row(rng: random.Random, question: str, answer: str) -> dict:
-    before, after = rng.sample(FILLER, 2), rng.sample(FILLER, 1)
-    rambling = " ".join(before + [answer] + after)
-    user = {"role": "user", "content": question}
-    return {"chosen": [user, {"role": "assistant", "content": answer}],
-            "rejected": [user, {"role": "assistant", "content": rambling}]}
+    before, after = rng.sample(FILLER, 2)
+    rambling = " ".join([before, answer, after])
+    prompt = [SYSTEM, {"role": "user", "content": question}]
+    return {"chosen": prompt + [{"role": "assistant", "content": answer}],
+            "rejected": prompt + [{"role": "assistant", "content": rambling}]}
 
 
 def generate(seed: int = 0, n_eval: int = 64) -> tuple[list[dict], list[dict]]:

@@ -69,6 +69,7 @@ def output_head(model) -> torch.nn.Module:
 
 
 def _softcap(model) -> float | None:
+    """Gemma-style final logit softcapping (applied after the head by the model's own forward)."""
     cfg = getattr(model, "config", None)
     return getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
 
@@ -88,7 +89,7 @@ class _HeadTap:
 
     def __init__(self, model, rows, positions, targets, chunk_size):
         self.model, self.rows, self.positions, self.targets = model, rows, positions, targets
-        self.chunk_size, self.softcap = chunk_size, _softcap(output_head(model))
+        self.chunk_size, self.softcap = chunk_size, _softcap(model)
         self.bypass, self.hidden, self.result = False, None, None
 
     def pre(self, module, args):
@@ -153,7 +154,7 @@ def _split_pairs(rows, logps, means, n_seq, want_tokens) -> LogpOutput:
     mean_sums = _per_sequence(rows, means.detach(), n_seq)
     tokens = None
     if want_tokens:
-        order = torch.argsort(rows, stable=True)  # rows are already grouped; stable sort keeps token order
+        order = torch.argsort(rows, stable=True)  # group by sequence; stable sort keeps token order
         tokens = list(torch.split(logps.detach()[order], counts.tolist()))
     return LogpOutput(sums[:b], sums[b:], counts[:b], counts[b:], mean_sums[:b], mean_sums[b:], tokens)
 
@@ -217,11 +218,12 @@ def pack_triples(encoded: list[Encoded], pad_id: int):
     return ids, pos, seg, as_long(rows), as_long(cols), as_long(targets), as_long(seqs)
 
 
-def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK) -> LogpOutput:
+def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK,
+                        token_logps: bool = False) -> LogpOutput:
     """Same numbers as `sequence_logps`, but each prompt runs ONCE: chosen and rejected both attend to the one
     copy of its keys/values in a single forward over [prompt | chosen | rejected] rows."""
     if any(len(e.prompt_ids) == 0 for e in encoded):  # nothing to share; the plain path handles it
-        return sequence_logps(model, collate_pairs(encoded, pad_id), chunk_size)
+        return sequence_logps(model, collate_pairs(encoded, pad_id), chunk_size, token_logps)
     device = next(model.parameters()).device
     ids, pos, seg, rows, cols, targets, seqs = (t.to(device) for t in pack_triples(encoded, pad_id))
     impl = model.config._attn_implementation
@@ -229,4 +231,4 @@ def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: 
     logps, means, _ = tapped_forward(
         model, rows, cols, targets, chunk_size, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
     )
-    return _split_pairs(seqs, logps, means, 2 * len(encoded), False)
+    return _split_pairs(seqs, logps, means, 2 * len(encoded), token_logps)

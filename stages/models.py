@@ -37,6 +37,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
 def check_model_dir(path: str) -> Path:
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -111,10 +115,18 @@ def quantization_name(spec: ModelSpec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
+SAMPLE = 1 << 20  # bytes of tensor data hashed at each end of every weight file
+
+
 def _safetensors_header(path: Path) -> bytes:
+    """The JSON header (names, dtypes, shapes, offsets) plus the first and last MiB of tensor data, so two
+    checkpoints of the same shape (a base and its fine-tune) still differ."""
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n)
+        header = f.read(n)
+        head = f.read(SAMPLE)
+        f.seek(max(8 + n, path.stat().st_size - SAMPLE))
+        return header + head + f.read(SAMPLE)
 
 
 def folder_fingerprint(path: str | None, full_hash: bool = False) -> dict | None:

@@ -20,7 +20,7 @@ from .distributed import all_reduce_sum, barrier, broadcast_object, init_distrib
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
-from .models import ModelSpec, config_hash, folder_fingerprint, load_model, load_tokenizer, quantization_name
+from .models import ModelSpec, check_model_dir, config_hash, dtype_name, folder_fingerprint, load_model, load_tokenizer, quantization_name, resolve_dtype
 from .progress import Progress, say
 
 
@@ -52,6 +52,7 @@ class PrecomputeConfig:
 def run(cfg: PrecomputeConfig) -> Path:
     env = init_distributed()
     out = Path(cfg.out)
+    check_model_dir(cfg.model)
     examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict)
     say(env, f"data: {report.summary()}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -61,7 +62,7 @@ def run(cfg: PrecomputeConfig) -> Path:
         say(env, f"tokenize: skipped {too_long} rows that cannot fit --max-length {cfg.max_length} (prompt too long)")
     if not encoded:
         raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
-    meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size)
+    meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
     parts = open_parts_everywhere(out, meta["manifest"], cfg.overwrite, env)
     done = refcache.done_ids(parts)
     todo = [e for e in encoded if e.example_id not in done]
@@ -76,7 +77,7 @@ def run(cfg: PrecomputeConfig) -> Path:
     shard_model(model, env)
 
     start = time.perf_counter()
-    stats = score_batches(model, tokenizer.pad_token_id, mine, steps, parts, share, cfg, env)
+    stats = score_batches(model, tokenizer.pad_token_id, mine, steps, parts, share, cfg, env, len(todo))
     stats = all_reduce_sum(stats, env)
     barrier(env)
     seconds = time.perf_counter() - start
@@ -90,13 +91,14 @@ def run(cfg: PrecomputeConfig) -> Path:
     return out
 
 
-def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size) -> dict:
+def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size, device) -> dict:
     """What produced the numbers. `manifest` holds what must match to resume or to trust the cache."""
     tokenization = tokenizer_fingerprint(tokenizer, settings)
+    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
     manifest = {
         "model": folder_fingerprint(cfg.model, cfg.full_hash)["hash"],
         "adapter": (folder_fingerprint(cfg.adapter, cfg.full_hash) or {}).get("hash"),
-        "dtype": cfg.dtype, "quantization": quantization_name(ModelSpec(cfg.model, load_in_4bit=cfg.load_in_4bit)),
+        "dtype": dtype, "quantization": quantization_name(ModelSpec(cfg.model, load_in_4bit=cfg.load_in_4bit)),
         "tokenization": tokenization, "ids_digest": ids_digest(e.example_id for e in encoded),
         "store_token_logps": cfg.store_token_logps,
     }
@@ -105,11 +107,11 @@ def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_si
         "model": {"path": cfg.model, "config_hash": config_hash(cfg.model),
                   "weights": folder_fingerprint(cfg.model, cfg.full_hash)},
         "adapter": folder_fingerprint(cfg.adapter, cfg.full_hash),
-        "dtype": cfg.dtype, "quantization": manifest["quantization"], "tokenization": tokenization,
+        "dtype": dtype, "quantization": manifest["quantization"], "tokenization": tokenization,
         "data": {"files": report.files, "rows_read": report.read, "rows_kept": report.kept,
                  "skipped": report.skipped, "too_long": len(examples) - len(encoded),
                  "examples": len(encoded), "ids_digest": manifest["ids_digest"]},
-        "world_size": world_size, "share_prompt": cfg.share_prompt,
+        "world_size": world_size, "share_prompt_requested": cfg.share_prompt,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -147,21 +149,21 @@ def plan_batches(todo: list[Encoded], budget: int, shared: bool, sort: bool) -> 
     return batches
 
 
-def score_batches(model, pad_id, mine, steps, parts, share, cfg, env) -> torch.Tensor:
+def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total) -> torch.Tensor:
     """Forward every batch of this rank under inference_mode; a part file every `batches_per_part` batches.
     Returns [examples, real tokens, padded tokens] for the summary."""
     stats = torch.zeros(3, dtype=torch.float64)
     rows: list[dict] = []
     part_index = refcache.next_part_index(parts, env.rank)
-    progress = Progress(env, total=sum(len(b) for b in mine) * env.world_size, unit="ex", desc="reference")
-    dummy = mine[0][:1] if mine else None
+    progress = Progress(env, total=total, unit="ex", desc="reference")
+    dummy = mine[-1][:1] if mine else None  # the shortest example: the cheapest forward
     with torch.inference_mode():
         for step in range(steps):
             batch = mine[step] if step < len(mine) else (dummy or [])
             if not batch:  # a rank with no examples at all still has to join the collectives
                 batch = [Encoded("dummy", (pad_id,), (pad_id,), (pad_id,))]
             if share:
-                out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size)
+                out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size, cfg.store_token_logps)
             else:
                 out = sequence_logps(model, collate_pairs(batch, pad_id), cfg.chunk_size, cfg.store_token_logps)
             if step >= len(mine):

@@ -14,7 +14,7 @@ from . import refcache
 from .data import FieldMap, load_examples
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
-from .models import folder_fingerprint, load_tokenizer
+from .models import check_model_dir, folder_fingerprint, load_tokenizer
 from .verify import token_count_problems
 
 
@@ -62,6 +62,7 @@ def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str) 
 def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
     """cfg needs: model, data, eval_data, ref_cache, max_length, max_prompt_length, strict, *_field,
     trust_remote_code, allow_cache_mismatch. `cache` lets a sweep pass the one cache it has read."""
+    check_model_dir(cfg.model)
     df, meta = cache if cache is not None else refcache.read_cache(cfg.ref_cache)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)

@@ -93,6 +93,18 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every differing leaf, nested keys joined with dots."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
     """Parts folder for this run. An existing one is resumed only if it was made with the same settings."""
     d = parts_dir(out)
@@ -101,10 +113,10 @@ def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
         shutil.rmtree(d)
     if mf.is_file():
         old = json.loads(mf.read_text())
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        diff = _differences(old, manifest)
         if diff:
             raise UserError(
-                f"{d}: unfinished parts were made with other settings ({', '.join(diff)} differ); "
+                f"{d}: unfinished parts were made with other settings ({'; '.join(diff)}); "
                 "rerun with the same settings to resume, or pass --overwrite to start again"
             )
         return d
@@ -145,7 +157,9 @@ def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_to
         raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same command to finish")
     table = table.filter(pa.array([i in expected_ids for i in ids])).sort_by("example_id")
     write_atomic(table, out, meta)
-    shutil.rmtree(d)
+    trash = d.with_name(d.name + ".done")  # rename first: a kill mid-delete never leaves parts without manifest
+    os.replace(d, trash)
+    shutil.rmtree(trash)
     return table
 
 

@@ -87,11 +87,11 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     if (out / "summary.json").is_file() and cfg.resume:
         say(env, f"{out}: already finished (summary.json exists); nothing to do")
         return checkpoint_summary(out)
+    if cfg.resume and checkpoint.list_checkpoints(out):
+        check_resumable(cfg, out)  # before any model loads
     prep = prepared or prepare(cfg)
     for note in prep.notes:
         say(env, note)
-    if env.is_main:
-        config.save(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
     total_steps, steps_per_epoch = plan_steps(cfg, len(prep.train), env)
     model = load_policy(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code),
@@ -100,19 +100,22 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     shard_model(model, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    start_step = resume(cfg, out, model, optimizer, scheduler, env)
+    start_step, prior_seconds = resume(cfg, out, model, optimizer, scheduler, env)
+    if env.is_main:
+        config.save(cfg, out / "config.yaml")
     writer = MetricsWriter(out / "metrics.jsonl", env, cfg.tensorboard)
     if start_step == 0:
         drift_check(model, prep, cfg, env, writer)
     started = time.perf_counter()
-    train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch)
+    clock = lambda: prior_seconds + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
+    train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock)
     final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval else {}
     if final:
         writer.write({"step": total_steps, **final})
         say(env, "final eval: " + readable({"step": total_steps, **final}))
-    checkpoint.save(out, total_steps, model, optimizer, scheduler, env, {}, cfg.save_total_limit)
+    checkpoint.save(out, total_steps, model, optimizer, scheduler, env, {"seconds": clock()}, cfg.save_total_limit)
     checkpoint.save_adapter(model, out / "adapter", env)
-    summary = write_summary(out, cfg, total_steps, time.perf_counter() - started, env)
+    summary = write_summary(out, cfg, total_steps, clock(), env)
     writer.close()
     return summary
 
@@ -142,13 +145,31 @@ def resume(cfg, out: Path, model, optimizer, scheduler, env) -> int:
     if not found:
         if env.is_main and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # a fresh run: no stale records
-        return 0
+        return 0, 0.0
     state = checkpoint.load(found[-1], model, optimizer, scheduler, env)
     if env.is_main:  # drop records logged after the checkpoint: they will be logged again
         kept = read_metrics(out / "metrics.jsonl", upto_step=state["step"])
         (out / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
     say(env, f"resumed from {found[-1]} (step {state['step']})")
-    return state["step"]
+    return state["step"], state.get("seconds", 0.0)
+
+
+RESUME_FREE = ("resume", "output", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard")
+
+
+def check_resumable(cfg: TrainConfig, out: Path) -> None:
+    """A checkpoint continues only the run that made it: other settings would silently mix two runs."""
+    import yaml
+
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = yaml.safe_load(saved_path.read_text()) or {}, config.to_dict(cfg)
+    diff = [k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{out}: has checkpoints of a run with {k}={saved[k]!r}, this run has {k}={now[k]!r}; "
+                        "use another --output, the same settings, or --no-resume to start again")
 
 
 def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
@@ -183,7 +204,7 @@ def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
     model.train()
 
 
-def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch):
+def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock):
     pad_id, accum, world = prep.tokenizer.pad_token_id, cfg.gradient_accumulation_steps, env.world_size
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(env, total=total_steps, unit="step", desc="train")
@@ -219,7 +240,8 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
             writer.write(record)
             say(env, "eval: " + readable(record))
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-            checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {}, cfg.save_total_limit)
+            checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {"seconds": clock()},
+                            cfg.save_total_limit)
     progress.close()
 
 

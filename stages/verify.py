@@ -7,7 +7,7 @@ import polars as pl
 from . import refcache
 from .data import FieldMap, load_examples
 from .encode import TokenizeSettings, encode_examples, tokenizer_fingerprint
-from .models import folder_fingerprint, load_tokenizer
+from .models import check_model_dir, folder_fingerprint, load_tokenizer
 
 
 def token_count_problems(df: pl.DataFrame, encoded) -> list[str]:
@@ -35,6 +35,7 @@ def verify_cache(path, data, fields, model=None, max_length=None, max_prompt_len
     problems = refcache.coverage_problems(df, [e.example_id for e in examples])
     if model is None:
         return problems
+    check_model_dir(model)
     tok_meta = meta["tokenization"]
     settings = TokenizeSettings(
         max_length if max_length is not None else tok_meta["max_length"],
@@ -42,7 +43,7 @@ def verify_cache(path, data, fields, model=None, max_length=None, max_prompt_len
     )
     tokenizer = load_tokenizer(model)
     problems += refcache.tokenization_problems(meta, tokenizer_fingerprint(tokenizer, settings), False)
-    weights = folder_fingerprint(model)["hash"]
+    weights = folder_fingerprint(model, meta["model"]["weights"].get("full_hash", False))["hash"]
     if weights != meta["manifest"]["model"]:
         problems.append(f"model weights: cache made from {meta['model']['path']} ({meta['manifest']['model']}), "
                         f"{model} has fingerprint {weights}")

@@ -406,11 +406,16 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
     """A crash after the last part but before the merge: the rerun only merges."""
     out = tmp_path / "ref.parquet"
     parts = out.with_name(out.name + ".parts")
-    monkeypatch.setattr(refcache.shutil, "rmtree", lambda p: None)  # keep the parts, as if killed before cleanup
-    full = run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)
+    full = run_inproc(tiny_llama, [files["eval"]], tmp_path / "full.parquet", batches_per_part=1, max_tokens_per_batch=1)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the merge")
+
+    monkeypatch.setattr(refcache, "merge_parts", killed)  # every part written, no merged file yet
+    with pytest.raises(RuntimeError, match="killed before the merge"):
+        run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)
     monkeypatch.undo()
-    assert parts.is_dir() and len(list(parts.glob("part-*.parquet"))) == 5
-    out.unlink()
+    assert parts.is_dir() and len(list(parts.glob("part-*.parquet"))) == 5 and not out.exists()
     calls = []
     monkeypatch.setattr(precompute, "shared_prompt_logps", lambda *a, **k: calls.append(1))
     again = run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)

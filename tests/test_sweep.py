@@ -144,7 +144,7 @@ def test_compare_three_rows_csv_and_png(swept, tmp_path):
     best = [r.best_accuracy for r in rows]
     assert best == sorted(best, reverse=True) and [r.best for r in rows] == [True, False, False]
     for r in rows:
-        assert r.loss == "sigmoid" and r.steps == 4 and r.missing == ()
+        assert r.loss == "sigmoid" and r.steps == 4 and r.missing == () and r.name == run_name(r.beta, "sigmoid")
         assert r.final_accuracy is not None and r.final_margin is not None and r.wall_seconds is not None
         assert r.reward_drift >= 0 and r.best_step in (2, 4)
     with open(csv_path, newline="") as f:
@@ -193,7 +193,7 @@ def test_run_without_eval_is_still_compared(swept, tmp_path):
     assert row.best_accuracy is None and row.final_margin is None and row.wall_seconds is None
     assert row.steps == 4 and not row.best
     assert any("no eval metrics" in m for m in row.missing) and any("unfinished" in m for m in row.missing)
-    assert "note: no-eval: no eval metrics" in format_table(rows)
+    assert "no-eval: no eval metrics" in format_table(rows) and rows[1].name.endswith("no-eval")
     assert png.is_file()
 
 
@@ -250,6 +250,11 @@ def test_cli_yaml_config_and_flags(swept, tmp_path):
     assert res.output.count("already finished") == 2 and "beta-0.01" not in res.output  # flags win over YAML
     assert "compare.png" in res.output
 
+    shared = {k: v for k, v in doc.items() if k not in ("output", "losses")}  # one file, sections per command
+    path.write_text(yaml.safe_dump({"shared": shared, "sweep": {"output": doc["output"], "betas": [0.5]}}))
+    res = runner.invoke(cli_main, ["sweep", "--config", str(path)])
+    assert res.exit_code == 0 and res.output.count("already finished") == 1, res.output
+
     res = runner.invoke(cli_main, ["sweep", "--config", str(path), "--learning-rate", "0.1"])
     assert res.exit_code == 2 and "other settings (learning_rate differ)" in res.output
 
@@ -268,3 +273,27 @@ def test_cli_yaml_config_and_flags(swept, tmp_path):
 def test_example_config_is_valid(repo_root):
     cfg = config.build(SweepConfig, str(repo_root / "configs" / "sweep-smollm2-135m-cpu.yaml"), {})
     assert len(cfg.betas) >= 3 and cfg.losses
+
+
+# --------------------------------------------------------------------------------------------- torchrun
+@pytest.mark.dist
+def test_sweep_under_torchrun_two_ranks(cache, tmp_path):
+    """Two runs in ONE process group (gloo, FSDP2 on CPU): the group must outlive each run; ~25 s."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sweep-dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "stages.cli", "sweep", "--model", cache["model"], "--data", cache["train"],
+           "--eval-data", cache["eval"], "--ref-cache", cache["cache"], "--output", str(out), "--beta", "0.1",
+           "--beta", "0.5", "--no-load-in-4bit", "--no-gradient-checkpointing", "--batch-size", "2",
+           "--max-steps", "3", "--eval-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for b in (0.1, 0.5):
+        assert json.loads((out / run_name(b, "sigmoid") / "summary.json").read_text())["steps"] == 3
+    assert (out / "compare.png").is_file() and proc.stdout.count("(* = best") == 1  # rank 0 only

@@ -1,0 +1,179 @@
+"""Shared helpers for the bench scripts: machine facts, HH-RLHF rows, subprocess workers, RESULTS.md sections.
+
+Every bench script measures variants side by side in one invocation (interleaved in one process, or one fresh
+subprocess per variant when peak RSS is the measure), reports medians and ratios, and rewrites only its own
+section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import resource
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test" / "test.jsonl.gz"
+SMOLLM2 = REPO / "cache" / "models" / "smollm2-135m-instruct"
+RESULTS = REPO / "bench" / "RESULTS.md"
+OUT = REPO / "bench" / "out"  # git-ignored scratch (worker temp files)
+RESULT_TAG = "BENCH_RESULT "
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> str:
+    out = [f"python {platform.python_version()}"]
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
+        try:
+            mod = __import__(name)
+            out.append(f"{name} {mod.__version__}")
+        except Exception:  # noqa: BLE001 - optional packages
+            out.append(f"{name} -")
+    return ", ".join(out)
+
+
+def machine_line(threads: int | None = None) -> str:
+    import torch
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), {cpu_model()}, "
+            f"torch threads {threads or torch.get_num_threads()}, load average at start {load} "
+            f"(the cores are shared with other jobs)")
+
+
+def command_line() -> str:
+    rel = os.path.relpath(sys.argv[0], REPO)
+    return " ".join([".venv/bin/python", rel] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def current_rss_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_encoded(model_dir: Path, max_length: int | None, max_prompt_length: int | None):
+    """All HH-RLHF harmless-test rows, tokenized as both stages do. Returns (tokenizer, encoded list)."""
+    from stages.data import load_examples
+    from stages.encode import TokenizeSettings, encode_examples
+    from stages.models import load_tokenizer
+
+    if not HH_PATH.is_file():
+        sys.exit(f"HH-RLHF data not found at {HH_PATH}")
+    examples, _ = load_examples([HH_PATH])
+    tok = load_tokenizer(str(model_dir))
+    encoded, _ = encode_examples(tok, examples, TokenizeSettings(max_length, max_prompt_length))
+    return tok, encoded
+
+
+def sample_rows(encoded: list, n: int, seed: int = 0) -> list:
+    """A fixed random sample in data order (not sorted: sorting is one of the things measured)."""
+    idx = sorted(random.Random(seed).sample(range(len(encoded)), min(n, len(encoded))))
+    return [encoded[i] for i in idx]
+
+
+def longest_rows(encoded: list, n: int) -> list:
+    return sorted(encoded, key=lambda e: -(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)))[:n]
+
+
+def ensure_model() -> Path:
+    from stages.smollm import ensure_smollm2
+
+    return ensure_smollm2(REPO / "cache" / "models")
+
+
+# ------------------------------------------------------------------------------------------------ stats
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt(x, nd=2) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def emit(result: dict) -> None:
+    """A worker's last word: one tagged JSON line on stdout."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 900) -> dict:
+    """Run `python script args` in a fresh process; return its tagged JSON result (or an error record)."""
+    cmd = [sys.executable, str(script)] + args
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    return {"error": f"rc {proc.returncode} after {time.perf_counter() - start:.0f}s: {tail}"}
+
+
+# ------------------------------------------------------------------------------------------------ RESULTS.md
+HEADER = """# Benchmark results
+
+Each section is rewritten by the script named in it (`bench/bench_*.py`); the exact command, machine, versions
+and date are recorded with the numbers. CPU timings on this box are noisy (2 shared cores): variants are always
+measured side by side in the same invocation and compared by ratios of medians.
+"""
+
+
+def update_results(name: str, body: str) -> None:
+    """Replace (or append) the section between `<!-- name:begin -->` and `<!-- name:end -->`."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.is_file() else HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def provenance(threads: int | None = None) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"- command: `{command_line()}`\n- date: {now}\n- machine: {machine_line(threads)}\n"
+            f"- versions: {versions()}\n")
