@@ -88,6 +88,19 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+class Timer:
+    """Wall-clock and process CPU seconds. With one torch thread, CPU seconds measure the work done and barely
+    move when other jobs steal the cores; wall seconds are what a user waits (noisy on a shared box)."""
+
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
+        return False
+
+
 # ------------------------------------------------------------------------------------------------ data
 def load_encoded(model_dir: Path, max_length: int | None, max_prompt_length: int | None):
     """All HH-RLHF harmless-test rows, tokenized as both stages do. Returns (tokenizer, encoded list)."""

@@ -31,6 +31,9 @@ def user_errors(fn):
 @click.version_option(package_name="dpo-stages")
 def main():
     """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress
 
 
 def data_options(fn):
@@ -204,10 +207,13 @@ def plan(model, gpus, gpu_memory, seq_len, batch, lora_r, max_tokens_per_batch, 
 
 
 @main.command()
+@click.option("--quick", is_flag=True, help="A smoke test of every stage in about two minutes.")
 @user_errors
-def demo():
-    """End-to-end demo on SmolLM2-135M (not yet available)."""
-    click.echo("dpo demo: not yet available")
+def demo(quick):
+    """The whole pipeline on SmolLM2-135M-Instruct and the shipped demo data: precompute, sweep, compare."""
+    from .demo import run_demo
+
+    run_demo(quick=quick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""Stage two under `torchrun --nproc-per-node 2` (FSDP2 over gloo, CPU) against one process with the same global
+batch: 2 ranks x batch 2 x accumulation 1 == 1 process x batch 2 x accumulation 2.
+
+Pinned: loss, grad_norm and every other train metric at every step, the eval metrics (the eval set is split unevenly
+across ranks, so one rank runs a padding forward), and the saved adapter: a normal PEFT folder that loads on one
+process and holds the single-process run's weights. fp32 (--no-load-in-4bit) and NF4 both; LoRA dropout 0.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import precompute, train
+from stages.precompute import PrecomputeConfig
+from stages.train import TrainConfig
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parents[1]
+MAXLEN, MAXPROMPT = 256, 128
+STEPS = 3
+COMPARED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate", "epoch")
+
+
+def hh_rows(hh_path: Path, start: int, stop: int) -> list[dict]:
+    with gzip.open(hh_path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for i, line in zip(range(stop), f) if i >= start]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def setup(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("dist")
+    train_f = write_jsonl(d / "train.jsonl", hh_rows(hh_path, 0, 40))
+    eval_f = write_jsonl(d / "eval.jsonl", hh_rows(hh_path, 40, 50))  # 10 rows / eval batch 4 = 3 batches on 2 ranks
+    caches = {}
+    for name, q in (("nf4", True), ("fp32", False)):
+        caches[name] = d / f"ref-{name}.parquet"
+        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_f), str(eval_f)), out=str(caches[name]),
+                                        load_in_4bit=q, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
+    return {"dir": d, "model": tiny_llama, "train": train_f, "eval": eval_f, "caches": caches}
+
+
+def common(setup: dict, mode: str) -> dict:
+    return dict(model=str(setup["model"]), data=(str(setup["train"]),), eval_data=(str(setup["eval"]),),
+                ref_cache=str(setup["caches"][mode]), load_in_4bit=mode == "nf4", max_steps=STEPS, batch_size=2,
+                eval_batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, save_steps=2,
+                seed=3)
+
+
+def torchrun(setup: dict, mode: str, out: Path) -> subprocess.CompletedProcess:
+    c = common(setup, mode)
+    args = ["--model", c["model"], "--data", c["data"][0], "--eval-data", c["eval_data"][0],
+            "--ref-cache", c["ref_cache"], "--output", str(out), "--max-steps", str(STEPS), "--batch-size", "2",
+            "--eval-batch-size", "4", "--gradient-accumulation-steps", "1", "--lora-r", "8", "--lora-alpha", "16",
+            "--lora-dropout", "0", "--learning-rate", str(c["learning_rate"]), "--save-steps", "2", "--seed", "3",
+            "--load-in-4bit" if c["load_in_4bit"] else "--no-load-in-4bit"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "stages.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+
+
+@pytest.fixture(scope="module", params=["fp32", "nf4"])
+def pair(request, setup: dict) -> dict:
+    mode = request.param
+    out1, out2 = setup["dir"] / f"one-{mode}", setup["dir"] / f"two-{mode}"
+    t0 = time.perf_counter()
+    train.run(TrainConfig(**common(setup, mode), output=str(out1), gradient_accumulation_steps=2))
+    t1 = time.perf_counter()
+    proc = torchrun(setup, mode, out2)
+    t2 = time.perf_counter()
+    print(f"\n{mode}: one process {t1 - t0:.1f}s, torchrun x2 {t2 - t1:.1f}s")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return {"mode": mode, "one": out1, "two": out2, "proc": proc}
+
+
+def test_train_metrics_equal_at_every_step(pair):
+    one = [r for r in read_jsonl(pair["one"] / "metrics.jsonl") if "loss" in r]
+    two = [r for r in read_jsonl(pair["two"] / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        # step 1: policy == reference, so rewards are float noise around 0 (compare them absolutely)
+        bad = {k: (a[k], b[k]) for k in COMPARED if rel(a[k], b[k]) > 1e-5 and abs(a[k] - b[k]) > 1e-6
+               and not (a["step"] == 1 and k == "rewards/accuracies")}
+        assert not bad, (a["step"], bad)
+    assert len({r["loss"] for r in one}) == STEPS, "losses must move for the comparison to mean anything"
+
+
+def test_step0_drift_and_eval_equal(pair):
+    one, two = read_jsonl(pair["one"] / "metrics.jsonl"), read_jsonl(pair["two"] / "metrics.jsonl")
+    assert one[0]["step"] == two[0]["step"] == 0
+    assert one[0]["ref_drift"] < 1e-4 and two[0]["ref_drift"] < 1e-4  # rank 0's and rank 1's batches, reduced
+    e1, e2 = [r for r in one if "eval/loss" in r], [r for r in two if "eval/loss" in r]
+    assert len(e1) == len(e2) == 1
+    bad = {k: (e1[0][k], e2[0][k]) for k in e1[0] if k != "step" and rel(e1[0][k], e2[0][k]) > 1e-5}
+    assert not bad, bad
+
+
+def test_adapter_gathered_and_loadable_on_one_process(pair, setup):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    a = load_file(str(pair["one"] / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(pair["two"] / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 28  # 2 layers x 7 linear x (A, B), full (unsharded) shapes
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert float((a[k] - b[k]).abs().max()) <= 1e-5 * max(float(a[k].abs().max()), 1.0), k
+    assert any(float(v.abs().max()) > 1e-3 for k, v in b.items() if "lora_B" in k), "LoRA B never moved"
+    # the torchrun adapter is a normal PEFT folder: one process, plain PeftModel.from_pretrained
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for out in (pair["one"], pair["two"]):
+        base = AutoModelForCausalLM.from_pretrained(str(setup["model"]), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    assert float((logits[0] - logits[1]).abs().max()) <= 1e-4
+    for name in ("checkpoint-2", f"checkpoint-{STEPS}"):  # checkpoints written under FSDP2 too
+        assert (pair["two"] / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert (pair["two"] / name / "rng-rank1.pt").is_file()
