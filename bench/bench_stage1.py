@@ -19,6 +19,7 @@ prompt saves the most. Values of every variant are checked against the sorted pl
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import sys
 import time
@@ -76,8 +77,10 @@ def score(model, pad_id, batches, shared: bool, chunk: int):
     parts.mkdir(parents=True)
     cfg = PrecomputeConfig(model="", data=(), chunk_size=chunk, batches_per_part=8)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
+    # the lead's signature gained `total` (progress bar size); pass it when present
+    extra = [sum(len(b) for b in batches)] if "total" in inspect.signature(score_batches).parameters else []
     with C.Timer() as timer:
-        score_batches(model, pad_id, batches, len(batches), parts, shared, cfg, env)
+        score_batches(model, pad_id, batches, len(batches), parts, shared, cfg, env, *extra)
     values = {}
     for f in sorted(parts.glob("*.parquet")):
         t = pq.read_table(f).to_pydict()

@@ -172,7 +172,10 @@ def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradi
     model = load_model(spec, device, trainable_adapter=True)
     if gradient_checkpointing:
         base = model.get_base_model() if spec.adapter else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     if not spec.adapter:
         targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)

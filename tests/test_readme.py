@@ -1,0 +1,136 @@
+"""The README cannot rot: every command in it parses against the real CLI, every config it names builds, and the
+tour (precompute-ref, cache info/verify, train, sweep, compare, plan, loading the adapter with PEFT) runs for
+real on the tiny model with the paths swapped for temporary ones."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stages import config as cfgmod
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def bash_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return [line.strip() for b in blocks for line in b.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def dpo_args(line: str) -> list[str] | None:
+    """The arguments after `dpo` (or `torchrun ... -m stages.cli`), without shell comments."""
+    words = shlex.split(line, comments=True)
+    if words[:1] == ["dpo"]:
+        return words[1:]
+    if words[:1] == ["torchrun"] and "stages.cli" in words:
+        return words[words.index("stages.cli") + 1:]
+    return None
+
+
+def parse(args: list[str]) -> tuple[str, dict]:
+    """Resolve the subcommand chain with click and parse its options, without running anything."""
+    ctx = main.make_context("dpo", list(args), resilient_parsing=False)
+    cmd, name, rest = main, "", list(args)
+    while hasattr(cmd, "commands"):
+        sub_name, sub, rest = cmd.resolve_command(ctx, rest)
+        name = f"{name} {sub_name}".strip()
+        ctx = sub.make_context(sub_name, rest, parent=ctx)
+        cmd = sub
+    return name, ctx.params
+
+
+def test_readme_has_the_two_commands_and_they_are_make_targets():
+    lines = bash_lines()
+    assert "make demo" in " ".join(lines) and "make test" in " ".join(lines)
+    makefile = (REPO / "Makefile").read_text()
+    for line in lines:
+        if line.startswith("make "):
+            target = line.split()[1]
+            assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
+
+
+def test_every_dpo_command_in_the_readme_parses():
+    seen = set()
+    for line in bash_lines():
+        args = dpo_args(line)
+        if args is None:
+            continue
+        name, params = parse(args)
+        seen.add(name)
+        if params.get("config_path"):  # the config it names exists and builds the command's config
+            assert (REPO / params["config_path"]).is_file(), params["config_path"]
+    assert {"precompute-ref", "train", "sweep", "compare", "cache info", "cache verify", "plan"} <= seen
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_builds(path):
+    from stages.precompute import PrecomputeConfig
+    from stages.sweep import SweepConfig
+    from stages.train import TrainConfig
+
+    raw = cfgmod.yaml.safe_load(path.read_text())
+    classes = {"precompute-ref": PrecomputeConfig, "train": TrainConfig, "sweep": SweepConfig}
+    if set(raw) <= set(cfgmod.SECTIONS):
+        for section in set(raw) - {"shared"}:
+            cfgmod.build(classes[section], str(path), {}, section=section)
+    else:
+        cfgmod.build(SweepConfig, str(path), {})
+
+
+def test_demo_config_equals_the_embedded_demo_settings():
+    from stages.demo import SETTINGS
+
+    assert cfgmod.yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text()) == SETTINGS
+
+
+@pytest.fixture(scope="module")
+def tour(tiny_llama, hh_path, tmp_path_factory):
+    """README paths -> temporary ones: the model is the tiny Llama, the data 24 + 8 HH rows."""
+    root = tmp_path_factory.mktemp("readme")
+    rows = [json.loads(line) for _, line in zip(range(32), gzip.open(hh_path, "rt"))]
+    (root / "data").mkdir()
+    (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:]))
+    swaps = {"cache/models/smollm2-135m-instruct": str(tiny_llama), "data/": f"{root}/data/",
+             "cache/": f"{root}/cache/", "runs/": f"{root}/runs/"}
+    return root, swaps
+
+
+def swap(text: str, swaps: dict) -> str:
+    pattern = re.compile("|".join(re.escape(k) for k in swaps))
+    return pattern.sub(lambda m: swaps[m.group(0)], text)
+
+
+def test_the_readme_tour_runs(tour):
+    root, swaps = tour
+    runner = CliRunner()
+    order = ["precompute-ref", "cache info", "cache verify", "train", "sweep", "compare", "plan"]
+    commands = [dpo_args(line) for line in bash_lines() if line.startswith("dpo ")]
+    commands = [c for c in commands if c and "--config" not in c]
+    ran = []
+    for name in order:
+        for args in [c for c in commands if parse(c)[0] == name]:
+            res = runner.invoke(main, [swap(a, swaps) for a in args], catch_exceptions=False)
+            assert res.exit_code == 0, f"dpo {' '.join(args)}\n{res.output[-3000:]}"
+            ran.append(name)
+    assert ran == order
+    assert (root / "runs" / "beta0.1" / "adapter" / "adapter_config.json").is_file()
+    assert (root / "runs" / "sweep" / "compare.png").is_file()
+
+
+def test_the_readme_python_snippet_loads_the_adapter(tour):
+    root, swaps = tour
+    if not (root / "runs" / "beta0.1" / "adapter").is_dir():
+        pytest.skip("needs the tour's trained run (test_the_readme_tour_runs)")
+    snippet = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    scope: dict = {}
+    exec(compile(swap(snippet, swaps), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
