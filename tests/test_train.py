@@ -434,7 +434,8 @@ def _dequantized_twin(model_dir: Path, policy):
     for name, module in base.named_modules():
         if name in quantized:
             w = quantized[name].weight
-            module.weight.data = bnb.functional.dequantize_4bit(w.data, w.quant_state).float().reshape(module.weight.shape)
+            weight = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+            module.weight.data = weight.reshape(module.weight.shape)
             replaced += 1
     assert replaced == len(quantized) > 0
     twin = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
@@ -578,7 +579,8 @@ def test_checkpoint_rotation_and_finished_run(files, tmp_path, capsys):
     found = train.checkpoint.list_checkpoints(out)
     assert [p.name for p in found] == ["checkpoint-3", "checkpoint-4"]
     for p in found:
-        assert (p / "adapter" / "adapter_config.json").is_file() and (p / "adapter" / "adapter_model.safetensors").is_file()
+        assert (p / "adapter" / "adapter_config.json").is_file()
+        assert (p / "adapter" / "adapter_model.safetensors").is_file()
         assert (p / "trainer_state.pt").is_file() and (p / "rng-rank0.pt").is_file()
         assert json.loads((p / "state.json").read_text())["step"] == int(p.name.split("-")[1])
     assert not list(out.glob(".*")), "temporary checkpoint folders left behind"
@@ -632,7 +634,8 @@ def test_smollm2_slice_learns(smollm2_slice: Path, hh_path: Path, tmp_path):
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     acc = [r["rewards/accuracies"] for r in records]
     print(f"\nSmolLM2 slice: cache {t1 - t0:.1f}s, train {SLOW_STEPS} steps {t2 - t1:.1f}s; "
-          f"accuracy first 10 {sum(acc[:10]) / 10:.2f}, last 10 {sum(acc[-10:]) / 10:.2f}; drift {summary['ref_drift']:.3g}")
+          f"accuracy first 10 {sum(acc[:10]) / 10:.2f}, last 10 {sum(acc[-10:]) / 10:.2f}; "
+          f"drift {summary['ref_drift']:.3g}")
     assert summary["ref_drift"] < 1e-3
     assert sum(acc[-10:]) / 10 >= 0.7, acc
     assert sum(r["loss"] for r in records[-10:]) / 10 < math.log(2) - 0.1
@@ -671,8 +674,9 @@ def test_resume_nf4_after_crash_is_exact(files, tmp_path, monkeypatch):
 @pytest.mark.xfail(strict=True, reason="BUG: the logging window (Accumulator) is not checkpointed, so the first record "
                    "after a resume averages fewer steps when save_steps is not a multiple of logging_steps")
 def test_resume_mid_logging_window_logs_the_same_loss(fp32_files, tmp_path, monkeypatch):
-    make = lambda name: tcfg(fp32_files, tmp_path / name, ref_cache=str(fp32_files["fp32"]), load_in_4bit=False,  # noqa: E731
-                             max_steps=6, save_steps=3, logging_steps=2, lora_dropout=0.0, learning_rate=1e-2)
+    make = lambda name: tcfg(fp32_files, tmp_path / name, ref_cache=str(fp32_files["fp32"]),  # noqa: E731
+                             load_in_4bit=False, max_steps=6, save_steps=3, logging_steps=2, lora_dropout=0.0,
+                             learning_rate=1e-2)
     train.run(make("a"))
     _crash_then_resume(make("b"), monkeypatch, lambda r: r.get("step") == 4 and "loss" in r)
     got = losses_by_step(read_jsonl(tmp_path / "b" / "metrics.jsonl"))
