@@ -20,7 +20,7 @@ import torch
 from . import checkpoint, config
 from .distributed import DistEnv, init_distributed, shard_model
 from .errors import UserError
-from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps
+from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
 from .loss import LOSS_TYPES, dpo_loss
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, load_policy
@@ -73,6 +73,7 @@ class TrainConfig:
     max_length: int | None = None
     max_prompt_length: int | None = None
     chunk_size: int = DEFAULT_CHUNK
+    share_prompt: bool = True  # one [prompt|chosen|rejected] row per pair: the prompt runs once (same gradients)
     strict: bool = False
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
@@ -174,7 +175,11 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
 
 def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
     """One forward (chosen + rejected) -> per-example DPO losses against the cached reference."""
-    lp = sequence_logps(model, collate_pairs([i.enc for i in items], pad_id), cfg.chunk_size)
+    encoded = [i.enc for i in items]
+    if cfg.share_prompt and supports_prompt_sharing(model):
+        lp = shared_prompt_logps(model, encoded, pad_id, cfg.chunk_size)
+    else:
+        lp = sequence_logps(model, collate_pairs(encoded, pad_id), cfg.chunk_size)
     ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
     ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
     out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, loss_type=cfg.loss, beta=cfg.beta,

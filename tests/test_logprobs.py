@@ -567,3 +567,30 @@ def test_smollm2_slice_lora_gradients_match_naive(smol):
     model = _lora(_load(path, scale=False), LM_BODY + ["lm_head"])
     grads = _grads_ours_vs_naive(model, collate_pairs(encoded, pad), chunk=16, gradient_checkpointing=True)
     assert any("lm_head" in n for n in grads)
+
+
+def test_shared_prompt_gradients_equal_plain_path(tiny_llama):
+    """Stage two trains through the shared-prompt layout by default: its LoRA gradients must equal the plain
+    layout's (with and without gradient checkpointing)."""
+    from stages.models import LoraSettings, ModelSpec, load_policy, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    exs = [Example(f"g{i}", "Human: question number %d?" % i * (i + 1) + "\n\nAssistant:", " yes" * (i + 2),
+                   " no, never" * (3 - i) + " x", False, "t", i) for i in range(3)]
+    enc, _ = encode_examples(tok, exs, TokenizeSettings())
+    for ckpt in (False, True):
+        model = load_policy(ModelSpec(str(tiny_llama)), LoraSettings(dropout=0.0), torch.device("cpu"), ckpt)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)  # B = 0 at init would make every lora_A gradient zero
+        model.train()
+        grads = []
+        for run in (lambda: sequence_logps(model, collate_pairs(enc, tok.pad_token_id)),
+                    lambda: shared_prompt_logps(model, enc, tok.pad_token_id)):
+            model.zero_grad()
+            out = run()
+            (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        rel = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
+        assert rel < 1e-5, f"gradient_checkpointing={ckpt}: relative difference {rel}"
