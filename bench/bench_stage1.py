@@ -89,7 +89,7 @@ def score(model, pad_id, batches, shared: bool, chunk: int):
 
 
 def long_multiturn(encoded, tok, n: int) -> list:
-    """Rows with >= 2 human turns and the longest prompts relative to their replies."""
+    """A random sample of the rows with >= 2 human turns and a prompt of >= 200 tokens."""
     human = tok.encode("\n\nHuman:", add_special_tokens=False)
 
     def turns(e):
@@ -97,8 +97,7 @@ def long_multiturn(encoded, tok, n: int) -> list:
         return sum(1 for i in range(len(ids) - k + 1) if tuple(ids[i:i + k]) == tuple(human))
 
     multi = [e for e in encoded if turns(e) >= 2 and len(e.prompt_ids) >= 200]
-    multi.sort(key=lambda e: -len(e.prompt_ids) / (len(e.chosen_ids) + len(e.rejected_ids)))
-    return C.sample_rows(multi[: 4 * n], n, seed=1), len(multi)
+    return C.sample_rows(multi, n, seed=1), len(multi)
 
 
 def timed_variants(model, pad_id, rows, variants, a, budget) -> dict:

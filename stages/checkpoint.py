@@ -49,7 +49,9 @@ def save_adapter(model, path: Path, env: DistEnv) -> None:
         model.save_pretrained(str(path), state_dict=lora, safe_serialization=True)
 
 
-def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, extra: dict, keep: int) -> Path:
+def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, extra: dict, keep: int,
+         rank_state: dict | None = None) -> Path:
+    """`extra` goes to state.json (rank 0); `rank_state` is this rank's own (e.g. its metrics window)."""
     final = output / f"checkpoint-{step}"
     tmp = output / f".checkpoint-{step}.tmp"
     if env.is_main:
@@ -59,7 +61,8 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
     save_adapter(model, tmp / "adapter", env)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, [optimizer], options=opts)
-    torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    model_sd = _trainable_only(model, model_sd)
+    torch.save({**_rng_state(), "rank_state": rank_state or {}}, tmp / f"rng-rank{env.rank}.pt")
     barrier(env)  # every rank's file is in the folder before rank 0 renames it
     if env.is_main:
         torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
@@ -73,13 +76,24 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
     return final
 
 
+def _trainable_only(model, state: dict) -> dict:
+    """Frozen bitsandbytes quant state (absmax, quant_map, ...) is not a parameter, so ignore_frozen_params keeps
+    it; the base is reloaded from the model folder anyway, so a checkpoint holds trainable tensors only."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in keep}
+
+
 def load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns state.json. Rank 0 reads, then broadcasts."""
     blob = torch.load(path / "trainer_state.pt", weights_only=True) if env.is_main else {"model": {}, "optimizer": {}}
+    blob["model"] = _trainable_only(model, blob["model"])
     opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, broadcast_from_rank0=env.enabled)
     set_state_dict(model, [optimizer], model_state_dict=blob["model"], optim_state_dict=blob["optimizer"], options=opts)
     scheduler.load_state_dict(broadcast_object(blob.get("scheduler"), env))
+    state = json.loads((path / "state.json").read_text())
     rng = path / f"rng-rank{env.rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))  # python's random state is a tuple; file is ours
-    return json.loads((path / "state.json").read_text())
+        saved = torch.load(rng, weights_only=False)  # python's random state is a tuple; the file is our own
+        _set_rng_state(saved)
+        state["rank_state"] = saved.get("rank_state", {})
+    return state

@@ -37,6 +37,20 @@ class Accumulator:
         self.chosen_tokens += int(lp.chosen_tokens.sum())
         self.rejected_tokens += int(lp.rejected_tokens.sum())
 
+    def state(self) -> dict:
+        """JSON-able, so a checkpoint taken mid logging window resumes the same window."""
+        return {"sums": self.sums.tolist(), "examples": self.examples, "chosen_tokens": self.chosen_tokens,
+                "rejected_tokens": self.rejected_tokens}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Accumulator":
+        acc = cls()
+        if state:
+            acc.sums = torch.tensor(state["sums"], dtype=torch.float64)
+            acc.examples, acc.chosen_tokens = state["examples"], state["chosen_tokens"]
+            acc.rejected_tokens = state["rejected_tokens"]
+        return acc
+
     def reduce(self, env: DistEnv, prefix: str = "") -> dict:
         counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens], dtype=torch.float64)
         both = all_reduce_sum(torch.cat([self.sums, counts]).to(_reduce_device(env)), env).cpu()
@@ -94,5 +108,10 @@ def read_metrics(path: Path, upto_step: int | None = None) -> list[dict]:
     """Records of a metrics.jsonl, optionally only those at or before a step (for resume)."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write; it is logged again after resume
+            continue
     return [r for r in records if upto_step is None or r.get("step", 0) <= upto_step]

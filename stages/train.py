@@ -9,16 +9,17 @@ No reference model is ever loaded: the reference exists only as two float64 colu
 
 from __future__ import annotations
 
+import json
 import math
-import random
+import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, config
-from .distributed import DistEnv, init_distributed, shard_model
+from .distributed import DistEnv, barrier, init_distributed, shard_model
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
 from .loss import LOSS_TYPES, dpo_loss
@@ -101,7 +102,7 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     shard_model(model, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    start_step, prior_seconds = resume(cfg, out, model, optimizer, scheduler, env)
+    start_step, prior_seconds, window = resume(cfg, out, model, optimizer, scheduler, env)
     if env.is_main:
         config.save(cfg, out / "config.yaml")
     writer = MetricsWriter(out / "metrics.jsonl", env, cfg.tensorboard)
@@ -109,8 +110,10 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
         drift_check(model, prep, cfg, env, writer)
     started = time.perf_counter()
     clock = lambda: prior_seconds + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
-    train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock)
-    final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval else {}
+    train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
+               window)
+    logged = any("eval/loss" in r and r["step"] == total_steps for r in read_metrics(out / "metrics.jsonl"))
+    final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval and not logged else {}
     if final:
         writer.write({"step": total_steps, **final})
         say(env, "final eval: " + readable({"step": total_steps, **final}))
@@ -141,18 +144,29 @@ def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
-def resume(cfg, out: Path, model, optimizer, scheduler, env) -> int:
+def fresh_start(out: Path, env) -> None:
+    """A new run in a used folder: nothing of the old run may survive to be resumed or reported."""
+    if env.is_main:
+        for old in checkpoint.list_checkpoints(out):
+            shutil.rmtree(old)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    barrier(env)
+
+
+def resume(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float, dict]:
+    """(step, wall seconds so far, this rank's metrics window) from the newest checkpoint, or a fresh start."""
     found = checkpoint.list_checkpoints(out) if cfg.resume else []
     if not found:
-        if env.is_main and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run: no stale records
-        return 0, 0.0
+        fresh_start(out, env)
+        return 0, 0.0, {}
     state = checkpoint.load(found[-1], model, optimizer, scheduler, env)
     if env.is_main:  # drop records logged after the checkpoint: they will be logged again
         kept = read_metrics(out / "metrics.jsonl", upto_step=state["step"])
-        (out / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     say(env, f"resumed from {found[-1]} (step {state['step']})")
-    return state["step"], state.get("seconds", 0.0)
+    return state["step"], state.get("seconds", 0.0), state.get("rank_state", {}).get("window", {})
 
 
 RESUME_FREE = ("resume", "output", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard")
@@ -209,13 +223,16 @@ def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
     model.train()
 
 
-def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock):
+def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
+               window: dict):
     pad_id, accum, world = prep.tokenizer.pad_token_id, cfg.gradient_accumulation_steps, env.world_size
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(env, total=total_steps, unit="step", desc="train")
     progress.bar.update(start_step)
     model.train()
-    acc, window_tokens, window_start = Accumulator(), 0, time.perf_counter()
+    # the logging window (sums since the last record) continues across a resume
+    acc, window_tokens = Accumulator.from_state(window.get("acc")), window.get("tokens", 0)
+    window_start = time.perf_counter() - window.get("elapsed", 0.0)
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         batches = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, epoch)
@@ -245,8 +262,9 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
             writer.write(record)
             say(env, "eval: " + readable(record))
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            window = {"acc": acc.state(), "tokens": window_tokens, "elapsed": time.perf_counter() - window_start}
             checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {"seconds": clock()},
-                            cfg.save_total_limit)
+                            cfg.save_total_limit, rank_state={"window": window})
     progress.close()
 
 
@@ -277,8 +295,6 @@ def evaluate(model, items: list[Item], pad_id: int, cfg, env) -> dict:
 
 
 def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
-    import json
-
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "eval/rewards/accuracies" in r]
     train = [r for r in records if "loss" in r]
@@ -298,6 +314,4 @@ def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
 
 
 def checkpoint_summary(out: Path) -> dict:
-    import json
-
     return json.loads((out / "summary.json").read_text())

@@ -641,8 +641,7 @@ def test_smollm2_slice_learns(smollm2_slice: Path, hh_path: Path, tmp_path):
     assert sum(r["loss"] for r in records[-10:]) / 10 < math.log(2) - 0.1
 
 
-# ------------------------------------------------------------------------------------ known bugs (xfail strict)
-# Each of these fails today for the reason given; remove the marker once stages/ is fixed (strict: an XPASS fails).
+# ------------------------------------------------------------------------- regressions (bugs found and fixed)
 def _crash_then_resume(cfg: TrainConfig, monkeypatch, when) -> None:
     real_write = train.MetricsWriter.write
 
@@ -658,8 +657,6 @@ def _crash_then_resume(cfg: TrainConfig, monkeypatch, when) -> None:
     train.run(cfg)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: NF4 checkpoints hold the frozen bnb quant-state "
-                   "entries (absmax, quant_map, quant_state.*) and set_state_dict rejects them as unexpected keys")
 def test_resume_nf4_after_crash_is_exact(files, tmp_path, monkeypatch):
     make = lambda name: tcfg(files, tmp_path / name, max_steps=6, save_steps=2, lora_dropout=0.1,  # noqa: E731
                              learning_rate=1e-2)
@@ -671,8 +668,6 @@ def test_resume_nf4_after_crash_is_exact(files, tmp_path, monkeypatch):
     assert max(abs(got[s] - want[s]) for s in want) <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the logging window (Accumulator) is not checkpointed, so the first record "
-                   "after a resume averages fewer steps when save_steps is not a multiple of logging_steps")
 def test_resume_mid_logging_window_logs_the_same_loss(fp32_files, tmp_path, monkeypatch):
     make = lambda name: tcfg(fp32_files, tmp_path / name, ref_cache=str(fp32_files["fp32"]),  # noqa: E731
                              load_in_4bit=False, max_steps=6, save_steps=3, logging_steps=2, lora_dropout=0.0,
@@ -685,11 +680,9 @@ def test_resume_mid_logging_window_logs_the_same_loss(fp32_files, tmp_path, monk
     assert max(abs(got[s] - want[s]) for s in want) <= 1e-6, (got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a crash after the final checkpoint but before summary.json resumes at "
-                   "total_steps and runs (and logs) the final eval a second time")
 def test_crash_before_summary_does_not_duplicate_final_eval(fp32_files, tmp_path, monkeypatch):
     cfg = tcfg(fp32_files, tmp_path / "run", eval_data=(str(fp32_files["eval"]),), max_steps=2, load_in_4bit=False,
-               ref_cache=str(fp32_files["fp32"]))  # fp32: an NF4 resume fails on its own (first bug above)
+               ref_cache=str(fp32_files["fp32"]))
 
     def crash(*args, **kwargs):
         raise Crash("simulated kill before summary.json")
@@ -703,8 +696,6 @@ def test_crash_before_summary_does_not_duplicate_final_eval(fp32_files, tmp_path
     assert evals == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --no-resume into a used folder keeps the old run's checkpoints (and "
-                   "rotation then deletes the NEW run's ones), so a later resume would load the stale run")
 def test_no_resume_into_used_folder_leaves_no_stale_checkpoints(files, tmp_path):
     out = tmp_path / "run"
     train.run(tcfg(files, out, max_steps=6, save_steps=2))
