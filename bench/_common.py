@@ -185,11 +185,18 @@ def emit(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_worker(script: Path, args: list[str], timeout: float = 900) -> dict:
+# glibc raises its mmap threshold after big frees and then keeps freed tensor memory in the heap, so a CPU process's
+# RSS stays at (and its peak is inflated by) memory torch already released. A fixed threshold hands big blocks
+# back to the OS at once, so peak RSS follows the live tensors. Workers get it unless --glibc-default is given.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 900, env: dict | None = None) -> dict:
     """Run `python script args` in a fresh process; return its tagged JSON result (or an error record)."""
     cmd = [sys.executable, str(script)] + args
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])

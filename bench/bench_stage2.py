@@ -45,6 +45,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="run the set of variant processes this many times")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob head chunk (default: stages' default)")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="run workers with glibc's default malloc settings (RSS then keeps freed memory)")
     p.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
@@ -120,7 +122,7 @@ def run_variants(script: Path, a, variants: list[str], rows_file: Path) -> dict[
     for rnd in range(a.rounds):
         order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
         for v in order:
-            r = C.run_worker(script, worker_args(a, v, rows_file))
+            r = C.run_worker(script, worker_args(a, v, rows_file), env=None if a.glibc_default else C.MALLOC_ENV)
             if "error" in r:
                 print(f"  {v}: FAILED {r['error']}", flush=True)
             else:

@@ -112,7 +112,26 @@ def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field,
     click.echo(f"ok: {path} covers every example of {', '.join(data)}")
 
 
-def options_from(cls, skip=(), multiple_renames=None):
+HELP = {
+    "model": "Local HF model folder (safetensors): the policy's base.",
+    "data": "Training preference file(s).", "eval_data": "Held-out preference file(s).",
+    "ref_cache": "Reference cache from `dpo precompute-ref`.", "output": "Run folder (resumes if it has checkpoints).",
+    "adapter": "Continue training this PEFT adapter instead of a new LoRA.",
+    "load_in_4bit": "NF4 base (QLoRA).", "dtype": "auto | fp32 | bf16 | fp16 (auto: fp32 CPU, bf16 GPU).",
+    "target_modules": "LoRA targets (repeatable); all-linear = every linear layer but the LM head.",
+    "loss": "sigmoid | robust | ipo | hinge.", "beta": "DPO beta (multiplies the log-ratio difference).",
+    "label_smoothing": "cDPO / robust epsilon.", "sft_weight": "Weight of the chosen reply's NLL term.",
+    "optimizer": "adamw | adamw_8bit | paged_adamw_8bit (GPU).", "lr_scheduler": "cosine | linear | constant_with_warmup.",
+    "batch_size": "Pairs per micro-batch per process.", "max_steps": "Optimizer steps (overrides --epochs).",
+    "eval_steps": "Eval every N steps (0: only at the end).", "save_steps": "Checkpoint every N steps (0: only at the end).",
+    "allow_cache_mismatch": "Accept a cache made with another tokenizer/chat-template hash.",
+    "max_length": "Prompt + reply tokens (default: the cache's).", "max_prompt_length": "Prompt tokens (default: the cache's).",
+    "chunk_size": "Positions per LM-head chunk.", "share_prompt": "Prompt runs once per pair (same numbers).",
+    "strict": "Rows with chosen == rejected or empty replies are errors.", "resume": "Resume from the newest checkpoint.",
+}
+
+
+def options_from(cls, skip=()):
     """Click options generated from a config dataclass: --field-name, bools as --x/--no-x, tuples repeatable.
     Defaults are None so that only flags actually given override the YAML config."""
     import dataclasses
@@ -128,12 +147,13 @@ def options_from(cls, skip=(), multiple_renames=None):
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
             default = f.default if f.default is not dataclasses.MISSING else None
             shown = f" [{default}]" if default not in (None, ()) else ""
+            text = HELP.get(f.name, "") + shown
             if base is bool:
-                opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"[{default}]")
+                opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=text)
             elif typing.get_origin(base) is tuple:
-                opt = click.option(f"--{name}", f.name, multiple=True, help=f"Repeatable.{shown}")
+                opt = click.option(f"--{name}", f.name, multiple=True, help=text)
             else:
-                opt = click.option(f"--{name}", f.name, type=base, default=None, help=shown.strip())
+                opt = click.option(f"--{name}", f.name, type=base, default=None, help=text)
             fn = opt(fn)
         return click.option("--config", "config_path", type=click.Path(), default=None,
                             help="YAML config; flags override.")(fn)
