@@ -174,9 +174,17 @@ def describe_batch(rows: list) -> str:
             f"(prompt lengths {[len(e.prompt_ids) for e in rows]})")
 
 
-def device_desc(r: dict) -> str:
-    return f"{r['device']}, {r['dtype']}, {'NF4 base' if r['four_bit'] else 'no 4-bit'}, LoRA r16 all-linear, " \
-           f"gradient checkpointing {'on' if r['grad_ckpt'] else 'off'}, log-prob chunk {r['chunk_size']}"
+def device_desc(r: dict, a) -> str:
+    malloc = ("glibc malloc defaults" if a.glibc_default else
+              "workers run with MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072 so RSS follows live tensors")
+    return (f"{r['device']}, {r['dtype']}, {'NF4 base' if r['four_bit'] else 'no 4-bit'}, LoRA r16 all-linear "
+            f"({r['trainable'] / 1e6:.1f}M trainable), gradient checkpointing {'on' if r['grad_ckpt'] else 'off'}, "
+            f"log-prob chunk {r['chunk_size']}, {malloc if r['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}")
+
+
+def section_key(prefix: str, a) -> str:
+    return prefix + "".join(s for s, on in (("-quick", a.quick), ("-4bit", a.four_bit), ("-nockpt", not a.grad_ckpt),
+                                            ("-glibc", a.glibc_default), ("-gpu", a.synthetic)) if on)
 
 
 def main() -> None:
@@ -206,16 +214,16 @@ def main() -> None:
         lines.append(f"memory (a)/(c) = {r:.2f} by process peak RSS (target <= 0.55: "
                      f"{'met' if r <= 0.55 else 'MISSED'}); {rn:.2f} without the Python/torch runtime")
     first = a_ or b_ or c_
-    body = (f"## Stage two: cache vs online reference vs two models (`bench/bench_stage2.py`"
-            f"{' --quick' if a.quick else ''})\n\n{C.provenance(a.threads)}"
+    body = (f"## Stage two: cache vs online reference vs two models (section `{section_key('stage2', a)}`)\n\n"
+            f"{C.provenance(a.threads)}"
             f"- workload: {'synthetic rows' if a.synthetic else 'HH-RLHF harmless-test rows'} closest to "
             f"{a.target_length} tokens (max_length {a.max_length}, max_prompt_length {a.max_prompt_length}): "
-            f"{describe_batch(rows)}; {device_desc(first) if first else ''}; model {mdir.name}; "
+            f"{describe_batch(rows)}; {device_desc(first, a) if first else ''}; model {mdir.name}; "
             f"{a.steps} timed step(s) per process after 1 warm-up, {a.rounds} round(s)\n\n{text}\n\n"
             + "".join(f"- {x}\n" for x in lines))
     print("\n" + body)
     if not a.no_write:
-        C.update_results(f"stage2{'-quick' if a.quick else ''}{'-4bit' if a.four_bit else ''}", body)
+        C.update_results(section_key("stage2", a), body)
 
 
 # ================================================================================================ worker side

@@ -112,6 +112,43 @@ def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field,
     click.echo(f"ok: {path} covers every example of {', '.join(data)}")
 
 
+@cache.command("export-trl")
+@click.argument("path", metavar="CACHE")
+@click.option("--data", multiple=True, required=True, help="Preference file(s) the cache was made from (repeatable).")
+@click.option("--out", required=True, help="Output dataset: *.parquet, *.jsonl or *.jsonl.gz.")
+@click.option("--prompt-field", default="prompt")
+@click.option("--chosen-field", default="chosen")
+@click.option("--rejected-field", default="rejected")
+@click.option("--strict/--no-strict", default=False, help="Rows with chosen == rejected are errors, not skipped.")
+@user_errors
+def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field, strict):
+    """Write DATA's rows with CACHE's values as TRL's ref_chosen_logps / ref_rejected_logps columns.
+
+    \b
+    Rows are in TRL's formats: prompt/chosen/rejected as plain strings, or as
+    lists of {role, content} messages for conversational data (as stage one
+    scored them), plus example_id. Every row must be in CACHE, else nothing is
+    written. Train with TRL 1.16 without any reference pass:
+      from datasets import load_dataset
+      from stages.export_trl import dpo_trainer_class
+      ds = load_dataset("parquet", data_files="OUT.parquet")["train"]
+      dpo_trainer_class()(model, args=DPOConfig(precompute_ref_log_probs=True,
+          max_length=<the cache's --max-length>, ...), train_dataset=ds, ...)
+    (plain trl.DPOTrainer recomputes the columns, then fails on the duplicates).
+    Same numbers as TRL's own precompute on text rows when the cache was made
+    with --max-prompt-length equal to --max-length and the tokenizer adds no
+    BOS; on conversational rows TRL also scores the template's newline after
+    the end-of-turn token, so its numbers differ by that token's log-prob.
+    """
+    from .data import FieldMap
+    from .export_trl import export_trl
+
+    report = export_trl(path, data, out, FieldMap(prompt_field, chosen_field, rejected_field), strict)
+    for note in report.notes:
+        click.echo(note)
+    click.echo(report.summary())
+
+
 HELP = {
     "model": "Local HF model folder (safetensors): the policy's base.",
     "data": "Training preference file(s).", "eval_data": "Held-out preference file(s).",

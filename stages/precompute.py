@@ -74,6 +74,7 @@ def run(cfg: PrecomputeConfig) -> Path:
     model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), env.device)
     model.eval()
     share = cfg.share_prompt and supports_prompt_sharing(model)
+    meta["share_prompt"] = share  # what was used, not only asked for
     shard_model(model, env)
 
     start = time.perf_counter()
@@ -111,7 +112,7 @@ def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_si
         "data": {"files": report.files, "rows_read": report.read, "rows_kept": report.kept,
                  "skipped": report.skipped, "too_long": len(examples) - len(encoded),
                  "examples": len(encoded), "ids_digest": manifest["ids_digest"]},
-        "world_size": world_size, "share_prompt_requested": cfg.share_prompt,
+        "world_size": world_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
