@@ -89,17 +89,21 @@ def set_threads(n: int) -> None:
 
 
 class Timer:
-    """Wall-clock and process CPU seconds. With one torch thread, CPU seconds measure the work done and barely
-    move when other jobs steal the cores; wall seconds are what a user waits (noisy on a shared box)."""
+    """Wall-clock and process CPU seconds (user and system separately). With one torch thread, user CPU seconds
+    measure the work done and barely move when other jobs steal the cores; system seconds are mostly page faults
+    (they grow when the allocator hands memory back to the OS); wall seconds are what a user waits (noisy here)."""
 
     def __enter__(self):
         _sync()
-        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        self.w0, self.t0 = time.perf_counter(), os.times()
         return self
 
     def __exit__(self, *exc):
         _sync()
-        self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
+        t = os.times()
+        self.wall = time.perf_counter() - self.w0
+        self.user, self.sys = t.user - self.t0.user, t.system - self.t0.system
+        self.cpu = self.user + self.sys
         return False
 
 
@@ -191,12 +195,15 @@ def emit(result: dict) -> None:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def run_worker(script: Path, args: list[str], timeout: float = 900, env: dict | None = None) -> dict:
+def run_worker(script: Path, args: list[str], timeout: float = 900, env: dict | None = None,
+               log: Path | None = None) -> dict:
     """Run `python script args` in a fresh process; return its tagged JSON result (or an error record)."""
     cmd = [sys.executable, str(script)] + args
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **(env or {})})
+    if log is not None:
+        log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])

@@ -41,7 +41,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--4bit", dest="four_bit", action="store_true", help="NF4 base (QLoRA default; slow on CPU)")
     p.add_argument("--no-gradient-checkpointing", dest="grad_ckpt", action="store_false")
     p.add_argument("--pairs", type=int, default=4, help="pairs per batch")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant after one warm-up")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant after the warm-up")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 1)")
     p.add_argument("--rounds", type=int, default=1, help="run the set of variant processes this many times")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob head chunk (default: stages' default)")
@@ -62,6 +63,7 @@ def parse() -> argparse.Namespace:
                    help="pick the pairs whose longer sequence is closest to this (default 200; quick 96)")
     a = p.parse_args()
     a.steps = a.steps or (1 if a.quick else 3)
+    a.warmup = 1 if a.warmup is None else a.warmup
     a.target_length = a.target_length or (96 if a.quick else 200)
     return a
 
@@ -105,6 +107,7 @@ def pad_id_of(mdir: Path) -> int:
 
 def worker_args(a, variant: str, rows_file: Path, extra_keys=()) -> list[str]:
     args = ["--worker", variant, "--rows-file", str(rows_file), "--steps", str(a.steps), "--threads", str(a.threads),
+            "--warmup", str(a.warmup),
             "--dtype", a.dtype, "--pairs", str(a.pairs)]
     if a.model:
         args += ["--model", a.model]
@@ -122,7 +125,9 @@ def run_variants(script: Path, a, variants: list[str], rows_file: Path) -> dict[
     for rnd in range(a.rounds):
         order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
         for v in order:
-            r = C.run_worker(script, worker_args(a, v, rows_file), env=None if a.glibc_default else C.MALLOC_ENV)
+            log = C.OUT / f"{script.stem}-{v.replace(':', '_').replace('=', '').replace(',', '_')}.log"
+            r = C.run_worker(script, worker_args(a, v, rows_file), env=None if a.glibc_default else C.MALLOC_ENV,
+                             log=log)
             if "error" in r:
                 print(f"  {v}: FAILED {r['error']}", flush=True)
             else:
@@ -138,7 +143,7 @@ def merged(runs: list[dict]) -> dict | None:
     if not ok:
         return None
     out = dict(ok[0])
-    for key in ("step_cpu", "step_wall"):
+    for key in ("step_cpu", "step_sys", "step_wall"):
         out[key] = [x for r in ok for x in r[key]]
     for key in ok[0]["phases"]:
         out["phases"][key] = C.median([C.median(r["phases"][key]) for r in ok])
@@ -150,21 +155,43 @@ def merged(runs: list[dict]) -> dict | None:
 def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: str) -> tuple[str, dict]:
     m = {v: merged(rs) for v, rs in results.items()}
     b = m[base]
-    head = ["variant", "step CPU s", "step wall s", "ref fwd", "policy fwd", "backward", "optimizer",
-            "peak RSS GiB", "after load GiB", "peak in steps GiB", "peak - runtime GiB",
-            f"time ratio {labels[base].split()[0]}/this (CPU)", f"memory ratio {labels[base].split()[0]}/this"]
+    tag = labels[base].split()[0]
+    head = ["variant", "step user-CPU s", "sys s", "wall s", "ref fwd", "policy fwd", "backward", "optimizer",
+            "peak RSS GiB", "after load GiB", "step working set GiB", f"time {tag}/this", f"peak {tag}/this",
+            f"working set {tag}/this"]
     rows = []
     for v, r in m.items():
         if r is None:
-            rows.append([labels[v], "failed"] + [""] * (len(head) - 2))
+            rows.append([labels.get(v, v), "failed"] + [""] * (len(head) - 2))
             continue
         ph = r["phases"]
-        t, tw = C.median(r["step_cpu"]), C.median(r["step_wall"])
-        rows.append([labels[v], C.fmt(t, 1), C.fmt(tw, 1), C.fmt(ph.get("ref", 0.0), 1), C.fmt(ph["forward"], 1),
-                     C.fmt(ph["backward"], 1), C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]),
-                     C.fmt(r["loaded_gib"]), C.fmt(r["peak_steps_gib"]), C.fmt(r["peak_gib"] - r["runtime_gib"]),
-                     C.fmt(C.median(b["step_cpu"]) / t), C.fmt(b["peak_gib"] / r["peak_gib"])])
+        t = C.median(r["step_cpu"])
+        work = r["peak_steps_gib"] - r["loaded_gib"]
+        b_work = (b["peak_steps_gib"] - b["loaded_gib"]) if b else float("nan")
+        rows.append([labels.get(v, v), C.fmt(t, 1), C.fmt(C.median(r["step_sys"]), 1), C.fmt(C.median(r["step_wall"]), 1),
+                     C.fmt(ph.get("ref", 0.0), 1), C.fmt(ph["forward"], 1), C.fmt(ph["backward"], 1),
+                     C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]), C.fmt(r["loaded_gib"]), C.fmt(work),
+                     C.fmt(C.median(b["step_cpu"]) / t) if b else "-", C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
+                     C.fmt(b_work / work) if b else "-"])
     return C.table(head, rows), m
+
+
+TABLE_NOTES = (
+    "Columns: step times are medians over the timed steps, in user-CPU seconds of the worker (one torch thread; "
+    "robust to the other jobs on the box), with system seconds (page faults) and wall seconds beside; phase columns "
+    "are user-CPU seconds (`backward` includes the gradient-checkpointing recompute). `peak RSS` is the worker's "
+    "ru_maxrss over its whole life (loading included); `after load` is the RSS once the weights are resident; "
+    "`step working set` = peak RSS during the steps minus `after load`: the memory the step itself needs "
+    "(activations, log-prob head, gradients, optimizer state). On GPU the memory columns are "
+    "torch.cuda.max_memory_allocated / memory_allocated.")
+
+
+def labels_for(variants: list[str], names: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for v in variants:
+        name, _, opts = v.partition(":")
+        out[v] = names.get(name, name) + (f" [{opts}]" if opts else "")
+    return out
 
 
 def describe_batch(rows: list) -> str:
@@ -179,6 +206,7 @@ def device_desc(r: dict, a) -> str:
               "workers run with MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072 so RSS follows live tensors")
     return (f"{r['device']}, {r['dtype']}, {'NF4 base' if r['four_bit'] else 'no 4-bit'}, LoRA r16 all-linear "
             f"({r['trainable'] / 1e6:.1f}M trainable), gradient checkpointing {'on' if r['grad_ckpt'] else 'off'}, "
+            f"prompt sharing {'on' if r.get('share_prompt') else 'off'} (stage two's default is on), "
             f"log-prob chunk {r['chunk_size']}, {malloc if r['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}")
 
 
@@ -202,7 +230,7 @@ def main() -> None:
     variants = a.variants.split(",")
     print(f"batch: {describe_batch(rows)}; variants {variants}", flush=True)
     results = run_variants(Path(__file__).resolve(), a, variants, rows_file)
-    text, m = results_table(results, VARIANTS, "cache")
+    text, m = results_table(results, labels_for(variants, VARIANTS), variants[0])
     a_, b_, c_ = m.get("cache"), m.get("online"), m.get("two-model")
     lines = []
     if a_ and b_:
@@ -219,16 +247,30 @@ def main() -> None:
             f"- workload: {'synthetic rows' if a.synthetic else 'HH-RLHF harmless-test rows'} closest to "
             f"{a.target_length} tokens (max_length {a.max_length}, max_prompt_length {a.max_prompt_length}): "
             f"{describe_batch(rows)}; {device_desc(first, a) if first else ''}; model {mdir.name}; "
-            f"{a.steps} timed step(s) per process after 1 warm-up, {a.rounds} round(s)\n\n{text}\n\n"
-            + "".join(f"- {x}\n" for x in lines))
+            f"{a.steps} timed step(s) per process after {a.warmup} warm-up, {a.rounds} round(s)\n\n{text}\n\n"
+            + "".join(f"- {x}\n" for x in lines) + f"\n{TABLE_NOTES}\n")
     print("\n" + body)
     if not a.no_write:
         C.update_results(section_key("stage2", a), body)
 
 
 # ================================================================================================ worker side
+def split_variant(variant: str) -> tuple[str, dict]:
+    """'cache:chunk=256,share=0' -> ('cache', {'chunk_size': 256, 'share_prompt': False})."""
+    name, _, opts = variant.partition(":")
+    keys = {"chunk": ("chunk_size", int), "share": ("share_prompt", lambda v: v not in ("0", "false", "off"))}
+    out = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        field, conv = keys[k]
+        out[field] = conv(v)
+    return name, out
+
+
 def load_common(a):
-    """Everything a worker needs before its variant-specific part: rows, the policy, the optimizer."""
+    """Everything a worker needs before its variant-specific part: rows, config, the policy."""
+    import dataclasses
+
     import torch
 
     from stages.models import LoraSettings, ModelSpec, load_policy
@@ -240,6 +282,7 @@ def load_common(a):
     extra = {"chunk_size": a.chunk_size} if a.chunk_size else {}
     cfg = TrainConfig(model=str(mdir), data=(), ref_cache="", output="", load_in_4bit=a.four_bit, dtype=a.dtype,
                       gradient_checkpointing=a.grad_ckpt, batch_size=a.pairs, **extra)
+    cfg = dataclasses.replace(cfg, **split_variant(a.worker)[1])
     spec = ModelSpec(str(mdir), cfg.dtype, cfg.load_in_4bit)
     policy = load_policy(spec, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
                          device, cfg.gradient_checkpointing)
@@ -251,7 +294,7 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
     """Returns ref_fn(): (ref_c, ref_r) lists, and loss_fn(refs) -> scalar loss, for variants (a)-(c)."""
     import torch
 
-    from stages.logprobs import collate_pairs, sequence_logps
+    from stages.logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
     from stages.models import load_model
     from stages.prepare import Item
     from stages.train import policy_forward
@@ -262,16 +305,23 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
         reference = load_model(spec, device)  # the naive setup: a second, frozen copy in memory
         reference.eval()
 
+    def logps(model):  # the reference pass takes the same path as stage one / the policy forward
+        if cfg.share_prompt and supports_prompt_sharing(model):
+            return shared_prompt_logps(model, rows, pad_id, cfg.chunk_size)
+        return sequence_logps(model, batch, cfg.chunk_size)
+
     def ref_fn():
         if variant == "cache":
             return [-1.5 * len(e.chosen_ids) for e in rows], [-1.5 * len(e.rejected_ids) for e in rows]
         with torch.no_grad():
             if variant == "online":
                 with policy.disable_adapter():
-                    lp = sequence_logps(policy, batch, cfg.chunk_size)
+                    lp = logps(policy)
             else:
-                lp = sequence_logps(reference, batch, cfg.chunk_size)
+                lp = logps(reference)
         return lp.chosen_logps.tolist(), lp.rejected_logps.tolist()
+
+    ref_fn.models = [reference] if reference is not None else []
 
     def loss_fn(refs):
         items = [Item(e, c, r) for e, c, r in zip(rows, *refs)]
@@ -289,8 +339,8 @@ def run_steps(a, policy, ref_fn, loss_fn) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     phases = {"ref": [], "forward": [], "backward": [], "optimizer": []}
-    step_cpu, step_wall, losses = [], [], []
-    for step in range(1 + a.steps):
+    step_cpu, step_sys, step_wall, losses = [], [], [], []
+    for step in range(a.warmup + a.steps):
         with C.Timer() as total:
             with C.Timer() as t_ref:
                 refs = ref_fn()
@@ -303,14 +353,25 @@ def run_steps(a, policy, ref_fn, loss_fn) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
-        print(f"    step {step}: cpu {total.cpu:.1f}s wall {total.wall:.1f}s loss {losses[-1]:.4f}", flush=True)
-        if step == 0:
+        print(f"    step {step}: user {total.user:.1f}s sys {total.sys:.1f}s wall {total.wall:.1f}s "
+              f"loss {losses[-1]:.4f}", flush=True)
+        if step < a.warmup:
             continue  # warm-up
-        step_cpu.append(total.cpu)
+        step_cpu.append(total.user)  # user CPU seconds: the compute (see _common.Timer)
+        step_sys.append(total.sys)
         step_wall.append(total.wall)
         for k, t in (("ref", t_ref), ("forward", t_fwd), ("backward", t_bwd), ("optimizer", t_opt)):
-            phases[k].append(t.cpu)
-    return {"step_cpu": step_cpu, "step_wall": step_wall, "phases": phases, "losses": losses}
+            phases[k].append(t.user)
+    return {"step_cpu": step_cpu, "step_sys": step_sys, "step_wall": step_wall, "phases": phases, "losses": losses}
+
+
+def page_in(models) -> None:
+    import torch
+
+    with torch.no_grad():
+        for m in models:
+            for t in list(m.parameters()) + list(m.buffers()):
+                t.detach().reshape(-1)[::1024].sum() if t.numel() else None  # touch every 4 KiB page
 
 
 def memory_record(device, runtime: float, loaded: float, load_peak: float | None) -> dict:
@@ -339,7 +400,11 @@ def worker(a, factory=None) -> None:
     runtime = C.current_rss_gib()
     mdir, device, rows, cfg, spec, policy = load_common(a)
     pad_id = pad_id_of(mdir)
-    ref_fn, loss_fn = (factory or dpo_step_factory)(a.worker, policy, rows, cfg, spec, device, pad_id)
+    name = split_variant(a.worker)[0]
+    ref_fn, loss_fn = (factory or dpo_step_factory)(name, policy, rows, cfg, spec, device, pad_id)
+    models = [policy] + ([m for m in getattr(ref_fn, "models", [])])
+    if device.type == "cpu":
+        page_in(models)  # weights are mmapped from safetensors: make them resident so "after load" counts them
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     loaded = C.current_rss_gib() if device.type != "cuda" else torch.cuda.memory_allocated() / 2**30
     C.reset_peak()
@@ -348,6 +413,7 @@ def worker(a, factory=None) -> None:
     rec.update({"variant": a.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
                 "four_bit": a.four_bit, "grad_ckpt": a.grad_ckpt, "chunk_size": cfg.chunk_size,
+                "share_prompt": cfg.share_prompt,
                 "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad)})
     C.emit(rec)
 

@@ -101,6 +101,7 @@ def trl_tokenize(tokenizer, rows: list[dict], max_length: int | None, output_dir
 # ================================================================================================ measuring
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import datetime as _dt  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -135,8 +136,8 @@ class Plan:
     sweep_repeats: int
 
 
-QUICK = Plan(tok_rows=200, eq_rows=4, repeats=1, chat_rows=2, scan_rows=0, trl_batch_sizes=(2,), our_budgets=(2048,),
-             max_length=512, sweep_steps=2, sweep_batch=1, sweep_max_length=192, sweep_repeats=1)
+QUICK = Plan(tok_rows=200, eq_rows=3, repeats=1, chat_rows=2, scan_rows=0, trl_batch_sizes=(2,), our_budgets=(2048,),
+             max_length=384, sweep_steps=2, sweep_batch=1, sweep_max_length=128, sweep_repeats=1)
 FULL = Plan(tok_rows=None, eq_rows=24, repeats=3, chat_rows=8, scan_rows=8, trl_batch_sizes=(1, 2, 4, 8),
             our_budgets=(1024, 2048, 4096, 8192), max_length=1024, sweep_steps=4, sweep_batch=2,
             sweep_max_length=384, sweep_repeats=1)
@@ -170,6 +171,9 @@ class Accum:
         self.wall = self.cpu = 0.0
         self.calls = 0
 
+    def __get__(self, obj, objtype=None):  # set on a class it wraps a method: bind `self` like a function would
+        return self if obj is None else functools.partial(self, obj)
+
 
 def med(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
@@ -196,9 +200,10 @@ def install_profiles() -> None:
 
     PROFILE["ours_head"] = Accum(lp._chunk_logps)
     lp._chunk_logps = PROFILE["ours_head"]
-    fwd = ck.ChunkedLogProbFunction.forward
-    PROFILE["trl_head"] = Accum(fwd)
+    PROFILE["trl_head"] = Accum(ck.ChunkedLogProbFunction.forward)
     ck.ChunkedLogProbFunction.forward = staticmethod(PROFILE["trl_head"])
+    PROFILE["trl_head_bwd"] = Accum(ck.ChunkedLogProbFunction.backward)
+    ck.ChunkedLogProbFunction.backward = staticmethod(PROFILE["trl_head_bwd"])
 
 
 # ================================================================================================ runners
@@ -206,7 +211,8 @@ def load_hf(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 def trl_config(out: Path, **kw):
@@ -278,3 +284,526 @@ def rel(p) -> str:
         return str(Path(p).resolve().relative_to(REPO))
     except ValueError:
         return str(p)
+
+
+# ================================================================================================ phases
+def phase_token_ids(tok, text_ex, chat_ex, plan: Plan) -> dict:
+    """Token ids of both tokenizations (no model): text rows equal? chat rows = ours + the template's newline?"""
+    from stages.encode import TokenizeSettings, encode_examples
+
+    text_ex, chat_ex = text_ex[:plan.tok_rows], chat_ex[:plan.tok_rows]
+    newline = tuple(tok("\n", add_special_tokens=False)["input_ids"])
+    out = {}
+    for name, examples in (("text", text_ex), ("chat", chat_ex)):
+        mine = {e.example_id: e for e in encode_examples(tok, examples, TokenizeSettings(None, None))[0]}
+        theirs = trl_tokenize(tok, explicit_rows(examples), None, str(OUT / "trl_tok"))
+        same = plus_newline = 0
+        for r in theirs:
+            e = mine[r["example_id"]]
+            t = (tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]))
+            same += t == (e.prompt_ids, e.chosen_ids, e.rejected_ids)
+            plus_newline += t == (e.prompt_ids, e.chosen_ids + newline, e.rejected_ids + newline)
+        out[name] = {"rows": len(theirs), "same": same, "plus_newline": plus_newline}
+        log(f"token ids, {name}: {len(theirs)} rows, identical {same}, TRL = ours + template newline {plus_newline}")
+    return out
+
+
+def scan_settings(model_dir, rows, path, plan: Plan) -> dict:
+    """The fastest batch setting of each side on a few rows (stage-one scoring CPU seconds)."""
+    if not plan.scan_rows:
+        return {"trl": {plan.trl_batch_sizes[0]: None}, "ours": {plan.our_budgets[0]: None},
+                "trl_best": plan.trl_batch_sizes[0], "ours_best": plan.our_budgets[0]}
+    sub = rows[:plan.scan_rows]
+    sub_path = write_jsonl(OUT / "scan.jsonl", sub)
+    trl_t = {bs: trl_precompute(model_dir, sub, OUT / "trl_scan", plan.max_length, bs)["score_cpu"]
+             for bs in plan.trl_batch_sizes}
+    ours_t = {b: ours_precompute(model_dir, sub_path, OUT / "scan.parquet", plan.max_length, b)["score_cpu"]
+              for b in plan.our_budgets}
+    res = {"trl": trl_t, "ours": ours_t, "trl_best": min(trl_t, key=trl_t.get),
+           "ours_best": min(ours_t, key=ours_t.get)}
+    log(f"scan (scoring CPU s on {len(sub)} rows): TRL batch size {trl_t}; ours token budget {ours_t}")
+    return res
+
+
+def phase_stage_one(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
+    """(i) plain equality and (ii) stage-one speed, interleaved repeats (order alternates)."""
+    runs = {"ours": [], "trl": []}
+    for rep in range(plan.repeats):
+        for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
+            if side == "ours":
+                r = ours_precompute(model_dir, path, OUT / "plain.parquet", plan.max_length, budget)
+            else:
+                r = trl_precompute(model_dir, rows, OUT / "trl_plain", plan.max_length, trl_bs)
+            runs[side].append(r)
+            log(f"stage one rep {rep + 1} {side}: total {r['wall']:.1f}s wall / {r['cpu']:.1f}s CPU, scoring "
+                f"{r['score_wall']:.1f}s / {r['score_cpu']:.1f}s, LM head {r['head_cpu']:.1f}s CPU")
+    eq = diff_stats(runs["ours"][0]["values"], runs["trl"][0]["values"])
+    log(f"equality plain: {eq}")
+    return {"runs": runs, "eq": eq}
+
+
+def phase_chat(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
+    """(i) conversational: ours vs TRL, and our sequence_logps on TRL's own token ids vs TRL (the convention gap)."""
+    import torch
+
+    from stages.encode import Encoded
+    from stages.logprobs import collate_pairs, sequence_logps
+
+    mine = ours_precompute(model_dir, path, OUT / "chat.parquet", plan.max_length, budget)["values"]
+    t = trl_precompute(model_dir, rows, OUT / "trl_chat", plan.max_length, trl_bs)
+    model, tok = load_hf(model_dir)
+    on_trl_ids = {}
+    with torch.inference_mode():
+        ids = list(t["ids"])
+        for k in range(0, len(ids), 2):
+            enc = [Encoded(i, *t["ids"][i]) for i in ids[k:k + 2]]
+            out = sequence_logps(model.eval(), collate_pairs(enc, tok.pad_token_id))
+            for j, e in enumerate(enc):
+                on_trl_ids[e.example_id] = (float(out.chosen_logps[j]), float(out.rejected_logps[j]))
+    gap = [t["values"][i][k] - mine[i][k] for i in mine for k in (0, 1)]
+    res = {"eq": diff_stats(mine, t["values"]), "eq_trl_ids": diff_stats(on_trl_ids, t["values"]),
+           "gap_mean": sum(gap) / len(gap), "gap_min": min(gap), "gap_max": max(gap)}
+    log(f"equality chat: {res}")
+    return res
+
+
+def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
+    """precompute-ref once + `dpo sweep` over four β; step times from an optimizer post-step hook."""
+    import stages.train as T
+    from stages.sweep import SweepConfig, run_sweep
+
+    stamps: list[list[float]] = []
+    build, loop = T.build_optimizer, T.train_loop
+
+    def build_timed(model, cfg):
+        opt = build(model, cfg)
+        opt.register_step_post_hook(lambda *a: stamps[-1].append(time.perf_counter()))
+        return opt
+
+    def loop_timed(*a, **k):
+        stamps.append([time.perf_counter()])
+        return loop(*a, **k)
+
+    T.build_optimizer, T.train_loop = build_timed, loop_timed
+    cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = SweepConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
+                      **sweep_settings(plan))
+    try:
+        with Clock() as total:
+            pre = ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
+            with Clock() as sweep:
+                run_sweep(cfg)
+    finally:
+        T.build_optimizer, T.train_loop = build, loop
+    steps = [[b - a for a, b in zip(s, s[1:])] for s in stamps]
+    return {"wall": total.wall, "cpu": total.cpu, "pre_wall": pre["wall"], "pre_cpu": pre["cpu"],
+            "sweep_wall": sweep.wall, "steps": steps, "runs": len(stamps),
+            "cmds": [precompute_cmd(model_dir, path, cache, plan.sweep_max_length, budget), sweep_cmd(cfg)]}
+
+
+def sweep_settings(plan: Plan) -> dict:
+    return dict(load_in_4bit=False, dtype="fp32", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                gradient_checkpointing=False, batch_size=plan.sweep_batch, max_steps=plan.sweep_steps,
+                learning_rate=5e-5, lr_scheduler="cosine", warmup_ratio=0.1, logging_steps=1, eval_steps=0,
+                save_steps=0, resume=False, seed=42, max_length=plan.sweep_max_length,
+                max_prompt_length=plan.sweep_max_length)
+
+
+def sweep_cmd(cfg) -> str:
+    betas = " ".join(f"--beta {b}" for b in cfg.betas)
+    return (f"dpo sweep --model {rel(cfg.model)} --data {rel(cfg.data[0])} --ref-cache {rel(cfg.ref_cache)} "
+            f"--output {rel(cfg.output)} {betas} --no-load-in-4bit --dtype fp32 --lora-dropout 0.0 "
+            f"--no-gradient-checkpointing --batch-size {cfg.batch_size} --max-steps {cfg.max_steps} "
+            f"--learning-rate {cfg.learning_rate} --no-resume")
+
+
+def trl_train(model_dir, rows, plan: Plan, beta: float, precompute: bool, trl_bs: int, out: Path) -> dict:
+    """One TRL run as a user writes it: load, DPOTrainer(peft_config=LoRA), train, save the adapter."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    class Steps(TrainerCallback):
+        stamps: list = []
+
+        def on_train_begin(self, *a, **k):
+            self.stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.stamps.append(time.perf_counter())
+
+    cb = Steps()
+    cb.stamps = []
+    score = Accum(DPOTrainer._precompute_ref_logps)
+    DPOTrainer._precompute_ref_logps, original = score, DPOTrainer._precompute_ref_logps
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        with Clock() as c:
+            model, tok = load_hf(model_dir)
+            args = trl_config(out, beta=beta, precompute_ref_log_probs=precompute, precompute_ref_batch_size=trl_bs,
+                              per_device_train_batch_size=plan.sweep_batch, max_steps=plan.sweep_steps,
+                              learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0.1,
+                              max_length=plan.sweep_max_length)
+            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                 peft_config=lora, callbacks=[cb])
+            PROFILE["trl_head"].reset()
+            PROFILE["trl_head_bwd"].reset()
+            with Clock() as train_clock:
+                trainer.train()
+            trainer.save_model(str(out / "adapter"))
+    finally:
+        DPOTrainer._precompute_ref_logps = original
+    steps = [b - a for a, b in zip(cb.stamps, cb.stamps[1:])]
+    first = next((h for h in trainer.state.log_history if "rewards/chosen" in h), {})
+    return {"wall": c.wall, "cpu": c.cpu, "pre_wall": score.wall, "pre_cpu": score.cpu, "steps": steps,
+            "first_rewards": (first.get("rewards/chosen"), first.get("rewards/rejected")),
+            "train_cpu": train_clock.cpu, "train_head_cpu": PROFILE["trl_head"].cpu + PROFILE["trl_head_bwd"].cpu}
+
+
+def phase_sweep(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
+    """(iii) four β from one cache vs four TRL runs each precomputing; (iv) step times, plus TRL online."""
+    ours, trl, online = [], [], []
+    for rep in range(plan.sweep_repeats):
+        for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
+            if side == "ours":
+                ours.append(our_sweep(model_dir, path, plan, budget, rep))
+                steps = [[round(x, 1) for x in s] for s in ours[-1]["steps"]]
+                log(f"sweep rep {rep + 1} ours: {ours[-1]['wall']:.1f}s wall / {ours[-1]['cpu']:.1f}s CPU "
+                    f"(precompute {ours[-1]['pre_wall']:.1f}s), steps {steps}")
+            else:
+                with Clock() as c:
+                    runs = [trl_train(model_dir, rows, plan, b, True, trl_bs, OUT / f"sweep-trl-{rep}-{b}")
+                            for b in BETAS]
+                trl.append({"wall": c.wall, "cpu": c.cpu, "runs": runs})
+                steps = [[round(x, 1) for x in r["steps"]] for r in runs]
+                log(f"sweep rep {rep + 1} TRL: {c.wall:.1f}s wall / {c.cpu:.1f}s CPU (precompute "
+                    f"{sum(r['pre_wall'] for r in runs):.1f}s), steps {steps}")
+        online.append(trl_train(model_dir, rows, plan, 0.1, False, trl_bs, OUT / f"online-{rep}"))
+        log(f"TRL online rep {rep + 1}: {online[-1]['wall']:.1f}s, steps {[round(x, 1) for x in online[-1]['steps']]}")
+    return {"ours": ours, "trl": trl, "online": online}
+
+
+# ================================================================================================ report
+def versions() -> str:
+    out = [f"python {platform.python_version()}"]
+    for name in ("torch", "transformers", "trl", "datasets", "peft", "accelerate"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except Exception:  # noqa: BLE001
+            out.append(f"{name} -")
+    return ", ".join(out)
+
+
+def machine(threads: int) -> str:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), torch threads {threads}, load average at start {load} "
+            "(cores shared with other jobs)")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def side_stats(runs: list[dict]) -> dict:
+    return {k: med([r[k] for r in runs]) for k in ("wall", "cpu", "score_wall", "score_cpu", "head_cpu")}
+
+
+def steps_of(runs: list[list[float]]) -> tuple[float, float]:
+    """(median step time over steps 2..N of every run, mean over all steps incl. the first)."""
+    later = [s for run in runs for s in run[1:]]
+    every = [s for run in runs for s in run]
+    return med(later), (sum(every) / len(every) if every else float("nan"))
+
+
+def render(r: dict) -> str:
+    m = r["meta"]
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["plan"].items()})
+    quick = "--quick" in m["argv"]
+    s1, tok = r["stage_one"], r["tokens"]
+    o, t = side_stats(s1["runs"]["ours"]), side_stats(s1["runs"]["trl"])
+    pt = r["pair_tokens"]
+    eq, ch = s1["eq"], r["chat"]
+    lines = [f"## vs TRL 1.16 (`bench/vs_trl.py`{' --quick' if quick else ''})", "",
+             f"- command: `{' '.join(['.venv/bin/python', 'bench/vs_trl.py'] + [shlex.quote(a) for a in m['argv']])}`"
+             f" (whole run {m['wall_total'] / 60:.1f} min)",
+             f"- date: {m['started']}", f"- machine: {m['machine']}", f"- versions: {m['versions']}",
+             f"- model: SmolLM2-135M-Instruct (`{m['model']}`, fp32, sdpa) for both sides; data: HH-RLHF "
+             f"harmless-base test, rows turned into explicit prompt/chosen/rejected text (our loader's split of the "
+             f"implicit prompt) and, for the conversational variant, transcripts split into user/assistant messages",
+             f"- our equivalent commands: " + "; ".join(f"`{c}`" for c in r["cmds"]),
+             f"- TRL: `DPOTrainer(model, args=DPOConfig(precompute_ref_log_probs=True, precompute_ref_batch_size=B, "
+             f"max_length=L, ...), train_dataset=Dataset.from_list(rows))`, no ref_model (TRL's default: the untouched "
+             "policy is the reference); sweep runs add `peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0, "
+             "target_modules='all-linear')`, `trainer.train()`, `trainer.save_model()`", ""]
+    lines += ["### (i) Equality of reference log-probs", "",
+              f"Token ids (no model): text rows identical in {tok['text']['same']} of {tok['text']['rows']} HH rows; "
+              f"conversational rows: TRL's completion = ours + the template's newline after `<|im_end|>` in "
+              f"{tok['chat']['plus_newline']} of {tok['chat']['rows']} (identical in {tok['chat']['same']}).", "",
+              table(["rows", "compared", "max abs diff", "mean abs diff", "max rel diff", "target", ""], [
+                  [f"plain text ({plan.max_length} max length)", eq["n"], f"{eq['max']:.2e}", f"{eq['mean']:.2e}",
+                   f"{eq['max_rel']:.1e}", "≤ 1e-3", verdict(eq["max"] <= 1e-3)],
+                  ["conversational, ours vs TRL", ch["eq"]["n"], f"{ch['eq']['max']:.2e}", f"{ch['eq']['mean']:.2e}",
+                   f"{ch['eq']['max_rel']:.1e}", "(convention differs)", ""],
+                  ["conversational, our `sequence_logps` on TRL's token ids vs TRL", ch["eq_trl_ids"]["n"],
+                   f"{ch['eq_trl_ids']['max']:.2e}", f"{ch['eq_trl_ids']['mean']:.2e}",
+                   f"{ch['eq_trl_ids']['max_rel']:.1e}", "≤ 1e-3", verdict(ch["eq_trl_ids"]["max"] <= 1e-3)]]), "",
+              f"Conversational convention: TRL 1.16 scores everything the full chat render adds after the generation "
+              f"prompt, i.e. the reply, `<|im_end|>` AND the template's trailing `\\n`; we stop at `<|im_end|>` (the "
+              f"end-of-turn token). TRL − ours per completion: mean {ch['gap_mean']:.4f}, range "
+              f"[{ch['gap_min']:.4f}, {ch['gap_max']:.4f}] nats = log p(`\\n` | … `<|im_end|>`). "
+              "Our own function on TRL's token ids "
+              "reproduces TRL's numbers, so the whole gap is that one token. A policy trained by TRL against our "
+              "exported chat values starts with rewards of β·(that log-prob), not exactly 0.", ""]
+    sc = r["scan"]
+    ratio_score_cpu, ratio_score_wall = t["score_cpu"] / o["score_cpu"], t["score_wall"] / o["score_wall"]
+    lines += ["### (ii) Stage one: reference pass", "",
+              f"{eq['n']} plain rows (fixed random sample, seed 0), {pt} pair tokens (2 × prompt + chosen + rejected: "
+              f"the work of the unshared layout, same for both), {plan.repeats} interleaved repeat(s), medians. "
+              f"Settings: ours `--max-tokens-per-batch {r['budget']}`, TRL `precompute_ref_batch_size={r['trl_bs']}` "
+              f"(each side's fastest in the scan below" + ("" if plan.scan_rows else "; --quick: no scan") + ").", "",
+              table(["", "scoring wall s", "scoring CPU s", "pair tokens / scoring CPU s", "LM head CPU s",
+                     "end-to-end wall s (load, tokenize, score, write)", "end-to-end CPU s"], [
+                  ["ours `precompute-ref`", f(o["score_wall"]), f(o["score_cpu"]), f(pt / o["score_cpu"], 0),
+                   f(o["head_cpu"]), f(o["wall"]), f(o["cpu"])],
+                  ["TRL precompute", f(t["score_wall"]), f(t["score_cpu"]), f(pt / t["score_cpu"], 0),
+                   f(t["head_cpu"]), f(t["wall"]), f(t["cpu"])],
+                  ["**speed-up (TRL / ours)**", f"**{ratio_score_wall:.2f}x**", f"**{ratio_score_cpu:.2f}x**",
+                   f"{ratio_score_cpu:.2f}x", f"{t['head_cpu'] / max(o['head_cpu'], 1e-9):.2f}x",
+                   f"{t['wall'] / o['wall']:.2f}x", f"{t['cpu'] / o['cpu']:.2f}x"]]), "",
+              f"Target ≥ 2x tokens/s: {verdict(ratio_score_cpu >= 2)} on scoring CPU ({ratio_score_cpu:.2f}x), "
+              f"{verdict(ratio_score_wall >= 2)} on scoring wall ({ratio_score_wall:.2f}x)."]
+    if plan.scan_rows:
+        lines += ["", f"Batch-setting scan on {plan.scan_rows} rows (scoring CPU s, one run each): TRL batch size "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in sc["trl"].items()) + "; ours token budget "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in sc["ours"].items()) + "."]
+    lines += [""] + sweep_lines(r["sweep"], plan)
+    lines += ["", "### Notes", "", *notes(r)]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_lines(sw: dict, plan: Plan) -> list[str]:
+    ours_wall, ours_cpu = med([x["wall"] for x in sw["ours"]]), med([x["cpu"] for x in sw["ours"]])
+    trl_wall, trl_cpu = med([x["wall"] for x in sw["trl"]]), med([x["cpu"] for x in sw["trl"]])
+    ours_pre = med([x["pre_wall"] for x in sw["ours"]])
+    trl_pre = med([sum(r["pre_wall"] for r in x["runs"]) for x in sw["trl"]])
+    o_med, o_mean = steps_of([s for x in sw["ours"] for s in x["steps"]])
+    t_med, t_mean = steps_of([r["steps"] for x in sw["trl"] for r in x["runs"]])
+    n_med, n_mean = steps_of([x["steps"] for x in sw["online"]])
+    ours_steps = sum(sum(s) for x in sw["ours"] for s in x["steps"]) / len(sw["ours"])
+    trl_steps = sum(sum(r["steps"]) for x in sw["trl"] for r in x["runs"]) / len(sw["trl"])
+    rew = [r["first_rewards"] for x in sw["trl"] for r in x["runs"]]
+    ratio = ours_wall / trl_wall
+    return [
+        "### (iii) Sweep: four β runs", "",
+        f"β ∈ {list(BETAS)}, {plan.sweep_steps} steps × {plan.sweep_batch} pairs on "
+        f"{plan.sweep_steps * plan.sweep_batch} rows (one epoch: the least favourable case for a cache, since TRL "
+        "then precomputes only the rows it "
+        f"trains on), max length {plan.sweep_max_length}, LoRA r16/α32 on all linear layers, fp32 base, no gradient "
+        f"checkpointing, AdamW lr 5e-5 cosine, {plan.sweep_repeats} repeat(s). Ours: `precompute-ref` once, then "
+        "`dpo sweep` (4 × (load, step-0 drift check, train, checkpoint + adapter), then `dpo compare`'s table and "
+        "plot). TRL: 4 × (load, DPOTrainer init with its precompute, train, save adapter).", "",
+        table(["", "wall s", "CPU s", "of which reference pass (wall s)", "of which training steps (wall s)"], [
+            ["ours: precompute-ref + dpo sweep", f(ours_wall), f(ours_cpu), f(ours_pre), f(ours_steps)],
+            ["TRL: 4 runs, each precomputing", f(trl_wall), f(trl_cpu), f(trl_pre), f(trl_steps)],
+            ["**ours / TRL**", f"**{ratio:.2f}x**", f"**{ours_cpu / trl_cpu:.2f}x**", "", ""]]), "",
+        f"Target ≤ 0.75x: {verdict(ratio <= 0.75)} ({ratio:.2f}x wall, {ours_cpu / trl_cpu:.2f}x CPU). TRL's first "
+        f"logged rewards (chosen, rejected) per run: {[(round(a, 4), round(b, 4)) for a, b in rew]} (≈ 0: its "
+        "precompute is right).", "",
+        "### (iv) Stage two: step time", "",
+        table(["", "median step s (steps 2..N)", "mean step s (all steps)", "vs ours (median)"], [
+            ["ours (`dpo train`, cached reference)", f(o_med, 2), f(o_mean, 2), "1.00x"],
+            ["TRL, precompute_ref_log_probs=True", f(t_med, 2), f(t_mean, 2), f"{t_med / o_med:.2f}x"],
+            ["TRL, reference online (adapter disabled)", f(n_med, 2), f(n_mean, 2), f"{n_med / o_med:.2f}x"]]), "",
+        f"Step times: time between optimizer steps (ours: optimizer post-step hook; TRL: `on_step_end` callback); "
+        f"{sum(len(s) for x in sw['ours'] for s in x['steps'])} / "
+        f"{sum(len(r['steps']) for x in sw['trl'] for r in x['runs'])} / "
+        f"{sum(len(x['steps']) for x in sw['online'])} steps measured. Batches differ in composition (each side "
+        "shuffles with its own sampler; ours length-groups within a megabatch), so the per-epoch mean is the fairer "
+        "figure on few steps."]
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) only our section; the file is re-read right before writing (others edit it too)."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+# ================================================================================================ main
+def padded_tokens(encoded: list, budget: int, trl_bs: int) -> tuple[int, int]:
+    """Tokens each side forwards (padding included): ours length-sorted [prompt|chosen|rejected] batches under the
+    token budget; TRL batches of trl_bs in data order, chosen and rejected rows padded to one width."""
+    from stages.precompute import batch_cost, plan_batches
+
+    ours = sum(batch_cost(b, True) for b in plan_batches(encoded, budget, True, True))
+    trl = 0
+    for k in range(0, len(encoded), trl_bs):
+        b = encoded[k:k + trl_bs]
+        trl += 2 * len(b) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in b)
+    return ours, trl
+
+
+def sample(examples, encoded_by_id: dict, n: int, seed: int, fits) -> list:
+    ok = [e for e in examples if e.example_id in encoded_by_id and fits(encoded_by_id[e.example_id])]
+    idx = sorted(random.Random(seed).sample(range(len(ok)), min(n, len(ok))))
+    return [ok[i] for i in idx]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test in < 3 min (prints, does not write RESULTS.md)")
+    p.add_argument("--model", default=str(REPO / "cache" / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trl-batch-size", type=int, default=None, help="skip the scan, use this TRL batch size")
+    p.add_argument("--budget", type=int, default=None, help="skip the scan, use this --max-tokens-per-batch")
+    p.add_argument("--write", dest="write", action="store_true", default=None,
+                   help="write RESULTS.md (default unless --quick)")
+    p.add_argument("--no-write", dest="write", action="store_false")
+    p.add_argument("--render", default=None, help="only re-render (and write) the section from a saved results JSON")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    if args.render:
+        publish(json.loads(Path(args.render).read_text()), args.write is not False)
+        return
+    import torch
+
+    from stages.data import load_examples
+    from stages.encode import TokenizeSettings, encode_examples
+    from stages.models import load_tokenizer
+    from stages.smollm import ensure_smollm2
+
+    torch.set_num_threads(args.threads)
+    plan = QUICK if args.quick else FULL
+    write = (not args.quick) if args.write is None else args.write
+    started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    if not Path(args.model, "config.json").is_file():
+        ensure_smollm2(REPO / "cache" / "models")
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    install_profiles()
+    model = Path(args.model)
+    tok = load_tokenizer(str(model))
+
+    text_ex, report = load_examples([HH_PATH])
+    chat_src, dropped = chat_source_rows(read_hh_raw())
+    chat_ex, chat_report = load_examples([write_jsonl(OUT / "chat_src.jsonl", chat_src, keys=("chosen", "rejected"))])
+    log(f"data: text {report.summary()}; chat: {dropped} transcripts do not alternate cleanly, {chat_report.summary()}")
+    tokens = phase_token_ids(tok, text_ex, chat_ex, plan)
+
+    L = plan.max_length
+    enc = {e.example_id: e for e in encode_examples(tok, text_ex, TokenizeSettings(L, L))[0]}
+    plain = sample(text_ex, enc, plan.eq_rows, 0, lambda e: True)
+    plain_rows = explicit_rows(plain)
+    plain_path = write_jsonl(OUT / "plain.jsonl", plain_rows)
+    encoded = [enc[e.example_id] for e in plain]
+    pair_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
+
+    sc = scan_settings(model, plain_rows, plain_path, plan)
+    trl_bs, budget = args.trl_batch_size or sc["trl_best"], args.budget or sc["ours_best"]
+    stage_one = phase_stage_one(model, plain_rows, plain_path, plan, trl_bs, budget)
+
+    chat_enc = {e.example_id: e for e in encode_examples(tok, chat_ex, TokenizeSettings(L, L))[0]}
+    chat = sample(chat_ex, chat_enc, plan.chat_rows, 1, lambda e: True)
+    chat_res = phase_chat(model, explicit_rows(chat), write_jsonl(OUT / "chat.jsonl", explicit_rows(chat)), plan,
+                          trl_bs, budget)
+
+    Ls = plan.sweep_max_length
+    fits = lambda e: len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) <= Ls  # noqa: E731
+    train = sample(text_ex, enc, plan.sweep_steps * plan.sweep_batch, 2, fits)
+    sweep = phase_sweep(model, explicit_rows(train), write_jsonl(OUT / "sweep.jsonl", explicit_rows(train)), plan,
+                        trl_bs, budget)
+
+    ours_fwd, trl_fwd = padded_tokens(encoded, budget, trl_bs)
+    result = {"tokens": tokens, "scan": sc, "stage_one": stage_one, "chat": chat_res, "sweep": sweep,
+              "pair_tokens": pair_tokens, "trl_bs": trl_bs, "budget": budget,
+              "profile": {"ours_fwd": ours_fwd, "trl_fwd": trl_fwd,
+                          "completion": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)},
+              "cmds": [precompute_cmd(model, plain_path, OUT / "plain.parquet", L, budget)] + sweep["ours"][0]["cmds"],
+              "meta": {"plan": dataclasses.asdict(plan), "argv": sys.argv[1:], "started": started,
+                       "machine": machine(args.threads), "versions": versions(), "model": rel(model),
+                       "wall_total": time.perf_counter() - t0}}
+    saved = OUT.parent / f"vs_trl{'-quick' if args.quick else ''}.json"
+    saved.write_text(json.dumps(result, default=list))
+    log(f"raw results in {rel(saved)} (re-render with --render {rel(saved)})")
+    publish(result, write)
+
+
+def publish(result: dict, write: bool) -> None:
+    body = render(result)
+    print("\n" + body)
+    if write:
+        write_section(body)
+        log(f"wrote the vs_trl section of {RESULTS}")
+    log(f"done in {result['meta']['wall_total'] / 60:.1f} min")
+
+
+def notes(r: dict) -> list[str]:
+    """The profile behind the ratios, from this run's numbers."""
+    o, t = side_stats(r["stage_one"]["runs"]["ours"]), side_stats(r["stage_one"]["runs"]["trl"])
+    ours_fwd, trl_fwd, completion = r["profile"]["ours_fwd"], r["profile"]["trl_fwd"], r["profile"]["completion"]
+    pair_tokens, sweep, trl_bs = r["pair_tokens"], r["sweep"], r["trl_bs"]
+    o_body, t_body = o["score_cpu"] - o["head_cpu"], t["score_cpu"] - t["head_cpu"]
+    trl_pre = med([sum(r["pre_wall"] for r in x["runs"]) for x in sweep["trl"]])
+    trl_wall = med([x["wall"] for x in sweep["trl"]])
+    trl_steps = med([sum(sum(r["steps"]) for r in x["runs"]) for x in sweep["trl"]])
+    ours_wall = med([x["wall"] for x in sweep["ours"]])
+    ours_pre = med([x["pre_wall"] for x in sweep["ours"]])
+    ours_steps = med([sum(sum(s) for s in x["steps"]) for x in sweep["ours"]])
+    trl_runs = [r for x in sweep["trl"] for r in x["runs"]]
+    head_share = sum(r["train_head_cpu"] for r in trl_runs) / max(sum(r["train_cpu"] for r in trl_runs), 1e-9)
+    trl_compact = t_body + t["head_cpu"] * completion / max(trl_fwd, 1)  # its head on completion positions only
+    return [
+        f"- Stage-one profile (scoring CPU s): ours {o['score_cpu']:.1f} = LM head {o['head_cpu']:.1f} + backbone and "
+        f"rest {o_body:.1f}; TRL {t['score_cpu']:.1f} = LM head {t['head_cpu']:.1f} + backbone and rest {t_body:.1f}. "
+        f"Forwarded (padded) tokens: ours {ours_fwd} (each prompt once, length-sorted batches), TRL {trl_fwd} "
+        f"(prompt twice, data order, batch size {trl_bs}); pair tokens {pair_tokens}, of which {completion} are "
+        f"scored completion tokens. Backbone: TRL / ours = {t_body / max(o_body, 1e-9):.2f}x, close to the forwarded "
+        f"tokens ({trl_fwd / max(ours_fwd, 1):.2f}x; our [prompt|chosen|rejected] rows need a 4D attention mask, "
+        "which costs a little per token). LM head: TRL / ours = "
+        f"{t['head_cpu'] / max(o['head_cpu'], 1e-9):.1f}x, a CPU artefact: TRL 1.16's fused LM head "
+        "(`trl.trainer.utils.add_fused_lm_head`) projects only completion positions on Triton devices but EVERY "
+        "position (prompt and padding too) elsewhere, and without a ref_model the policy's head (with entropy, mean "
+        "logit and top-1 outputs) does the precompute. Had TRL projected only completion positions, its scoring "
+        f"would take about {trl_compact:.1f} CPU s, i.e. {trl_compact / o['score_cpu']:.2f}x ours: that is the "
+        "device-independent part of the stage-one gap (prompt sharing and length sorting), and roughly what to "
+        "expect on a GPU (not measured here).",
+        f"- Sweep profile (wall s): ours {ours_wall:.0f} = reference pass {ours_pre:.0f} + training steps "
+        f"{ours_steps:.0f} + loads, drift checks, checkpoints and compare {ours_wall - ours_pre - ours_steps:.0f}; TRL "
+        f"{trl_wall:.0f} = reference passes {trl_pre:.0f} + training steps {trl_steps:.0f} + loads, init and saves "
+        f"{trl_wall - trl_pre - trl_steps:.0f}. The cache removes three of the four reference passes; TRL's training "
+        "steps are also slower here, for the same CPU-only reason (its fused head projects, and back-propagates "
+        f"through, every position: {100 * head_share:.0f}% of TRL's training CPU was its LM head). Without that "
+        "artefact (a GPU) the step times would be closer and the sweep ratio would come mostly from the reference "
+        "passes, so it falls as the data a sweep precomputes grows relative to the steps it trains "
+        "(TRL precomputes its whole train_dataset in every run, even for a few steps).",
+        "- TRL's precompute is redone by every run: over an in-memory `Dataset.from_list` (as here) its result goes "
+        "to a temporary file under a random fingerprint; with a dataset loaded from files (`load_dataset(\"json\", "
+        "...)`) a second run with the same model and rows recomputed as well (checked on the tiny model: 2 reference "
+        "passes per run).",
+    ]
+
+
+if __name__ == "__main__":
+    main()

@@ -25,8 +25,8 @@ SETTINGS = {
     "sweep": {"data": ["stages/demo_data/train.jsonl"], "eval_data": ["stages/demo_data/eval.jsonl"],
               "ref_cache": "cache/demo/ref.parquet", "output": "runs/demo", "betas": [0.1, 0.5],
               "load_in_4bit": False, "gradient_checkpointing": False, "lora_r": 8, "lora_alpha": 16,
-              "lora_dropout": 0.0, "learning_rate": 1.0e-3, "warmup_ratio": 0.1, "batch_size": 8,
-              "eval_batch_size": 32, "max_steps": 8, "eval_steps": 4, "save_steps": 0, "seed": 0},
+              "lora_dropout": 0.0, "learning_rate": 1.0e-3, "warmup_ratio": 0.0, "batch_size": 8,
+              "eval_batch_size": 32, "max_steps": 6, "eval_steps": 3, "save_steps": 0, "seed": 0},
 }
 # --quick: a smoke test of every stage in about two minutes (one β, few rows, few steps)
 QUICK = {"rows_train": 16, "rows_eval": 8, "betas": [0.5], "max_steps": 3, "eval_steps": 0, "batch_size": 4}

@@ -85,7 +85,8 @@ def _missing_error(cache_path, missing: list[Example], total: int, meta: dict) -
 
 def join_rows(cache_path: str, df, meta: dict, examples: Sequence[Example]) -> list[dict]:
     """TRL rows in data order; UserError if any example is not cached or the rows mix text and conversations."""
-    ref = dict(zip(df["example_id"].to_list(), zip(df["ref_chosen_logps"].to_list(), df["ref_rejected_logps"].to_list())))
+    values = zip(df["ref_chosen_logps"].to_list(), df["ref_rejected_logps"].to_list())
+    ref = dict(zip(df["example_id"].to_list(), values))
     missing = [e for e in examples if e.example_id not in ref]
     if missing:
         raise _missing_error(cache_path, missing, len(examples), meta)
@@ -166,7 +167,8 @@ def dpo_trainer_class():
     try:
         from trl import DPOTrainer
     except ImportError:
-        raise UserError("TRL is not installed; pip install 'trl==1.16.0' datasets (or the project's [bench] extra)") from None
+        raise UserError("TRL is not installed; pip install 'trl==1.16.0' datasets "
+                        "(or the project's [bench] extra)") from None
 
     class CachedRefDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, dataset, name, batch_size):
