@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .distributed import DistEnv, all_reduce_sum
+from .errors import UserError
 
 # Sums kept per batch; means are taken over examples (tokens for logits/*), after the all-reduce.
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -73,8 +74,10 @@ class MetricsWriter:
         self.path, self.enabled = path, env.is_main
         self.tb = None
         if tensorboard and self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install 'dpo-stages[tensorboard]'") from None
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict) -> None:
