@@ -1,0 +1,77 @@
+"""The common QLoRA setup: the reference is base + SFT adapter (stage one `--adapter`), and stage two continues
+that adapter (`dpo train --adapter`), so at step 0 the policy equals the cached reference."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from stages import refcache, train
+from stages.data import load_examples
+from stages.encode import TokenizeSettings, encode_examples
+from stages.logprobs import collate_pairs, sequence_logps
+from stages.models import ModelSpec, load_model, load_tokenizer
+from stages.precompute import PrecomputeConfig, run as precompute
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_llama, hh_path, tmp_path_factory):
+    """A non-trivial LoRA 'SFT' adapter on the tiny model, and 12 HH rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # B = 0 would make the adapter a no-op and the test vacuous
+    model.save_pretrained(root / "sft")
+    rows = [json.loads(line) for _, line in zip(range(12), gzip.open(hh_path, "rt"))]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_precompute_with_adapter_equals_base_plus_adapter(tiny_llama, sft):
+    out = sft / "ref.parquet"
+    precompute(PrecomputeConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), out=str(out),
+                                adapter=str(sft / "sft"), max_length=256, max_prompt_length=128))
+    df, meta = refcache.read_cache(out)
+    assert meta["adapter"] and meta["manifest"]["adapter"] == meta["adapter"]["hash"]
+
+    tok = load_tokenizer(str(tiny_llama))
+    examples, _ = load_examples([sft / "rows.jsonl"])
+    enc, _ = encode_examples(tok, examples, TokenizeSettings(256, 128))
+    with torch.inference_mode():
+        with_adapter = sequence_logps(load_model(ModelSpec(str(tiny_llama), adapter=str(sft / "sft")),
+                                                 torch.device("cpu")).eval(), collate_pairs(enc, tok.pad_token_id))
+        base_only = sequence_logps(load_model(ModelSpec(str(tiny_llama)), torch.device("cpu")).eval(),
+                                   collate_pairs(enc, tok.pad_token_id))
+    cached = df.sort("example_id")
+    order = sorted(range(len(enc)), key=lambda i: enc[i].example_id)
+    want = with_adapter.chosen_logps[order].numpy()
+    assert abs(cached["ref_chosen_logps"].to_numpy() - want).max() < 1e-4
+    assert abs(cached["ref_chosen_logps"].to_numpy() - base_only.chosen_logps[order].numpy()).max() > 1e-2
+
+
+def test_train_continues_the_adapter_with_zero_drift(tiny_llama, sft, tmp_path):
+    cache = sft / "ref.parquet"
+    if not cache.is_file():
+        pytest.skip("needs the cache of test_precompute_with_adapter_equals_base_plus_adapter")
+    cfg = train.TrainConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), ref_cache=str(cache),
+                            output=str(tmp_path / "run"), adapter=str(sft / "sft"), load_in_4bit=False,
+                            max_steps=2, batch_size=4, learning_rate=1e-3, lora_dropout=0.0)
+    train.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0]["ref_drift"] < 1e-4  # policy == base + SFT adapter == reference
+    steps = [r for r in records if "loss" in r]
+    assert abs(steps[0]["loss"] - 0.6931) < 1e-3
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4  # the SFT adapter's own shape, continued rather than replaced
+    assert pl.read_parquet(cache).height == 12
