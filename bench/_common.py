@@ -124,6 +124,50 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def mem_status() -> dict:
+    """GiB: rss, anon (heap, tensors), file (mapped files: safetensors weights are mmapped, so weights are file
+    pages shared with the page cache and with any other mapping of the same file), pss (rss with shared pages
+    divided among their mappings: two mappings of one weights file count once)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}.get(line.split(" ")[0].split("\t")[0])
+            if key:
+                out[key] = int(line.split()[1]) / 2**20
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss"] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return out
+
+
+class PeakSampler:
+    """Samples mem_status() every `interval` s on a thread (torch releases the GIL in its kernels); keeps maxima."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.peak: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            for k, v in mem_status().items():
+                self.peak[k] = max(self.peak.get(k, 0.0), v)
+            self._stop.wait(interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
 def hwm_gib() -> float:
     """Peak RSS since the last reset_peak (VmHWM)."""
     try:

@@ -38,7 +38,8 @@ LABELS = {"chunked": "(i) chunked (ours)", "cache": "(i) chunked (ours)", "full"
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     S.add_common_args(p)
-    p.add_argument("--variants", default=None, help="default chunked,chunked:chunk=128,full,trl (quick: chunked,full)")
+    p.add_argument("--variants", default=None, help="default chunked,chunked:chunk=128,full,trl (quick: chunked,full); options after ':' joined by '+' "
+                        "(chunk=N, share=0)")
     p.add_argument("--max-length", type=int, default=400, help="truncation; the longest rows then have ~this")
     p.add_argument("--max-prompt-length", type=int, default=320)
     a = p.parse_args()

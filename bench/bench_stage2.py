@@ -48,6 +48,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob head chunk (default: stages' default)")
     p.add_argument("--glibc-default", action="store_true",
                    help="run workers with glibc's default malloc settings (RSS then keeps freed memory)")
+    p.add_argument("--tag", default="", help="suffix for this run's RESULTS.md section (keeps other runs' sections)")
     p.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
@@ -56,7 +57,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    p.add_argument("--variants", default="cache,online,two-model")
+    p.add_argument("--variants", default="cache,online,two-model",
+                   help="comma-separated; options after ':' joined by '+', e.g. cache:chunk=128+share=0")
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--target-length", type=int, default=None,
@@ -149,6 +151,8 @@ def merged(runs: list[dict]) -> dict | None:
         out["phases"][key] = C.median([C.median(r["phases"][key]) for r in ok])
     for key in ("peak_gib", "peak_steps_gib", "loaded_gib", "runtime_gib"):
         out[key] = max(r[key] for r in ok)
+    out["peak_anon"] = max(r.get("steps_status_peak", {}).get("anon", float("nan")) for r in ok)
+    out["loaded_file"] = max(r.get("loaded_status", {}).get("file", float("nan")) for r in ok)
     return out
 
 
@@ -157,8 +161,8 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
     b = m[base]
     tag = labels[base].split()[0]
     head = ["variant", "step user-CPU s", "sys s", "wall s", "ref fwd", "policy fwd", "backward", "optimizer",
-            "peak RSS GiB", "after load GiB", "step working set GiB", f"time {tag}/this", f"peak {tag}/this",
-            f"working set {tag}/this"]
+            "peak RSS GiB", "after load GiB", "of which mapped files GiB", "step working set GiB", "peak anon GiB",
+            f"time {tag}/this", f"peak RSS {tag}/this", f"working set {tag}/this"]
     rows = []
     for v, r in m.items():
         if r is None:
@@ -170,7 +174,8 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
         b_work = (b["peak_steps_gib"] - b["loaded_gib"]) if b else float("nan")
         rows.append([labels.get(v, v), C.fmt(t, 1), C.fmt(C.median(r["step_sys"]), 1), C.fmt(C.median(r["step_wall"]), 1),
                      C.fmt(ph.get("ref", 0.0), 1), C.fmt(ph["forward"], 1), C.fmt(ph["backward"], 1),
-                     C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]), C.fmt(r["loaded_gib"]), C.fmt(work),
+                     C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]), C.fmt(r["loaded_gib"]),
+                     C.fmt(r["loaded_file"]), C.fmt(work), C.fmt(r["peak_anon"]),
                      C.fmt(C.median(b["step_cpu"]) / t) if b else "-", C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
                      C.fmt(b_work / work) if b else "-"])
     return C.table(head, rows), m
@@ -182,7 +187,11 @@ TABLE_NOTES = (
     "are user-CPU seconds (`backward` includes the gradient-checkpointing recompute). `peak RSS` is the worker's "
     "ru_maxrss over its whole life (loading included); `after load` is the RSS once the weights are resident; "
     "`step working set` = peak RSS during the steps minus `after load`: the memory the step itself needs "
-    "(activations, log-prob head, gradients, optimizer state). On GPU the memory columns are "
+    "(activations, log-prob head, gradients, optimizer state). `of which mapped files` = RssFile after loading: "
+    "safetensors are memory-mapped, so an fp32 model loaded as fp32 keeps its weights as file pages (page cache), "
+    "and a second fp32 copy of the same file (the two-model reference) maps the SAME physical pages: RSS counts "
+    "them twice, physical memory holds them once. `peak anon` = largest anonymous RSS (heap: activations, "
+    "gradients, converted weights) sampled every 20 ms during the steps. On GPU the memory columns are "
     "torch.cuda.max_memory_allocated / memory_allocated.")
 
 
@@ -212,7 +221,8 @@ def device_desc(r: dict, a) -> str:
 
 def section_key(prefix: str, a) -> str:
     return prefix + "".join(s for s, on in (("-quick", a.quick), ("-4bit", a.four_bit), ("-nockpt", not a.grad_ckpt),
-                                            ("-glibc", a.glibc_default), ("-gpu", a.synthetic)) if on)
+                                            ("-glibc", a.glibc_default), ("-gpu", a.synthetic)) if on) + (
+        f"-{a.tag}" if a.tag else "")
 
 
 def main() -> None:
@@ -256,11 +266,11 @@ def main() -> None:
 
 # ================================================================================================ worker side
 def split_variant(variant: str) -> tuple[str, dict]:
-    """'cache:chunk=256,share=0' -> ('cache', {'chunk_size': 256, 'share_prompt': False})."""
+    """'cache:chunk=256+share=0' -> ('cache', {'chunk_size': 256, 'share_prompt': False})."""
     name, _, opts = variant.partition(":")
     keys = {"chunk": ("chunk_size", int), "share": ("share_prompt", lambda v: v not in ("0", "false", "off"))}
     out = {}
-    for kv in filter(None, opts.split(",")):
+    for kv in filter(None, opts.split("+")):
         k, _, v = kv.partition("=")
         field, conv = keys[k]
         out[field] = conv(v)
@@ -407,8 +417,11 @@ def worker(a, factory=None) -> None:
         page_in(models)  # weights are mmapped from safetensors: make them resident so "after load" counts them
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     loaded = C.current_rss_gib() if device.type != "cuda" else torch.cuda.memory_allocated() / 2**30
+    loaded_status = C.mem_status()
     C.reset_peak()
-    rec = run_steps(a, policy, ref_fn, loss_fn)
+    with C.PeakSampler() as sampler:
+        rec = run_steps(a, policy, ref_fn, loss_fn)
+    rec["loaded_status"], rec["steps_status_peak"] = loaded_status, sampler.peak
     rec.update(memory_record(device, runtime, loaded, load_peak))
     rec.update({"variant": a.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),

@@ -7,13 +7,15 @@
         its fastest batch setting (TRL's batch size picked by a scan in the default mode), same rows;
   (iii) sweep: four β runs of N steps from ONE cache (`precompute-ref` + `dpo sweep`) against four TRL runs that
         each precompute, same LoRA, rows, batch size, steps, optimizer;
-  (iv)  stage two: step time of our runs against TRL with precompute_ref_log_probs and with the reference computed
-        online (adapter disabled, TRL's default for PEFT).
+  (iv)  stage two: step time of `dpo train` against TRL with precompute_ref_log_probs and with the reference
+        computed online (adapter disabled, TRL's default for PEFT), on one fixed batch.
 Everything runs in ONE process with one torch thread, variants interleaved; medians of repeats; ratios, not absolute
-times, are the result (the 2 cores are shared). Writes the `vs_trl` section of bench/RESULTS.md.
+times, are the result (the 2 cores are shared). Writes the `vs_trl` section of bench/RESULTS.md (between the
+`<!-- vs_trl start -->` / `<!-- vs_trl end -->` markers) and the raw numbers to bench/out/vs_trl.json.
 
   .venv/bin/python bench/vs_trl.py --quick     # < 3 min: smoke test, tiny workloads (not written to RESULTS.md)
-  .venv/bin/python bench/vs_trl.py             # < 20 min: the recorded numbers
+  .venv/bin/python bench/vs_trl.py             # < 20 min (13.6 min measured): the recorded numbers
+  .venv/bin/python bench/vs_trl.py --render bench/out/vs_trl.json   # rewrite the section from saved numbers
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def trl_tokenize(tokenizer, rows: list[dict], max_length: int | None, output_dir
 
 # ================================================================================================ measuring
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import datetime as _dt  # noqa: E402
@@ -112,7 +115,6 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's and datasets' bars (ours print their own summary lines)
 OUT = REPO / "bench" / "out" / "vs_trl"
 RESULTS = REPO / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- vs_trl start -->", "<!-- vs_trl end -->"
@@ -134,13 +136,16 @@ class Plan:
     sweep_batch: int          # pairs per step (both)
     sweep_max_length: int
     sweep_repeats: int
+    iv_rows: int              # (iv): the train set is one batch of this many pairs
+    iv_steps: int             # (iv): steps per variant on that batch (the first is not timed)
 
 
-QUICK = Plan(tok_rows=200, eq_rows=3, repeats=1, chat_rows=2, scan_rows=0, trl_batch_sizes=(2,), our_budgets=(2048,),
-             max_length=384, sweep_steps=2, sweep_batch=1, sweep_max_length=128, sweep_repeats=1)
-FULL = Plan(tok_rows=None, eq_rows=24, repeats=3, chat_rows=8, scan_rows=8, trl_batch_sizes=(1, 2, 4, 8),
-            our_budgets=(1024, 2048, 4096, 8192), max_length=1024, sweep_steps=4, sweep_batch=2,
-            sweep_max_length=384, sweep_repeats=1)
+QUICK = Plan(tok_rows=200, eq_rows=3, repeats=1, chat_rows=2, scan_rows=0, trl_batch_sizes=(1,), our_budgets=(1024,),
+             max_length=384, sweep_steps=2, sweep_batch=1, sweep_max_length=128, sweep_repeats=1, iv_rows=1,
+             iv_steps=3)
+FULL = Plan(tok_rows=None, eq_rows=24, repeats=3, chat_rows=8, scan_rows=6, trl_batch_sizes=(1, 2, 4),
+            our_budgets=(1024, 2048, 8192), max_length=1024, sweep_steps=4, sweep_batch=2, sweep_max_length=384,
+            sweep_repeats=1, iv_rows=2, iv_steps=5)
 
 
 class Clock:
@@ -367,10 +372,25 @@ def phase_chat(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> d
     return res
 
 
-def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
-    """precompute-ref once + `dpo sweep` over four β; step times from an optimizer post-step hook."""
+@contextlib.contextmanager
+def timed(*targets):
+    """Accum-wrap each (module or class, attribute name) for the duration; yields {name: Accum}."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+    accs = {}
+    for obj, name, fn in saved:
+        accs[name] = Accum(fn)
+        setattr(obj, name, accs[name])
+    try:
+        yield accs
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+@contextlib.contextmanager
+def optimizer_stamps():
+    """Per `dpo train` run: [train-loop start, end of optimizer step 1, step 2, ...] (optimizer post-step hook)."""
     import stages.train as T
-    from stages.sweep import SweepConfig, run_sweep
 
     stamps: list[list[float]] = []
     build, loop = T.build_optimizer, T.train_loop
@@ -385,48 +405,66 @@ def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
         return loop(*a, **k)
 
     T.build_optimizer, T.train_loop = build_timed, loop_timed
-    cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = SweepConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
-                      **sweep_settings(plan))
     try:
-        with Clock() as total:
-            pre = ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
-            with Clock() as sweep:
-                run_sweep(cfg)
+        yield stamps
     finally:
         T.build_optimizer, T.train_loop = build, loop
-    steps = [[b - a for a, b in zip(s, s[1:])] for s in stamps]
-    return {"wall": total.wall, "cpu": total.cpu, "pre_wall": pre["wall"], "pre_cpu": pre["cpu"],
-            "sweep_wall": sweep.wall, "steps": steps, "runs": len(stamps),
-            "cmds": [precompute_cmd(model_dir, path, cache, plan.sweep_max_length, budget), sweep_cmd(cfg)]}
 
 
-def sweep_settings(plan: Plan) -> dict:
+def intervals(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def train_settings(max_length: int, batch: int, steps: int) -> dict:
+    """`dpo train` / `dpo sweep` settings matched to the TRL runs (LoRA, fp32 base, no checkpointing, AdamW)."""
     return dict(load_in_4bit=False, dtype="fp32", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                gradient_checkpointing=False, batch_size=plan.sweep_batch, max_steps=plan.sweep_steps,
-                learning_rate=5e-5, lr_scheduler="cosine", warmup_ratio=0.1, logging_steps=1, eval_steps=0,
-                save_steps=0, resume=False, seed=42, max_length=plan.sweep_max_length,
-                max_prompt_length=plan.sweep_max_length)
+                gradient_checkpointing=False, batch_size=batch, max_steps=steps, learning_rate=5e-5,
+                lr_scheduler="cosine", warmup_ratio=0.1, logging_steps=1, eval_steps=0, save_steps=0, resume=False,
+                seed=42, max_length=max_length, max_prompt_length=max_length)
 
 
-def sweep_cmd(cfg) -> str:
-    betas = " ".join(f"--beta {b}" for b in cfg.betas)
-    return (f"dpo sweep --model {rel(cfg.model)} --data {rel(cfg.data[0])} --ref-cache {rel(cfg.ref_cache)} "
-            f"--output {rel(cfg.output)} {betas} --no-load-in-4bit --dtype fp32 --lora-dropout 0.0 "
+def train_cmd(cfg, betas=None) -> str:
+    head = f"dpo sweep {' '.join(f'--beta {b}' for b in betas)}" if betas else f"dpo train --beta {cfg.beta}"
+    return (f"{head} --model {rel(cfg.model)} --data {rel(cfg.data[0])} --ref-cache {rel(cfg.ref_cache)} "
+            f"--output {rel(cfg.output)} --no-load-in-4bit --dtype fp32 --lora-dropout 0.0 "
             f"--no-gradient-checkpointing --batch-size {cfg.batch_size} --max-steps {cfg.max_steps} "
+            f"--max-length {cfg.max_length} --max-prompt-length {cfg.max_prompt_length} "
             f"--learning-rate {cfg.learning_rate} --no-resume")
 
 
-def trl_train(model_dir, rows, plan: Plan, beta: float, precompute: bool, trl_bs: int, out: Path) -> dict:
-    """One TRL run as a user writes it: load, DPOTrainer(peft_config=LoRA), train, save the adapter."""
+def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
+    """precompute-ref once + `dpo sweep` over four β, with a profile of where each run's time goes."""
+    import stages.checkpoint as ckpt
+    import stages.sweep as S
+    import stages.train as T
+
+    cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
+    shutil.rmtree(out, ignore_errors=True)
+    settings = train_settings(plan.sweep_max_length, plan.sweep_batch, plan.sweep_steps)
+    cfg = S.SweepConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
+                        **settings)
+    profiled = ((T, "load_policy"), (T, "drift_check"), (ckpt, "save"), (ckpt, "save_adapter"), (S, "compare"),
+                (S.prepare_mod, "prepare"))
+    with optimizer_stamps() as stamps, timed(*profiled) as acc, Clock() as total:
+        pre = ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
+        S.run_sweep(cfg)
+    steps = [intervals(s) for s in stamps]
+    profile = {name: a.wall for name, a in acc.items()}
+    return {"wall": total.wall, "cpu": total.cpu, "pre_wall": pre["wall"], "steps": steps, "profile": profile,
+            "cmds": [precompute_cmd(model_dir, path, cache, plan.sweep_max_length, budget), train_cmd(cfg, BETAS)]}
+
+
+def trl_train(model_dir, rows, beta: float, precompute: bool, trl_bs: int, out: Path, batch: int, steps: int,
+              max_length: int) -> dict:
+    """One TRL run as a user writes it: load, DPOTrainer(peft_config=LoRA) (+ its precompute), train, save adapter."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import DPOTrainer
 
     class Steps(TrainerCallback):
-        stamps: list = []
+        def __init__(self):
+            self.stamps = []
 
         def on_train_begin(self, *a, **k):
             self.stamps.append(time.perf_counter())
@@ -435,55 +473,80 @@ def trl_train(model_dir, rows, plan: Plan, beta: float, precompute: bool, trl_bs
             self.stamps.append(time.perf_counter())
 
     cb = Steps()
-    cb.stamps = []
-    score = Accum(DPOTrainer._precompute_ref_logps)
-    DPOTrainer._precompute_ref_logps, original = score, DPOTrainer._precompute_ref_logps
     shutil.rmtree(out, ignore_errors=True)
-    try:
-        with Clock() as c:
+    args = trl_config(out, beta=beta, precompute_ref_log_probs=precompute, precompute_ref_batch_size=trl_bs,
+                      per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
+                      lr_scheduler_type="cosine", warmup_steps=0.1, max_length=max_length)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    with timed((DPOTrainer, "_precompute_ref_logps")) as acc, Clock() as c:
+        with Clock() as load:
             model, tok = load_hf(model_dir)
-            args = trl_config(out, beta=beta, precompute_ref_log_probs=precompute, precompute_ref_batch_size=trl_bs,
-                              per_device_train_batch_size=plan.sweep_batch, max_steps=plan.sweep_steps,
-                              learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0.1,
-                              max_length=plan.sweep_max_length)
-            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        with Clock() as init:
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                  peft_config=lora, callbacks=[cb])
-            PROFILE["trl_head"].reset()
-            PROFILE["trl_head_bwd"].reset()
-            with Clock() as train_clock:
-                trainer.train()
+        PROFILE["trl_head"].reset()
+        PROFILE["trl_head_bwd"].reset()
+        with Clock() as train:
+            trainer.train()
+        with Clock() as save:
             trainer.save_model(str(out / "adapter"))
-    finally:
-        DPOTrainer._precompute_ref_logps = original
-    steps = [b - a for a, b in zip(cb.stamps, cb.stamps[1:])]
     first = next((h for h in trainer.state.log_history if "rewards/chosen" in h), {})
-    return {"wall": c.wall, "cpu": c.cpu, "pre_wall": score.wall, "pre_cpu": score.cpu, "steps": steps,
+    pre = acc["_precompute_ref_logps"].wall
+    return {"wall": c.wall, "cpu": c.cpu, "pre_wall": pre, "steps": intervals(cb.stamps),
             "first_rewards": (first.get("rewards/chosen"), first.get("rewards/rejected")),
-            "train_cpu": train_clock.cpu, "train_head_cpu": PROFILE["trl_head"].cpu + PROFILE["trl_head_bwd"].cpu}
+            "train_cpu": train.cpu, "train_head_cpu": PROFILE["trl_head"].cpu + PROFILE["trl_head_bwd"].cpu,
+            "profile": {"load": load.wall, "init without precompute": init.wall - pre, "train": train.wall,
+                        "save": save.wall}}
 
 
 def phase_sweep(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
-    """(iii) four β from one cache vs four TRL runs each precomputing; (iv) step times, plus TRL online."""
-    ours, trl, online = [], [], []
+    """(iii) four β from one cache vs four TRL runs that each precompute (order alternates between repeats)."""
+    ours, trl = [], []
     for rep in range(plan.sweep_repeats):
         for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
             if side == "ours":
                 ours.append(our_sweep(model_dir, path, plan, budget, rep))
                 steps = [[round(x, 1) for x in s] for s in ours[-1]["steps"]]
                 log(f"sweep rep {rep + 1} ours: {ours[-1]['wall']:.1f}s wall / {ours[-1]['cpu']:.1f}s CPU "
-                    f"(precompute {ours[-1]['pre_wall']:.1f}s), steps {steps}")
-            else:
-                with Clock() as c:
-                    runs = [trl_train(model_dir, rows, plan, b, True, trl_bs, OUT / f"sweep-trl-{rep}-{b}")
-                            for b in BETAS]
-                trl.append({"wall": c.wall, "cpu": c.cpu, "runs": runs})
-                steps = [[round(x, 1) for x in r["steps"]] for r in runs]
-                log(f"sweep rep {rep + 1} TRL: {c.wall:.1f}s wall / {c.cpu:.1f}s CPU (precompute "
-                    f"{sum(r['pre_wall'] for r in runs):.1f}s), steps {steps}")
-        online.append(trl_train(model_dir, rows, plan, 0.1, False, trl_bs, OUT / f"online-{rep}"))
-        log(f"TRL online rep {rep + 1}: {online[-1]['wall']:.1f}s, steps {[round(x, 1) for x in online[-1]['steps']]}")
-    return {"ours": ours, "trl": trl, "online": online}
+                    f"(precompute {ours[-1]['pre_wall']:.1f}s), steps {steps}, profile {ours[-1]['profile']}")
+                continue
+            with Clock() as c:
+                runs = [trl_train(model_dir, rows, b, True, trl_bs, OUT / f"sweep-trl-{rep}-{b}", plan.sweep_batch,
+                                  plan.sweep_steps, plan.sweep_max_length) for b in BETAS]
+            trl.append({"wall": c.wall, "cpu": c.cpu, "runs": runs})
+            steps = [[round(x, 1) for x in r["steps"]] for r in runs]
+            log(f"sweep rep {rep + 1} TRL: {c.wall:.1f}s wall / {c.cpu:.1f}s CPU (precompute "
+                f"{sum(r['pre_wall'] for r in runs):.1f}s), steps {steps}")
+    return {"ours": ours, "trl": trl}
+
+
+def phase_stage_two(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
+    """(iv) step time on ONE fixed batch (the train set is exactly one batch, so every step sees the same pairs):
+    `dpo train` vs TRL with precompute_ref_log_probs vs TRL with the reference computed online."""
+    from stages import train as T
+
+    cache, out = OUT / "iv-ref.parquet", OUT / "iv-ours"
+    ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
+    cfg = T.TrainConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), beta=0.1,
+                        **train_settings(plan.sweep_max_length, len(rows), plan.iv_steps))
+    shutil.rmtree(out, ignore_errors=True)
+    res = {"cmd": train_cmd(cfg), "cpu": {}, "head_cpu": {}}
+    for name in ("ours", "trl_precompute", "trl_online"):
+        if name == "ours":
+            loop = T.train_loop
+            with optimizer_stamps() as stamps, timed((T, "train_loop")) as acc:
+                PROFILE["ours_head"].reset()
+                T.run(cfg)
+            assert T.train_loop is loop
+            res[name] = intervals(stamps[0])
+            res["cpu"][name], res["head_cpu"][name] = acc["train_loop"].cpu, PROFILE["ours_head"].cpu
+        else:
+            run = trl_train(model_dir, rows, 0.1, name == "trl_precompute", trl_bs, OUT / f"iv-{name}", len(rows),
+                            plan.iv_steps, plan.sweep_max_length)
+            res[name], res["cpu"][name], res["head_cpu"][name] = run["steps"], run["train_cpu"], run["train_head_cpu"]
+        log(f"stage two {name}: steps {[round(x, 2) for x in res[name]]}, training CPU {res['cpu'][name]:.1f}s, "
+            f"LM head {res['head_cpu'][name]:.1f}s")
+    return res
 
 
 # ================================================================================================ report
@@ -519,13 +582,6 @@ def verdict(ok: bool) -> str:
 
 def side_stats(runs: list[dict]) -> dict:
     return {k: med([r[k] for r in runs]) for k in ("wall", "cpu", "score_wall", "score_cpu", "head_cpu")}
-
-
-def steps_of(runs: list[list[float]]) -> tuple[float, float]:
-    """(median step time over steps 2..N of every run, mean over all steps incl. the first)."""
-    later = [s for run in runs for s in run[1:]]
-    every = [s for run in runs for s in run]
-    return med(later), (sum(every) / len(every) if every else float("nan"))
 
 
 def render(r: dict) -> str:
@@ -568,6 +624,7 @@ def render(r: dict) -> str:
               "reproduces TRL's numbers, so the whole gap is that one token. A policy trained by TRL against our "
               "exported chat values starts with rewards of β·(that log-prob), not exactly 0.", ""]
     sc = r["scan"]
+    compact, bound = stage_one_estimates(r)
     ratio_score_cpu, ratio_score_wall = t["score_cpu"] / o["score_cpu"], t["score_wall"] / o["score_wall"]
     lines += ["### (ii) Stage one: reference pass", "",
               f"{eq['n']} plain rows (fixed random sample, seed 0), {pt} pair tokens (2 × prompt + chosen + rejected: "
@@ -584,55 +641,91 @@ def render(r: dict) -> str:
                    f"{ratio_score_cpu:.2f}x", f"{t['head_cpu'] / max(o['head_cpu'], 1e-9):.2f}x",
                    f"{t['wall'] / o['wall']:.2f}x", f"{t['cpu'] / o['cpu']:.2f}x"]]), "",
               f"Target ≥ 2x tokens/s: {verdict(ratio_score_cpu >= 2)} on scoring CPU ({ratio_score_cpu:.2f}x), "
-              f"{verdict(ratio_score_wall >= 2)} on scoring wall ({ratio_score_wall:.2f}x)."]
+              f"{verdict(ratio_score_wall >= 2)} on scoring wall ({ratio_score_wall:.2f}x) on this CPU. Part of it is "
+              f"TRL's CPU-only LM-head path (Notes); without it the ratio would be about {compact:.2f}x, and prompt "
+              f"sharing alone can give at most {bound:.2f}x on these rows (pair tokens / (prompt + chosen + rejected) "
+              "tokens), so on a GPU, where TRL's head scores completion positions only, expect the 2x target to be "
+              "missed on HH-like data with short prompts; multi-turn data with long shared prompts gain more."]
     if plan.scan_rows:
         lines += ["", f"Batch-setting scan on {plan.scan_rows} rows (scoring CPU s, one run each): TRL batch size "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in sc["trl"].items()) + "; ours token budget "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in sc["ours"].items()) + "."]
-    lines += [""] + sweep_lines(r["sweep"], plan)
+    lines += [""] + sweep_lines(r["sweep"], plan) + [""] + stage_two_lines(r["stage_two"], plan)
     lines += ["", "### Notes", "", *notes(r)]
     return "\n".join(lines) + "\n"
+
+
+def stage_one_estimates(r: dict) -> tuple[float, float]:
+    """(TRL/ours scoring CPU had TRL's head projected only completion positions, the most prompt sharing can give)."""
+    o, t = side_stats(r["stage_one"]["runs"]["ours"]), side_stats(r["stage_one"]["runs"]["trl"])
+    completion, trl_fwd, pair = r["profile"]["completion"], r["profile"]["trl_fwd"], r["pair_tokens"]
+    trl_compact = t["score_cpu"] - t["head_cpu"] + t["head_cpu"] * completion / max(trl_fwd, 1)
+    prompt = (pair - completion) / 2
+    return trl_compact / o["score_cpu"], pair / (pair - prompt)
 
 
 def sweep_lines(sw: dict, plan: Plan) -> list[str]:
     ours_wall, ours_cpu = med([x["wall"] for x in sw["ours"]]), med([x["cpu"] for x in sw["ours"]])
     trl_wall, trl_cpu = med([x["wall"] for x in sw["trl"]]), med([x["cpu"] for x in sw["trl"]])
-    ours_pre = med([x["pre_wall"] for x in sw["ours"]])
-    trl_pre = med([sum(r["pre_wall"] for r in x["runs"]) for x in sw["trl"]])
-    o_med, o_mean = steps_of([s for x in sw["ours"] for s in x["steps"]])
-    t_med, t_mean = steps_of([r["steps"] for x in sw["trl"] for r in x["runs"]])
-    n_med, n_mean = steps_of([x["steps"] for x in sw["online"]])
-    ours_steps = sum(sum(s) for x in sw["ours"] for s in x["steps"]) / len(sw["ours"])
-    trl_steps = sum(sum(r["steps"]) for x in sw["trl"] for r in x["runs"]) / len(sw["trl"])
     rew = [r["first_rewards"] for x in sw["trl"] for r in x["runs"]]
     ratio = ours_wall / trl_wall
     return [
         "### (iii) Sweep: four β runs", "",
         f"β ∈ {list(BETAS)}, {plan.sweep_steps} steps × {plan.sweep_batch} pairs on "
         f"{plan.sweep_steps * plan.sweep_batch} rows (one epoch: the least favourable case for a cache, since TRL "
-        "then precomputes only the rows it "
-        f"trains on), max length {plan.sweep_max_length}, LoRA r16/α32 on all linear layers, fp32 base, no gradient "
-        f"checkpointing, AdamW lr 5e-5 cosine, {plan.sweep_repeats} repeat(s). Ours: `precompute-ref` once, then "
-        "`dpo sweep` (4 × (load, step-0 drift check, train, checkpoint + adapter), then `dpo compare`'s table and "
-        "plot). TRL: 4 × (load, DPOTrainer init with its precompute, train, save adapter).", "",
-        table(["", "wall s", "CPU s", "of which reference pass (wall s)", "of which training steps (wall s)"], [
-            ["ours: precompute-ref + dpo sweep", f(ours_wall), f(ours_cpu), f(ours_pre), f(ours_steps)],
-            ["TRL: 4 runs, each precomputing", f(trl_wall), f(trl_cpu), f(trl_pre), f(trl_steps)],
-            ["**ours / TRL**", f"**{ratio:.2f}x**", f"**{ours_cpu / trl_cpu:.2f}x**", "", ""]]), "",
+        f"then precomputes only the rows it trains on), rows that fit max length {plan.sweep_max_length}, LoRA "
+        "r16/α32 on all linear layers, fp32 base, no gradient checkpointing, AdamW lr 5e-5 cosine, "
+        f"{plan.sweep_repeats} repeat(s) of 4 runs per side. Ours: `precompute-ref` once, then `dpo sweep` "
+        "(4 × (load, step-0 drift check, train, checkpoint + adapter), then `dpo compare`'s table and plot). "
+        "TRL: 4 × (load, DPOTrainer init with its precompute, train, save adapter).", "",
+        table(["", "wall s", "CPU s"], [
+            ["ours: precompute-ref + dpo sweep", f(ours_wall), f(ours_cpu)],
+            ["TRL: 4 runs, each precomputing", f(trl_wall), f(trl_cpu)],
+            ["**ours / TRL**", f"**{ratio:.2f}x**", f"**{ours_cpu / trl_cpu:.2f}x**"]]), "",
         f"Target ≤ 0.75x: {verdict(ratio <= 0.75)} ({ratio:.2f}x wall, {ours_cpu / trl_cpu:.2f}x CPU). TRL's first "
         f"logged rewards (chosen, rejected) per run: {[(round(a, 4), round(b, 4)) for a, b in rew]} (≈ 0: its "
-        "precompute is right).", "",
+        "precompute is right).", "", "Where the time goes (wall s, summed over the four runs, first repeat):", "",
+        table(["phase", "ours", "TRL"], sweep_profile(sw["ours"][0], sw["trl"][0]))]
+
+
+def sweep_profile(ours: dict, trl: dict) -> list[list]:
+    p, runs = ours["profile"], trl["runs"]
+    o_steps = sum(sum(s) for s in ours["steps"])
+    t_steps = sum(sum(r["steps"]) for r in runs)
+    t = {k: sum(r["profile"][k] for r in runs) for k in runs[0]["profile"]}
+    t_pre = sum(r["pre_wall"] for r in runs)
+    rows = [["reference pass (precompute)", f(ours["pre_wall"]), f(t_pre)],
+            ["model loads", f(p["load_policy"]), f(t["load"])],
+            ["data read + tokenize + join (ours once) / DPOTrainer init without precompute (TRL)", f(p["prepare"]),
+             f(t["init without precompute"])],
+            ["step-0 drift check (one no-grad forward per run)", f(p["drift_check"]), "-"],
+            ["training steps", f(o_steps), f(t_steps)],
+            ["checkpoint + adapter saves", f(p["save"] + p["save_adapter"]), f(t["save"])],
+            ["compare table + plot", f(p["compare"]), "-"]]
+    o_known = ours["pre_wall"] + o_steps + sum(p[k] for k in p)
+    t_known = t_pre + t_steps + t["load"] + t["init without precompute"] + t["save"]
+    rows += [["rest (metrics, optimizer set-up, trainer bookkeeping)", f(ours["wall"] - o_known),
+              f(trl["wall"] - t_known)], ["**total**", f(ours["wall"]), f(trl["wall"])]]
+    return rows
+
+
+def stage_two_lines(st: dict, plan: Plan) -> list[str]:
+    o = med(st["ours"][1:])
+    rows = []
+    for name, label in (("ours", "ours (`dpo train`, cached reference)"),
+                        ("trl_precompute", "TRL, precompute_ref_log_probs=True"),
+                        ("trl_online", "TRL, reference online (adapter disabled)")):
+        m = med(st[name][1:])
+        rows.append([label, f(m, 2), f(min(st[name][1:]), 2), f(st[name][0], 2), f"{m / o:.2f}x"])
+    return [
         "### (iv) Stage two: step time", "",
-        table(["", "median step s (steps 2..N)", "mean step s (all steps)", "vs ours (median)"], [
-            ["ours (`dpo train`, cached reference)", f(o_med, 2), f(o_mean, 2), "1.00x"],
-            ["TRL, precompute_ref_log_probs=True", f(t_med, 2), f(t_mean, 2), f"{t_med / o_med:.2f}x"],
-            ["TRL, reference online (adapter disabled)", f(n_med, 2), f(n_mean, 2), f"{n_med / o_med:.2f}x"]]), "",
-        f"Step times: time between optimizer steps (ours: optimizer post-step hook; TRL: `on_step_end` callback); "
-        f"{sum(len(s) for x in sw['ours'] for s in x['steps'])} / "
-        f"{sum(len(r['steps']) for x in sw['trl'] for r in x['runs'])} / "
-        f"{sum(len(x['steps']) for x in sw['online'])} steps measured. Batches differ in composition (each side "
-        "shuffles with its own sampler; ours length-groups within a megabatch), so the per-epoch mean is the fairer "
-        "figure on few steps."]
+        f"One fixed batch of {plan.iv_rows} pairs (rows that fit {plan.sweep_max_length} tokens; the train set is "
+        f"that one batch, so every step sees the same pairs on both sides), {plan.iv_steps} steps per variant, the "
+        "first one untimed (warm-up); same LoRA, optimizer and settings as (iii); ours with its default prompt "
+        "sharing (one [prompt|chosen|rejected] row per pair" + (f": {st['positions']['ours']} positions per forward "
+        f"against TRL's {st['positions']['trl']}" if st.get("positions") else "") + "). Step = time between "
+        "optimizer steps (ours: optimizer post-step hook; TRL: `on_step_end`).", "",
+        table(["", "median step s", "fastest step s", "first step s", "median vs ours"], rows)]
 
 
 def write_section(body: str) -> None:
@@ -661,6 +754,14 @@ def padded_tokens(encoded: list, budget: int, trl_bs: int) -> tuple[int, int]:
     return ours, trl
 
 
+def batch_positions(encoded: list) -> dict:
+    """Positions one training forward runs over for this batch: ours [prompt|chosen|rejected] rows (stage two shares
+    the prompt by default), TRL chosen and rejected rows padded to one width."""
+    from stages.precompute import batch_cost
+
+    return {"ours": batch_cost(encoded, True), "trl": batch_cost(encoded, False)}
+
+
 def sample(examples, encoded_by_id: dict, n: int, seed: int, fits) -> list:
     ok = [e for e in examples if e.example_id in encoded_by_id and fits(encoded_by_id[e.example_id])]
     idx = sorted(random.Random(seed).sample(range(len(ok)), min(n, len(ok))))
@@ -683,6 +784,7 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's and datasets' bars (ours print their own summary lines)
     if args.render:
         publish(json.loads(Path(args.render).read_text()), args.write is not False)
         return
@@ -734,13 +836,19 @@ def main() -> None:
     train = sample(text_ex, enc, plan.sweep_steps * plan.sweep_batch, 2, fits)
     sweep = phase_sweep(model, explicit_rows(train), write_jsonl(OUT / "sweep.jsonl", explicit_rows(train)), plan,
                         trl_bs, budget)
+    batch = sample(text_ex, enc, plan.iv_rows, 3, fits)
+    stage_two = phase_stage_two(model, explicit_rows(batch), write_jsonl(OUT / "iv.jsonl", explicit_rows(batch)),
+                                plan, trl_bs, budget)
+    stage_two["positions"] = batch_positions([enc[e.example_id] for e in batch])
 
     ours_fwd, trl_fwd = padded_tokens(encoded, budget, trl_bs)
     result = {"tokens": tokens, "scan": sc, "stage_one": stage_one, "chat": chat_res, "sweep": sweep,
+              "stage_two": stage_two,
               "pair_tokens": pair_tokens, "trl_bs": trl_bs, "budget": budget,
               "profile": {"ours_fwd": ours_fwd, "trl_fwd": trl_fwd,
                           "completion": sum(len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)},
-              "cmds": [precompute_cmd(model, plain_path, OUT / "plain.parquet", L, budget)] + sweep["ours"][0]["cmds"],
+              "cmds": ([precompute_cmd(model, plain_path, OUT / "plain.parquet", L, budget)] + sweep["ours"][0]["cmds"]
+                       + [stage_two["cmd"]]),
               "meta": {"plan": dataclasses.asdict(plan), "argv": sys.argv[1:], "started": started,
                        "machine": machine(args.threads), "versions": versions(), "model": rel(model),
                        "wall_total": time.perf_counter() - t0}}
@@ -759,29 +867,38 @@ def publish(result: dict, write: bool) -> None:
     log(f"done in {result['meta']['wall_total'] / 60:.1f} min")
 
 
-def notes(r: dict) -> list[str]:
+def notes(res: dict) -> list[str]:
     """The profile behind the ratios, from this run's numbers."""
-    o, t = side_stats(r["stage_one"]["runs"]["ours"]), side_stats(r["stage_one"]["runs"]["trl"])
-    ours_fwd, trl_fwd, completion = r["profile"]["ours_fwd"], r["profile"]["trl_fwd"], r["profile"]["completion"]
-    pair_tokens, sweep, trl_bs = r["pair_tokens"], r["sweep"], r["trl_bs"]
+    o, t = side_stats(res["stage_one"]["runs"]["ours"]), side_stats(res["stage_one"]["runs"]["trl"])
+    ours_fwd, trl_fwd, completion = res["profile"]["ours_fwd"], res["profile"]["trl_fwd"], res["profile"]["completion"]
+    pair_tokens, sweep, trl_bs = res["pair_tokens"], res["sweep"], res["trl_bs"]
     o_body, t_body = o["score_cpu"] - o["head_cpu"], t["score_cpu"] - t["head_cpu"]
     trl_pre = med([sum(r["pre_wall"] for r in x["runs"]) for x in sweep["trl"]])
     trl_wall = med([x["wall"] for x in sweep["trl"]])
-    trl_steps = med([sum(sum(r["steps"]) for r in x["runs"]) for x in sweep["trl"]])
-    ours_wall = med([x["wall"] for x in sweep["ours"]])
     ours_pre = med([x["pre_wall"] for x in sweep["ours"]])
-    ours_steps = med([sum(sum(s) for s in x["steps"]) for x in sweep["ours"]])
+    drift = med([x["profile"]["drift_check"] for x in sweep["ours"]])
+    swapped = (trl_wall - trl_pre + ours_pre) / trl_wall  # TRL's own runs with ONE cached reference pass
+    st = res["stage_two"]
+    step_ratio = med(st["trl_precompute"][1:]) / med(st["ours"][1:])
+    cpu, head = st["cpu"], st["head_cpu"]
+    head_gap = (head["trl_precompute"] - head["ours"]) / max(cpu["trl_precompute"] - cpu["ours"], 1e-9)
     trl_runs = [r for x in sweep["trl"] for r in x["runs"]]
     head_share = sum(r["train_head_cpu"] for r in trl_runs) / max(sum(r["train_cpu"] for r in trl_runs), 1e-9)
     trl_compact = t_body + t["head_cpu"] * completion / max(trl_fwd, 1)  # its head on completion positions only
+    per_token = (o_body / max(ours_fwd, 1)) / (t_body / max(trl_fwd, 1))  # our backbone CPU per token vs TRL's
+    mask_note = (f"; per forwarded token our backbone costs {per_token:.2f}x TRL's: the 4D attention mask of the "
+                 "[prompt|chosen|rejected] rows" if per_token > 1.02 else "")
+    pos = st.get("positions")
+    non_head = (cpu["trl_precompute"] - head["trl_precompute"]) / max(cpu["ours"] - head["ours"], 1e-9)
+    pos_note = (f" ({pos['trl']} against {pos['ours']} positions per forward on that batch, "
+                f"{pos['trl'] / pos['ours']:.2f}x)" if pos else "")
     return [
         f"- Stage-one profile (scoring CPU s): ours {o['score_cpu']:.1f} = LM head {o['head_cpu']:.1f} + backbone and "
         f"rest {o_body:.1f}; TRL {t['score_cpu']:.1f} = LM head {t['head_cpu']:.1f} + backbone and rest {t_body:.1f}. "
         f"Forwarded (padded) tokens: ours {ours_fwd} (each prompt once, length-sorted batches), TRL {trl_fwd} "
         f"(prompt twice, data order, batch size {trl_bs}); pair tokens {pair_tokens}, of which {completion} are "
         f"scored completion tokens. Backbone: TRL / ours = {t_body / max(o_body, 1e-9):.2f}x, close to the forwarded "
-        f"tokens ({trl_fwd / max(ours_fwd, 1):.2f}x; our [prompt|chosen|rejected] rows need a 4D attention mask, "
-        "which costs a little per token). LM head: TRL / ours = "
+        f"tokens ({trl_fwd / max(ours_fwd, 1):.2f}x{mask_note}). LM head: TRL / ours = "
         f"{t['head_cpu'] / max(o['head_cpu'], 1e-9):.1f}x, a CPU artefact: TRL 1.16's fused LM head "
         "(`trl.trainer.utils.add_fused_lm_head`) projects only completion positions on Triton devices but EVERY "
         "position (prompt and padding too) elsewhere, and without a ref_model the policy's head (with entropy, mean "
@@ -789,15 +906,21 @@ def notes(r: dict) -> list[str]:
         f"would take about {trl_compact:.1f} CPU s, i.e. {trl_compact / o['score_cpu']:.2f}x ours: that is the "
         "device-independent part of the stage-one gap (prompt sharing and length sorting), and roughly what to "
         "expect on a GPU (not measured here).",
-        f"- Sweep profile (wall s): ours {ours_wall:.0f} = reference pass {ours_pre:.0f} + training steps "
-        f"{ours_steps:.0f} + loads, drift checks, checkpoints and compare {ours_wall - ours_pre - ours_steps:.0f}; TRL "
-        f"{trl_wall:.0f} = reference passes {trl_pre:.0f} + training steps {trl_steps:.0f} + loads, init and saves "
-        f"{trl_wall - trl_pre - trl_steps:.0f}. The cache removes three of the four reference passes; TRL's training "
-        "steps are also slower here, for the same CPU-only reason (its fused head projects, and back-propagates "
-        f"through, every position: {100 * head_share:.0f}% of TRL's training CPU was its LM head). Without that "
-        "artefact (a GPU) the step times would be closer and the sweep ratio would come mostly from the reference "
-        "passes, so it falls as the data a sweep precomputes grows relative to the steps it trains "
-        "(TRL precomputes its whole train_dataset in every run, even for a few steps).",
+        f"- Sweep: the cache turns four reference passes ({trl_pre:.0f} s in TRL) into one ({ours_pre:.0f} s). "
+        f"That alone would make TRL's own sweep {swapped:.2f}x as long; the rest of the gap is training speed: on the "
+        f"fixed batch of (iv) a TRL step takes {step_ratio:.2f}x ours, and {100 * head_gap:.0f}% of that difference "
+        "is the same CPU-only head path (TRL's LM head, forward and backward over every position, was "
+        f"{100 * head_share:.0f}% of its training CPU in the sweep; ours, completion positions only, "
+        f"{100 * st['head_cpu']['ours'] / max(st['cpu']['ours'], 1e-9):.0f}% in (iv)). The rest is prompt sharing in "
+        "stage two: our training forward also packs each pair as one [prompt|chosen|rejected] row, so backbone "
+        f"forward and backward cover fewer positions{pos_note}; TRL's non-head training CPU is {non_head:.2f}x ours. "
+        "The online-reference variant adds one no-grad forward per step. On a GPU TRL's head is compact but "
+        f"prompt sharing stays, so expect a ratio between this one and {swapped:.2f}x; it falls further as the data "
+        "precomputed grows relative to the steps trained (TRL precomputes its whole train_dataset in every run, "
+        "even for a few steps). Our own overhead: the step-0 "
+        f"drift check costs one no-grad forward per run ({drift:.0f} s over the four runs); a fresh LoRA adapter "
+        "(B = 0) makes the first training step's forward equal to the reference, so the drift could be read from "
+        "that step for free.",
         "- TRL's precompute is redone by every run: over an in-memory `Dataset.from_list` (as here) its result goes "
         "to a temporary file under a random fingerprint; with a dataset loaded from files (`load_dataset(\"json\", "
         "...)`) a second run with the same model and rows recomputed as well (checked on the tiny model: 2 reference "

@@ -1,7 +1,7 @@
 """Tokenization: prompt and completion ids such that prompt_ids + completion_ids is exactly what the model sees.
 
-Plain rows follow TRL's DPOTrainer convention: prompt text tokenized without special tokens, completion text
-tokenized separately with EOS appended. Chat rows use the tokenizer's chat template: prompt rendered with the
+Plain rows follow TRL's DPOTrainer convention: prompt text tokenized (with BOS when the tokenizer adds one),
+completion text tokenized separately with EOS appended (once: a reply already ending with EOS keeps it). Chat rows use the tokenizer's chat template: prompt rendered with the
 generation prompt, the completion is what the full conversation adds after it, cut after the last end-of-turn
 (EOS) token so trailing template whitespace is not scored.
 """
@@ -77,7 +77,19 @@ def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token; set one in tokenizer_config.json")
-    return _ids(tokenizer, ex.prompt), _ids(tokenizer, ex.chosen) + [eos], _ids(tokenizer, ex.rejected) + [eos]
+    return _bos(tokenizer) + _ids(tokenizer, ex.prompt), _with_eos(_ids(tokenizer, ex.chosen), eos), \
+        _with_eos(_ids(tokenizer, ex.rejected), eos)
+
+
+def _bos(tokenizer) -> list[int]:
+    """[bos] when the tokenizer adds one to plain text (Llama-3 style), as TRL's prompt tokenization does."""
+    bos = tokenizer.bos_token_id
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and added[:1] == [bos] else []
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    return ids if ids and ids[-1] == eos else ids + [eos]  # a reply that already ends with EOS keeps one
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], settings: TokenizeSettings):
@@ -129,5 +141,5 @@ def tokenizer_fingerprint(tokenizer, settings: TokenizeSettings) -> dict:
         "chat_template_hash": _sha(template)[:32] if template else None,
         **asdict(settings),
         "truncation": TRUNCATION,
-        "plain_text_convention": "prompt:no_special_tokens,completion:+eos",
+        "plain_text_convention": "prompt:bos_if_tokenizer_adds_one,completion:+eos_once",
     }

@@ -112,7 +112,7 @@ def swap(text: str, swaps: dict) -> str:
 def test_the_readme_tour_runs(tour):
     root, swaps = tour
     runner = CliRunner()
-    order = ["precompute-ref", "cache info", "cache verify", "train", "sweep", "compare", "plan"]
+    order = ["precompute-ref", "cache info", "cache verify", "cache export-trl", "train", "sweep", "compare", "plan"]
     commands = [dpo_args(line) for line in bash_lines() if line.startswith("dpo ")]
     commands = [c for c in commands if c and "--config" not in c]
     ran = []

@@ -6,12 +6,11 @@ Pinned here:
   untruncated and truncated (cache --max-prompt-length = --max-length = TRL max_length), and both tokenize every
   HH row to the same ids.
 - Where TRL 1.16 tokenizes differently (so the numbers differ), each case pinned with token ids:
-  1. tokenizers that add a BOS: TRL tokenizes the prompt with special tokens, so its prompt starts with BOS; ours
-     (add_special_tokens=False) does not, and every completion token is scored after a different context;
+  1. (now the same) tokenizers that add a BOS: TRL's prompt starts with BOS, and so does ours;
   2. a token that merges across the prompt/completion boundary (prompt ending in a space or mid-word): TRL tokenizes
      prompt + completion as ONE string and starts the completion where the ids diverge, so the merged token is
      scored as completion and the prompt loses its last token; we tokenize the two texts apart;
-  3. a completion text that already ends with the EOS string: TRL does not add another; we append EOS anyway;
+  3. (now the same) a completion text already ending with the EOS string: neither side adds a second EOS;
   4. conversational rows: TRL's completion is everything the full render adds after the generation prompt, so it
      includes what the template writes after the end-of-turn token (ChatML: "\\n"); ours stops at the end-of-turn
      token. Our `sequence_logps` on TRL's ids gives TRL's numbers: the gap is that one token, not arithmetic.
@@ -166,7 +165,7 @@ def one_ours(tok, prompt, chosen, rejected) -> tuple:
 
 
 def test_where_trl_tokenizes_differently(tiny_llama: Path, tmp_path: Path):
-    """Cases 1-4 of the module docstring, each with the exact id difference."""
+    """Cases 1-4 of the module docstring: 1 and 3 now agree, 2 and 4 with the exact id difference."""
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     eos = tok.eos_token_id
     # 1. a BOS-adding tokenizer: TRL's prompt gains the BOS, completions are the same ids (after another context)
@@ -176,17 +175,17 @@ def test_where_trl_tokenizes_differently(tiny_llama: Path, tmp_path: Path):
     args = ("Human: hi\n\nAssistant:", " Hello there", " No")
     p, c, r = one_trl(bos_tok, *args, tmp_path)
     mp, mc, mr = one_ours(bos_tok, *args)
-    assert p == (bos_tok.bos_token_id,) + mp and (c, r) == (mc, mr)
+    assert p == mp and p[0] == bos_tok.bos_token_id and (c, r) == (mc, mr)
     # 2. a merge across the boundary ("bro" + "wn" -> "brown"): TRL moves the prompt's last token into the completion
     args = ("The quick bro", "wn fox", "wn dog")
     p, c, _ = one_trl(tok, *args, tmp_path)
     mp, mc, _ = one_ours(tok, *args)
     assert len(p) < len(mp) and p == mp[: len(p)] and c != mc and c[-1] == eos == mc[-1]
-    # 3. the EOS string already at the end of the completion: TRL keeps one EOS, we append a second
+    # 3. the EOS string already at the end of the completion: one EOS on both sides
     args = ("Human: hi\n\nAssistant:", " Hello there" + tok.eos_token, " No" + tok.eos_token)
     _, c, _ = one_trl(tok, *args, tmp_path)
     _, mc, _ = one_ours(tok, *args)
-    assert mc == c + (eos,) and c[-1] == eos
+    assert mc == c and c[-1] == eos and c[-2] != eos
     # 4. conversational: TRL's completion also holds the template's "\n" after the end-of-turn token
     user, reply, other = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "Hello there"}], \
         [{"role": "assistant", "content": "No"}]
