@@ -136,8 +136,9 @@ def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field
           max_length=<the cache's --max-length>, ...), train_dataset=ds, ...)
     (plain trl.DPOTrainer recomputes the columns, then fails on the duplicates).
     Same numbers as TRL's own precompute on text rows when the cache was made
-    with --max-prompt-length equal to --max-length; on conversational rows TRL also scores the template's newline after
-    the end-of-turn token, so its numbers differ by that token's log-prob.
+    with --max-prompt-length equal to --max-length; on conversational rows TRL
+    also scores the template's newline after the end-of-turn token, so its
+    numbers differ by that token's log-prob.
     """
     from .data import FieldMap
     from .export_trl import export_trl

@@ -9,7 +9,7 @@ them: implicit HH-RLHF prompts split off, repeated prompts stripped), `ref_chose
 (float64 sums over completion tokens) and `example_id`.
 
 Conventions (checked against TRL 1.16 in tests/test_trl.py): on text rows our numbers are TRL's - prompt tokenized
-alone, completion + EOS, summed over completion tokens - as long as the tokenizer adds no BOS, no token merges across
+alone (with BOS if the tokenizer adds one), completion + EOS, summed over completion tokens - as long as no token merges across
 the prompt/completion boundary, and prompts were not cut (TRL 1.16 has no max_prompt_length: it keeps the start of
 prompt + completion up to `max_length`). On conversational rows TRL also scores what the chat template writes after
 the end-of-turn token (ChatML: one "\\n"); our values stop at the end-of-turn token. `notes` says which apply.
