@@ -63,7 +63,7 @@ def data_options(fn):
 @click.option("--sort-by-length/--no-sort-by-length", default=None, help="Length-sorted batches [on].")
 @click.option("--store-token-logps/--no-store-token-logps", default=None, help="Also store per-token log-probs.")
 @click.option("--batches-per-part", type=int, default=None, help="Resume granularity [8].")
-@click.option("--chunk-size", type=int, default=None, help="Positions per LM-head chunk [1024].")
+@click.option("--chunk-size", type=int, default=None, help="Positions per LM-head chunk [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Discard unfinished parts made with other settings.")
 @click.option("--full-hash", is_flag=True, default=None, help="SHA-256 every weight byte in the fingerprint.")
 @data_options

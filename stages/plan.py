@@ -32,7 +32,7 @@ from stages.errors import UserError
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB          # CUDA context + cuBLAS workspace + NCCL buffers, per GPU
-LOGITS_CHUNK_TOKENS = 1024        # = stages.logprobs.DEFAULT_CHUNK: positions per chunk in the log-prob head
+LOGITS_CHUNK_TOKENS = 256         # = stages.logprobs.DEFAULT_CHUNK: positions per chunk in the log-prob head
 NF4_DOUBLE_QUANT = False          # as stages/models.py loads NF4 (fp32 absmax per 64-block)
 BF16, FP32 = 2, 4
 # Model types whose decoder layer is exactly: RMSNorm, q/k/v/o attention, RMSNorm, gate/up/down SwiGLU MLP.
