@@ -38,14 +38,15 @@ LABELS = {"chunked": "(i) chunked (ours)", "cache": "(i) chunked (ours)", "full"
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     S.add_common_args(p)
-    p.add_argument("--variants", default=None, help="default chunked,chunked:chunk=128,full,trl (quick: chunked,full); options after ':' joined by '+' "
-                        "(chunk=N, share=0)")
+    p.add_argument("--variants", default=None,
+                   help="default chunked,chunked:chunk=1024,full,trl (quick: chunked,full); "
+                        "options after ':' joined by '+' (chunk=N, share=0)")
     p.add_argument("--max-length", type=int, default=400, help="truncation; the longest rows then have ~this")
     p.add_argument("--max-prompt-length", type=int, default=320)
     a = p.parse_args()
     a.steps = a.steps or 1
     a.warmup = 0 if a.warmup is None else a.warmup  # memory needs no warm-up; user-CPU time barely moves with one
-    a.variants = a.variants or ("chunked,full" if a.quick else "chunked,chunked:chunk=128,full,trl")
+    a.variants = a.variants or ("chunked,full" if a.quick else "chunked,chunked:chunk=1024,full,trl")
     if a.quick and a.max_length == 400:
         a.max_length, a.max_prompt_length = 160, 128
     return a

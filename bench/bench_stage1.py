@@ -83,7 +83,7 @@ def pair_tokens(rows) -> int:
     return sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in rows)
 
 
-def score(model, pad_id, batches, shared: bool, chunk: int):
+def score(model, pad_id, batches, shared: bool):
     """Time `score_batches` over `batches`; return (Timer, {example_id: (chosen, rejected)})."""
     import pyarrow.parquet as pq
     import torch
@@ -94,7 +94,7 @@ def score(model, pad_id, batches, shared: bool, chunk: int):
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    cfg = PrecomputeConfig(model="", data=(), chunk_size=chunk, batches_per_part=8)
+    cfg = PrecomputeConfig(model="", data=(), batches_per_part=8)  # the command's default chunk size
     device = next(model.parameters()).device
     env = DistEnv(0, 1, 0, device if device.type == "cuda" else torch.device("cpu"))
     # the lead's signature gained `total` (progress bar size); pass it when present
@@ -127,11 +127,11 @@ def timed_variants(model, pad_id, rows, variants, a, on_gpu: bool) -> dict:
     times = {v: [] for v in variants}
     walls = {v: [] for v in variants}
     values = {}
-    score(model, pad_id, plan_batches(rows[:2], a.budget, True, True), True, 1024)  # warm-up (allocator, kernels)
+    score(model, pad_id, plan_batches(rows[:2], a.budget, True, True), True)  # warm-up (allocator, kernels)
     for rep in range(a.repeats):
         order = variants[rep % len(variants):] + variants[:rep % len(variants)]  # rotate: no variant always first
         for v in order:
-            timer, vals = score(model, pad_id, plans[v], ALL[v][2], 1024)
+            timer, vals = score(model, pad_id, plans[v], ALL[v][2])
             times[v].append(timer.wall if on_gpu else timer.user)
             walls[v].append(timer.wall)
             values[v] = vals
@@ -257,6 +257,8 @@ def main() -> None:
     C.set_threads(a.threads)
     import torch
 
+    from stages.precompute import PrecomputeConfig
+
     variants = a.variants.split(",")
     device, mdir, tok, encoded, pad, model, n_params = load(a)
     on_gpu = device.type == "cuda"
@@ -276,6 +278,7 @@ def main() -> None:
     desc = (f"{what}, {mdir.name} ({n_params / 1e9:.3f}B parameters) {dtype} on "
             f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}{', FSDP2 world size 1' if a.fsdp1 else ''}, "
             f"max_length {a.max_length}, max_prompt_length {a.max_prompt_length}, --max-tokens-per-batch {a.budget}, "
+            f"log-prob chunk {PrecomputeConfig.chunk_size} (the default), "
             f"{a.repeats} repeat(s) per variant, interleaved; times are {timing}"
             + (f"; peak GPU memory {gpu_mem:.1f} GiB" if gpu_mem is not None else ""))
     key = "stage1" + ("-quick" if a.quick else "") + ("-gpu" if on_gpu else "") + ("-fsdp1" if a.fsdp1 else "")

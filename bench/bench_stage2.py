@@ -42,7 +42,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradient-checkpointing", dest="grad_ckpt", action="store_false")
     p.add_argument("--pairs", type=int, default=4, help="pairs per batch")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant after the warm-up")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 1; quick 0)")
     p.add_argument("--rounds", type=int, default=1, help="run the set of variant processes this many times")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob head chunk (default: stages' default)")
@@ -65,7 +65,7 @@ def parse() -> argparse.Namespace:
                    help="pick the pairs whose longer sequence is closest to this (default 200; quick 96)")
     a = p.parse_args()
     a.steps = a.steps or (1 if a.quick else 3)
-    a.warmup = 1 if a.warmup is None else a.warmup
+    a.warmup = (0 if a.quick else 1) if a.warmup is None else a.warmup
     a.target_length = a.target_length or (96 if a.quick else 200)
     return a
 
@@ -362,7 +362,7 @@ def run_steps(a, policy, ref_fn, loss_fn) -> dict:
                 clip(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"    step {step}: user {total.user:.1f}s sys {total.sys:.1f}s wall {total.wall:.1f}s "
               f"loss {losses[-1]:.4f}", flush=True)
         if step < a.warmup:
