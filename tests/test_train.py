@@ -51,20 +51,7 @@ EVAL_KEYS = tuple("eval/" + k for k in TRAIN_KEYS[:9])
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def hh_rows(hh_path: Path, start: int, stop: int) -> list[dict]:
-    rows = []
-    with gzip.open(hh_path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i >= stop:
-                break
-            if i >= start:
-                rows.append(json.loads(line))
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+from tests.hhrows import hh_rows, write_jsonl  # noqa: E402  (shared with the other stage tests)
 
 
 def read_jsonl(path: Path) -> list[dict]:
