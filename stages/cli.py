@@ -66,6 +66,9 @@ def data_options(fn):
 @click.option("--chunk-size", type=int, default=None, help="Positions per LM-head chunk [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Discard unfinished parts made with other settings.")
 @click.option("--full-hash", is_flag=True, default=None, help="SHA-256 every weight byte in the fingerprint.")
+@click.option("--num-shards", type=int, default=None, help="Split the examples into N independent jobs [1].")
+@click.option("--shard-index", default=None, help="This job's shard, 0..N-1, or auto (Slurm array / k8s index) [0].")
+@click.option("--replicas", type=int, default=None, help="HSDP: replica groups (e.g. nodes); weights sharded within one [1].")
 @data_options
 @user_errors
 def precompute_ref(config_path, **flags):
@@ -88,6 +91,19 @@ def cache_info(path):
     from .refcache import info_text
 
     click.echo(info_text(path))
+
+
+@cache.command("merge")
+@click.argument("shard_files", nargs=-1, required=True, metavar="SHARD_FILE...")
+@click.option("--out", required=True, help="The merged cache (written atomically).")
+@user_errors
+def cache_merge(shard_files, out):
+    """Join the caches of `precompute-ref --num-shards N` jobs into one cache for `dpo train`."""
+    from .shards import merge_shards
+
+    meta = merge_shards(list(shard_files), out)
+    n = sum(s["examples"] for s in meta["merged_from"]["shards"])
+    click.echo(f"merged {meta['merged_from']['num_shards']} shards, {n} examples -> {out}")
 
 
 @cache.command("verify")
@@ -165,6 +181,7 @@ HELP = {
     "max_length": "Prompt + reply tokens (default: the cache's).", "max_prompt_length": "Prompt tokens (default: the cache's).",
     "chunk_size": "Positions per LM-head chunk.", "share_prompt": "Prompt runs once per pair (same numbers).",
     "strict": "Rows with chosen == rejected or empty replies are errors.", "resume": "Resume from the newest checkpoint.",
+    "replicas": "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.",
 }
 
 

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -62,21 +64,41 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to shard")
 
 
-def shard_model(model, env: DistEnv, reshard_after_forward: bool = True):
+def shard_model(model, env: DistEnv, reshard_after_forward: bool = True, replicas: int = 1):
     """FSDP2: one unit per decoder layer, the rest (embeddings, final norm, head) in the root unit.
 
-    The root stays gathered after forward: the log-prob head runs its chunks inside the forward but recomputes
-    them in backward (checkpointed), when the head's weight must still be whole."""
+    replicas R > 1 is HSDP: a 2-D mesh [R replica groups, world/R shards]; weights are sharded inside a group
+    (a group is S = world/R consecutive ranks, i.e. one node under torchrun) and replicated across groups;
+    gradients are reduce-scattered inside a group, then all-reduced across groups (averaged over all ranks,
+    as with plain FSDP). The root stays gathered after forward: the log-prob head runs its chunks inside the
+    forward but recomputes them in backward (checkpointed), when the head's weight must still be whole."""
+    check_replicas(replicas, env)
     if not env.enabled:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mesh = device_mesh(env, replicas)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
+
+
+def check_replicas(replicas: int, env: DistEnv) -> None:
+    if replicas < 1 or env.world_size % replicas:
+        raise UserError(f"--replicas {replicas} must be >= 1 and divide the {env.world_size} processes "
+                        f"(e.g. the number of nodes)")
+
+
+def device_mesh(env: DistEnv, replicas: int = 1):
+    """1-D mesh [world] for FSDP, or 2-D [replicas, world/replicas] named (replicate, shard) for HSDP.
+    Rank r sits in replica group r // (world/R): torchrun numbers ranks node by node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicas == 1:
+        return init_device_mesh(env.device.type, (env.world_size,))
+    return init_device_mesh(env.device.type, (replicas, env.world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def barrier(env: DistEnv) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, config, refcache
+from . import __version__, config, refcache, shards
 from .data import FieldMap, ids_digest, load_examples
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
@@ -47,6 +47,9 @@ class PrecomputeConfig:
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    num_shards: int = 1          # split the examples into N independent jobs (see stages/shards.py)
+    shard_index: str = "0"       # this job's shard: 0..N-1, or auto (SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)
+    replicas: int = 1            # HSDP: R replica groups x world/R shards (weights sharded within a group)
 
 
 def run(cfg: PrecomputeConfig) -> Path:
@@ -63,6 +66,7 @@ def run(cfg: PrecomputeConfig) -> Path:
     if not encoded:
         raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
     meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
+    encoded, out = shards.take_shard(encoded, cfg, meta, out)  # --num-shards: this shard's examples, own file
     parts = open_parts_everywhere(out, meta["manifest"], cfg.overwrite, env)
     done = refcache.done_ids(parts)
     todo = [e for e in encoded if e.example_id not in done]
@@ -75,7 +79,7 @@ def run(cfg: PrecomputeConfig) -> Path:
     model.eval()
     share = cfg.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
-    shard_model(model, env)
+    shard_model(model, env, replicas=cfg.replicas)
 
     start = time.perf_counter()
     stats = score_batches(model, tokenizer.pad_token_id, mine, steps, parts, share, cfg, env, len(todo))

@@ -190,6 +190,9 @@ def coverage_problems(df: pl.DataFrame, example_ids: list[str]) -> list[str]:
 def info_text(path: str | Path) -> str:
     df, meta = read_cache(path)
     lines = [f"cache {path}", f"  rows: {df.height}"]
+    from .shards import describe  # a shard job's cache, or one merged from N shards
+
+    lines += [line for line in [describe(meta)] if line]
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         lines.append(f"  {col}: mean {df[col].mean():.4f}  min {df[col].min():.4f}  max {df[col].max():.4f}")
     for col in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):

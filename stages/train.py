@@ -79,6 +79,7 @@ class TrainConfig:
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    replicas: int = 1  # HSDP: R replica groups x world/R shards (weights sharded within a group, e.g. a node)
 
 
 def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
@@ -99,7 +100,7 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     model = load_policy(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code),
                         LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
                         env.device, cfg.gradient_checkpointing)
-    shard_model(model, env)
+    shard_model(model, env, replicas=cfg.replicas)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step, prior_seconds, window = resume(cfg, out, model, optimizer, scheduler, env)
