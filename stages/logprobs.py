@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .encode import Encoded
+from .loss import ld_token_weights
 
 DEFAULT_CHUNK = 256  # positions per head chunk: 256 x vocab fp32 logits (48 MiB at 49k, 150 MiB at 152k)
 
@@ -46,6 +47,10 @@ class LogpOutput:
     chosen_logits_sum: torch.Tensor    # [B] detached: sum over tokens of the vocabulary-mean logit
     rejected_logits_sum: torch.Tensor  # [B]
     token_logps: list[torch.Tensor] | None = None  # 2B tensors (chosen then rejected), when asked for
+    chosen_ld_logps: torch.Tensor | None = None    # [B] LD-DPO sums (graph-connected), with ld_alpha
+    rejected_ld_logps: torch.Tensor | None = None  # [B]
+    chosen_wpo_logps: torch.Tensor | None = None   # [B] detached: sum of log p(token) - log sum_v p(v)^2, with wpo
+    rejected_wpo_logps: torch.Tensor | None = None  # [B]
 
 
 def collate_pairs(encoded: list[Encoded], pad_id: int) -> PairBatch:
@@ -74,22 +79,28 @@ def _softcap(model) -> float | None:
     return getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
 
 
-def _chunk_logps(project, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-    """hidden [c, H], targets [c] -> (log p(target) [c] fp32, vocabulary-mean logit [c] fp32 detached)."""
+def _chunk_logps(project, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, wpo: bool = False):
+    """hidden [c, H], targets [c] -> (log p(target) [c] fp32, vocabulary-mean logit [c] fp32 detached), plus with
+    wpo the detached log sum_v p(v)^2 [c] = logsumexp(2 logits) - 2 logsumexp(logits) that WPO's weights need."""
     logits = project(hidden).float()  # [c, V], lives only inside this chunk
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1), logits.detach().mean(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    if not wpo:
+        return picked - lse, logits.detach().mean(-1)
+    with torch.no_grad():
+        log_sum_sq = torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
+    return picked - lse, logits.detach().mean(-1), log_sum_sq
 
 
 class _HeadTap:
     """Pre-hook: keep the head's input [B, T, H] and hand the head an empty slice instead (no full logits).
     Post-hook (still inside the model's forward, so FSDP2 has the head's weights gathered): chunked log-probs."""
 
-    def __init__(self, model, rows, positions, targets, chunk_size):
+    def __init__(self, model, rows, positions, targets, chunk_size, wpo=False):
         self.model, self.rows, self.positions, self.targets = model, rows, positions, targets
-        self.chunk_size, self.softcap = chunk_size, _softcap(model)
+        self.chunk_size, self.softcap, self.wpo = chunk_size, _softcap(model), wpo
         self.bypass, self.hidden, self.result = False, None, None
 
     def pre(self, module, args):
@@ -104,17 +115,15 @@ class _HeadTap:
         selected = self.hidden[self.rows, self.positions]  # [N, H]: only positions that predict completion tokens
         self.hidden = None
         project = lambda h: self._project(module, h)  # noqa: E731
-        logps, means = [], []
+        outs = []  # per chunk: (log p, mean logit[, log sum p^2])
         for start in range(0, selected.shape[0], self.chunk_size):
             h, t = selected[start:start + self.chunk_size], self.targets[start:start + self.chunk_size]
             if torch.is_grad_enabled() and h.requires_grad:
-                lp, mean = checkpoint(_chunk_logps, project, h, t, self.softcap, use_reentrant=False)
+                outs.append(checkpoint(_chunk_logps, project, h, t, self.softcap, self.wpo, use_reentrant=False))
             else:
-                lp, mean = _chunk_logps(project, h, t, self.softcap)
-            logps.append(lp)
-            means.append(mean)
+                outs.append(_chunk_logps(project, h, t, self.softcap, self.wpo))
         empty = selected.new_zeros(0, dtype=torch.float32)
-        self.result = (torch.cat(logps) if logps else empty, torch.cat(means) if means else empty)
+        self.result = tuple(torch.cat(parts) for parts in zip(*outs)) if outs else (empty,) * (3 if self.wpo else 2)
         return output
 
     def _project(self, module, h):
@@ -125,11 +134,11 @@ class _HeadTap:
             self.bypass = False
 
 
-def tapped_forward(model, rows, positions, targets, chunk_size=DEFAULT_CHUNK, **forward_kwargs):
-    """Run `model(**forward_kwargs)`; return (token log-probs [N], vocab-mean logits [N], model output) for the
-    hidden states at (rows[i], positions[i]) predicting targets[i]."""
+def tapped_forward(model, rows, positions, targets, chunk_size=DEFAULT_CHUNK, wpo=False, **forward_kwargs):
+    """Run `model(**forward_kwargs)`; return (token log-probs [N], vocab-mean logits [N], model output, log sum_v
+    p(v)^2 [N] detached or None without wpo) for the hidden states at (rows[i], positions[i]) predicting targets[i]."""
     head = output_head(model)
-    tap = _HeadTap(model, rows, positions, targets, chunk_size)
+    tap = _HeadTap(model, rows, positions, targets, chunk_size, wpo)
     handles = [head.register_forward_pre_hook(tap.pre), head.register_forward_hook(tap.post)]
     try:
         out = model(**forward_kwargs)
@@ -138,7 +147,7 @@ def tapped_forward(model, rows, positions, targets, chunk_size=DEFAULT_CHUNK, **
             h.remove()
     if tap.result is None:
         raise RuntimeError("the model's forward never called its output head; this architecture is not supported")
-    return tap.result[0], tap.result[1], out
+    return tap.result[0], tap.result[1], out, (tap.result[2] if wpo else None)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -147,7 +156,27 @@ def _per_sequence(rows, values, n_seq):
     return total.index_add(0, rows, values.to(torch.float64))
 
 
-def _split_pairs(rows, logps, means, n_seq, want_tokens) -> LogpOutput:
+def token_positions(rows: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """[N] index of each scored token within its sequence (a sequence's tokens come in order, as both layouts
+    emit them)."""
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
+    in_order = torch.arange(rows.shape[0], device=rows.device) - starts.repeat_interleave(counts)
+    return torch.empty_like(in_order).index_copy_(0, order, in_order)
+
+
+def ld_sums(rows: torch.Tensor, logps: torch.Tensor, n_seq: int, alpha: float) -> torch.Tensor:
+    """LD-DPO sums [n_seq] float64 (graph-connected): token weight 1 up to the pair's shared length, alpha after
+    (loss.ld_token_weights). Sequences i and n_seq/2 + i are the chosen and rejected reply of pair i."""
+    counts = torch.bincount(rows, minlength=n_seq)
+    b = n_seq // 2
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)  # [n_seq]
+    weights = ld_token_weights(token_positions(rows, n_seq), shared[rows], alpha).to(logps.device)
+    return _per_sequence(rows, logps.to(torch.float64) * weights, n_seq)
+
+
+def _split_pairs(rows, logps, means, n_seq, want_tokens, ld_alpha=None, log_sum_sq=None) -> LogpOutput:
     b = n_seq // 2
     sums = _per_sequence(rows, logps, n_seq)
     counts = torch.bincount(rows, minlength=n_seq)
@@ -156,11 +185,20 @@ def _split_pairs(rows, logps, means, n_seq, want_tokens) -> LogpOutput:
     if want_tokens:
         order = torch.argsort(rows, stable=True)  # group by sequence; stable sort keeps token order
         tokens = list(torch.split(logps.detach()[order], counts.tolist()))
-    return LogpOutput(sums[:b], sums[b:], counts[:b], counts[b:], mean_sums[:b], mean_sums[b:], tokens)
+    out = LogpOutput(sums[:b], sums[b:], counts[:b], counts[b:], mean_sums[:b], mean_sums[b:], tokens)
+    if ld_alpha is not None:
+        ld = ld_sums(rows, logps, n_seq, ld_alpha)
+        out.chosen_ld_logps, out.rejected_ld_logps = ld[:b], ld[b:]
+    if log_sum_sq is not None:  # WPO: sum over the reply of log p(token) - log sum_v p(v)^2
+        aligned = _per_sequence(rows, logps.detach() - log_sum_sq, n_seq)
+        out.chosen_wpo_logps, out.rejected_wpo_logps = aligned[:b], aligned[b:]
+    return out
 
 
-def sequence_logps(model, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK, token_logps: bool = False) -> LogpOutput:
-    """Sum of log p(token) over completion tokens, chosen and rejected in one forward, padding masked.
+def sequence_logps(model, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK, token_logps: bool = False,
+                   ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
+    """Sum of log p(token) over completion tokens, chosen and rejected in one forward, padding masked; with
+    ld_alpha also the LD-DPO sums, with wpo also the WPO sums (see LogpOutput).
 
     Position t predicts token t+1, so we score hidden states at t where score_mask[t+1] is True.
     """
@@ -169,10 +207,10 @@ def sequence_logps(model, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK, tok
     rows, pos = batch.score_mask[:, 1:].nonzero(as_tuple=True)
     rows, pos = rows.to(device), pos.to(device)
     targets = ids[rows, pos + 1]
-    logps, means, _ = tapped_forward(
-        model, rows, pos, targets, chunk_size, input_ids=ids, attention_mask=attn, use_cache=False
+    logps, means, _, log_sum_sq = tapped_forward(
+        model, rows, pos, targets, chunk_size, wpo, input_ids=ids, attention_mask=attn, use_cache=False
     )
-    return _split_pairs(rows, logps, means, ids.shape[0], token_logps)
+    return _split_pairs(rows, logps, means, ids.shape[0], token_logps, ld_alpha, log_sum_sq)
 
 
 # ------------------------------------------------------------------------------------------- prefix sharing
@@ -219,16 +257,16 @@ def pack_triples(encoded: list[Encoded], pad_id: int):
 
 
 def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK,
-                        token_logps: bool = False) -> LogpOutput:
+                        token_logps: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
     """Same numbers as `sequence_logps`, but each prompt runs ONCE: chosen and rejected both attend to the one
     copy of its keys/values in a single forward over [prompt | chosen | rejected] rows."""
     if any(len(e.prompt_ids) == 0 for e in encoded):  # nothing to share; the plain path handles it
-        return sequence_logps(model, collate_pairs(encoded, pad_id), chunk_size, token_logps)
+        return sequence_logps(model, collate_pairs(encoded, pad_id), chunk_size, token_logps, ld_alpha, wpo)
     device = next(model.parameters()).device
     ids, pos, seg, rows, cols, targets, seqs = (t.to(device) for t in pack_triples(encoded, pad_id))
     impl = model.config._attn_implementation
     mask = _triple_mask(seg, impl, next(p for p in model.parameters() if p.is_floating_point()).dtype)
-    logps, means, _ = tapped_forward(
-        model, rows, cols, targets, chunk_size, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
-    )
-    return _split_pairs(seqs, logps, means, 2 * len(encoded), token_logps)
+    logps, means, _, log_sum_sq = tapped_forward(
+        model, rows, cols, targets, chunk_size, wpo, input_ids=ids, attention_mask=mask, position_ids=pos,
+        use_cache=False)
+    return _split_pairs(seqs, logps, means, 2 * len(encoded), token_logps, ld_alpha, log_sum_sq)

@@ -1,11 +1,21 @@
-"""DPO-family losses as pure functions of sequence log-prob tensors (no model in here).
+"""The DPO family as pure functions of sequence log-prob tensors (no model in here): every loss TRL 1.16 computes
+against a reference, under TRL's names, with mixtures, f-divergence scores, WPO weights and LD-DPO sums.
 
 Every input is a [B] tensor of summed completion log-probs (see stages/logprobs.py): the policy's and the
 reference's log p(chosen | prompt) and log p(rejected | prompt). Notation used in the docstrings:
 
-    π_c, π_r   policy log-probs of the chosen / rejected completion     [B]
-    r_c, r_r   reference log-probs of the same completions              [B]
-    h          (π_c − r_c) − (π_r − r_r), the difference of log-ratios  [B]
+    π_c, π_r   policy log-probs of the chosen / rejected completion               [B]
+    r_c, r_r   reference log-probs of the same completions                        [B]
+    ρ_c, ρ_r   log-ratios π_c − r_c, π_r − r_r                                    [B]
+    s_c, s_r   f-divergence scores f'(ρ) (reverse KL, the default: s = ρ)         [B]
+    h          s_c − s_r (reverse KL: the difference of log-ratios)               [B]
+    n_c, n_r   completion token counts                                            [B]
+    h̄          s_c/n_c − s_r/n_r, the per-token (length-normalised) difference    [B]
+    β, ε       --beta, --label-smoothing;  σ the logistic function
+
+A loss is a mixture: ((type, weight), ...) from the one-string syntax "sigmoid*0.8+bco_pair*0.2+sft" (weight 1
+when left out; YAML also takes a mapping {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}). Its value per example is
+Σ weight·loss_type, each term times the WPO weight when weighting is on; TRL's `loss_type` list + `loss_weights`.
 
 All arithmetic happens in the dtype of the inputs (the tests use float64 and float32); token counts are cast
 to that dtype. `F.logsigmoid` is used everywhere a log σ appears, so large |βh| does not overflow.
@@ -13,7 +23,11 @@ to that dtype. `F.logsigmoid` is used everywhere a log σ appears, so large |βh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,46 +35,221 @@ from torch import Tensor
 
 from stages.errors import UserError
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-_SMOOTHED = ("sigmoid", "robust")  # the loss types for which label_smoothing means something
+# TRL 1.16's reference-based loss types, in TRL's order (its error message lists them so)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # loss types that read label_smoothing (ε)
+BATCH_LEVEL = ("aot", "aot_unpaired", "sft")  # depend on the whole micro-batch, not on each example alone
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Only these are built on the chosen-rejected score difference h, so only they take another f-divergence (TRL too)
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+LossSpec_ = tuple[tuple[str, float], ...]
 
 
 class LossSettingsError(UserError, ValueError):
-    """Bad loss settings (loss type, β, ε, sft weight). A UserError for the CLI and a ValueError for callers."""
+    """Bad loss settings (loss type, β, ε, sft weight, ...). A UserError for the CLI and a ValueError for callers."""
+
+
+class LossSpec(str):
+    """The type of a loss option (`--loss`, `loss:`): a spec string, or in YAML a mapping {type: weight}.
+    Configs store the canonical plain `str` (see `canonical_loss`); this class only lets the mapping through."""
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+_TERM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\*\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?))?\s*(\+|$)")
+
+
+def _unknown(name: str, value) -> LossSettingsError:
+    near = difflib.get_close_matches(name, LOSS_TYPES, n=1, cutoff=0.5)
+    where = f"--loss {name!r}: unknown loss type" if value == name else f"--loss: unknown loss type {name!r}"
+    if near:
+        return LossSettingsError(f"{where}; did you mean {near[0]!r}? (all types: dpo train --help)")
+    return LossSettingsError(f"{where}; known: {', '.join(LOSS_TYPES)}")
+
+
+def _term_weight(name: str, weight, value) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise LossSettingsError(f"--loss {value!r}: the weight of {name!r} must be a number, got {weight!r}") from None
+    if not (w > 0 and math.isfinite(w)):
+        raise LossSettingsError(f"--loss {value!r}: the weight of {name!r} must be a positive number, got {weight!r}")
+    return w
+
+
+def parse_loss_spec(value) -> LossSpec_:
+    """"sigmoid*0.8+bco_pair*0.2+sft" | {sigmoid: 0.8, ...} | ((name, weight), ...) -> ((name, weight), ...).
+
+    Names must be LOSS_TYPES (a typo names the nearest one), each at most once, weights positive (default 1)."""
+    if isinstance(value, Mapping):
+        pairs = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+        pairs = [(str(k), v) for k, v in value]
+    elif isinstance(value, str):
+        pairs, pos = [], 0
+        while pos < len(value) or not pairs:
+            m = _TERM.match(value, pos)
+            if m is None or m.end() == pos:
+                raise LossSettingsError(f"--loss {value!r}: expected TYPE or TYPE*WEIGHT joined by '+' (e.g. "
+                                        f"'sigmoid*0.8+bco_pair*0.2+sft'), stuck at character {pos + 1}")
+            pairs.append((m.group(1), m.group(2) if m.group(2) is not None else 1.0))
+            pos = m.end()
+            if m.group(3) == "" and pos < len(value):
+                raise LossSettingsError(f"--loss {value!r}: unexpected text at character {pos + 1}")
+            if m.group(3) == "+" and pos >= len(value):
+                raise LossSettingsError(f"--loss {value!r}: a '+' must be followed by a loss type")
+    else:
+        raise LossSettingsError(f"--loss {value!r}: give a loss type, a mixture like 'sigmoid*0.8+sft', or a mapping")
+    if not pairs:
+        raise LossSettingsError(f"--loss {value!r}: give at least one loss type")
+    out = []
+    for name, weight in pairs:
+        if name not in LOSS_TYPES:
+            raise _unknown(name, value)
+        if name in (n for n, _ in out):
+            raise LossSettingsError(f"--loss {value!r}: {name!r} appears twice; give it once with the summed weight")
+        out.append((name, _term_weight(name, weight, value)))
+    return tuple(out)
+
+
+def _num(w: float) -> str:
+    return repr(float(w)).removesuffix(".0") if float(w).is_integer() and abs(w) < 1e15 else repr(float(w))
+
+
+def format_loss_spec(spec) -> str:
+    """Canonical string: "sigmoid*0.8+bco_pair*0.2+sft" (weight 1 left out). parse(format(x)) == parse(x)."""
+    return "+".join(name if w == 1.0 else f"{name}*{_num(w)}" for name, w in parse_loss_spec(spec))
+
+
+def canonical_loss(value) -> str:
+    """What a config stores for a loss option given as a string or a mapping (a plain str, YAML-safe)."""
+    return format_loss_spec(value)
+
+
+def loss_slug(spec) -> str:
+    """Readable, filesystem-safe name of a mixture for a folder: "0.8sigmoid+0.2bco_pair+sft" (only
+    [A-Za-z0-9_.+-]); a single loss of weight 1 is its name."""
+    return "+".join(name if w == 1.0 else f"{_num(w)}{name}" for name, w in parse_loss_spec(spec))
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class LossSettings:
+    """Everything that decides the loss besides the log-probs; `check` refuses what would silently differ."""
+
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+
+    @classmethod
+    def of(cls, cfg) -> "LossSettings":
+        """From any config holding these fields (TrainConfig)."""
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        """The loss in one short line: the spec, then only the settings that differ from plain DPO's (β aside):
+        "sigmoid", "robust eps=0.1", "sigmoid*0.8+sft f=js_divergence ld=0.5 wpo"."""
+        parts = [format_loss_spec(self.loss)]
+        if self.label_smoothing:
+            parts.append(f"eps={self.label_smoothing:g}")
+        if self.sft_weight:
+            parts.append(f"sft_weight={self.sft_weight:g}")
+        if self.f_divergence != "reverse_kl":
+            parts.append(f"f={self.f_divergence}" + (f"({self.f_alpha:g})" if self.f_divergence == "alpha_divergence"
+                                                       else ""))
+        if "discopop" in self.loss and self.discopop_tau != 0.05:
+            parts.append(f"tau={self.discopop_tau:g}")
+        if self.ld_alpha is not None:
+            parts.append(f"ld={self.ld_alpha:g}")
+        if self.use_weighting:
+            parts.append("wpo")
+        return " ".join(parts)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "LossSettings":
+        """From a run's config.yaml (older runs lack the newer keys: their defaults apply)."""
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
+
+    def loss_kwargs(self) -> dict:
+        """The keyword arguments of `dpo_loss` these settings decide (WPO and LD come with the log-probs)."""
+        return {"loss_type": self.loss, "beta": self.beta, "label_smoothing": self.label_smoothing,
+                "sft_weight": self.sft_weight, "f_divergence": self.f_divergence, "f_alpha": self.f_alpha,
+                "discopop_tau": self.discopop_tau}
+
+    @property
+    def components(self) -> LossSpec_:
+        return parse_loss_spec(self.loss)
+
+    def check(self) -> None:
+        names = [n for n, _ in self.components]
+        _check_numbers(self)
+        if self.label_smoothing > 0 and not set(names) & set(SMOOTHED):
+            raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not "
+                                    f"{self.loss!r}; set it to 0")
+        if "exo_pair" in names and self.label_smoothing == 0:
+            raise LossSettingsError("--loss exo_pair needs --label-smoothing > 0 (the EXO paper recommends 1e-3)")
+        if self.f_divergence not in F_DIVERGENCES:
+            raise LossSettingsError(f"--f-divergence {self.f_divergence!r} is not one of {', '.join(F_DIVERGENCES)}")
+        other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence != "reverse_kl" and other:
+            raise LossSettingsError(f"--f-divergence {self.f_divergence} works only with {', '.join(F_DIVERGENCE_LOSSES)}"
+                                    f", not {other[0]!r}; use reverse_kl with it")
+        if self.use_weighting and set(names) & {"aot", "aot_unpaired"}:
+            raise LossSettingsError("--use-weighting cannot weight aot/aot_unpaired: they sort the batch, so per-pair "
+                                    "weights would land on other pairs; drop one of the two")
+
+
+def _check_numbers(s: LossSettings) -> None:
+    if not (s.beta > 0 and math.isfinite(s.beta)):
+        raise LossSettingsError(f"beta must be > 0, got {s.beta}")
+    if not 0.0 <= s.label_smoothing < 0.5:
+        raise LossSettingsError(f"label_smoothing must be in [0, 0.5), got {s.label_smoothing}")
+    if not s.sft_weight >= 0:
+        raise LossSettingsError(f"sft_weight must be >= 0, got {s.sft_weight}")
+    if not math.isfinite(s.f_alpha):
+        raise LossSettingsError(f"--f-alpha must be a finite number, got {s.f_alpha}")
+    if not (s.discopop_tau > 0 and math.isfinite(s.discopop_tau)):
+        raise LossSettingsError(f"--discopop-tau must be > 0, got {s.discopop_tau}")
+    if s.ld_alpha is not None and not 0.0 <= s.ld_alpha <= 1.0:
+        raise LossSettingsError(f"--ld-alpha must be in [0, 1] (1: plain DPO, 0: only the shared length counts), "
+                                f"got {s.ld_alpha}")
 
 
 @dataclass(frozen=True)
 class LossOutput:
-    losses: Tensor            # [B] per-example loss (incl. the sft term when sft_weight > 0)
-    chosen_rewards: Tensor    # [B] β·(π_c − r_c), detached (ipo: from length-normalised log-probs)
-    rejected_rewards: Tensor  # [B] β·(π_r − r_r), detached (ipo: likewise)
+    losses: Tensor            # [B] per-example loss: Σ weight·term (+ the sft_weight term); mean it yourself
+    chosen_rewards: Tensor    # [B] β·ρ_c, detached (TRL's definition, for every loss type)
+    rejected_rewards: Tensor  # [B] β·ρ_r, detached
+    components: dict[str, Tensor] = field(default_factory=dict)  # type -> [B] its term (WPO-weighted), unweighted
 
 
-def _check_settings(loss_type: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
-    """Reject settings that would silently do something other than what was asked."""
-    if loss_type not in LOSS_TYPES:
-        raise LossSettingsError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    if not beta > 0:
-        raise LossSettingsError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise LossSettingsError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing > 0 and loss_type not in _SMOOTHED:
-        raise LossSettingsError(
-            f"label_smoothing applies only to loss_type sigmoid or robust, not {loss_type!r}; set it to 0")
-    if not sft_weight >= 0:
-        raise LossSettingsError(f"sft_weight must be >= 0, got {sft_weight}")
+# ------------------------------------------------------------------------------------------ f-divergences
+def f_scores(logratio: Tensor, f_divergence: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """f-DPO (Wang et al. 2023, arXiv 2309.16240, Table 1): the score f'(u) at u = π/π_ref = exp(ρ), per example.
+
+    reverse_kl: ρ (plain DPO);  forward_kl: 1 − e^{−ρ};  js_divergence: log 2 + log σ(ρ);
+    alpha_divergence: (e^{(α−1)ρ} − 1)/(α−1), with (α−1)ρ clamped at 80 as TRL does (ρ itself at α → 1).
+    """
+    if f_divergence == "reverse_kl":
+        return logratio
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if abs(alpha - 1.0) < 1e-6:  # the limit is log u = ρ
+        return logratio
+    t = ((alpha - 1.0) * logratio).clamp(max=80.0)
+    return (torch.exp(t) - 1.0) * (1.0 / (alpha - 1.0))
 
 
-def _per_token(logps: Tensor, tokens: Tensor | None, name: str) -> Tensor:
-    """Summed log-probs [B] -> mean log-prob per completion token [B] (token counts must be > 0)."""
-    if tokens is None:
-        raise ValueError(f"{name} is required here (length normalisation needs completion token counts)")
-    tokens = torch.as_tensor(tokens, device=logps.device).to(logps.dtype)
-    if tokens.shape != logps.shape:
-        raise ValueError(f"{name} has shape {tuple(tokens.shape)}, expected {tuple(logps.shape)}")
-    return logps / tokens
-
-
+# ------------------------------------------------------------------------------------------------ the losses
 def sigmoid_loss(h: Tensor, beta: float, eps: float = 0.0) -> Tensor:
     """DPO (arXiv 2305.18290, Eq. 7): L = −log σ(β·h), per example.
 
@@ -68,8 +257,8 @@ def sigmoid_loss(h: Tensor, beta: float, eps: float = 0.0) -> Tensor:
     DIVIDE by β; that is a different function of β, and the two agree only at β = 1. We follow the paper.
 
     With label smoothing ε > 0 this is conservative DPO (cDPO, Mitchell 2023): the preference label is
-    assumed flipped with probability ε, giving L = −(1−ε)·log σ(βh) − ε·log σ(−βh).
-    dL/dπ_c = −β·σ(−βh) when ε = 0.
+    assumed flipped with probability ε, giving L = −(1−ε)·log σ(βh) − ε·log σ(−βh). (TRL 1.16's sigmoid ignores
+    ε; ours keeps cDPO, so sigmoid equals TRL's only at ε = 0.)  dL/dπ_c = −β·σ(−βh) when ε = 0.
     """
     z = beta * h
     return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
@@ -87,13 +276,13 @@ def robust_loss(h: Tensor, beta: float, eps: float) -> Tensor:
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
-def ipo_loss(h: Tensor, beta: float) -> Tensor:
-    """IPO (Azar et al., arXiv 2310.12036, the empirical IPO loss with τ = β): L = (h − 1/(2β))², per example.
+def ipo_loss(h_norm: Tensor, beta: float) -> Tensor:
+    """IPO (Azar et al., arXiv 2310.12036, Eq. 17, τ = β): L = (h̄ − 1/(2β))², per example.
 
-    Here h must be built from LENGTH-NORMALISED log-probs (log p / number of completion tokens), as TRL does;
-    `dpo_loss` does that. β is the regulariser τ: the loss pulls h towards 1/(2β).
+    h̄ is built from LENGTH-NORMALISED scores (s / completion tokens), as TRL does (confirmed by the IPO
+    authors as the form behind the paper's results). The loss pulls h̄ towards 1/(2β).
     """
-    return (h - 1.0 / (2.0 * beta)) ** 2
+    return (h_norm - 1.0 / (2.0 * beta)) ** 2
 
 
 def hinge_loss(h: Tensor, beta: float) -> Tensor:
@@ -102,43 +291,186 @@ def hinge_loss(h: Tensor, beta: float) -> Tensor:
     return torch.relu(1.0 - beta * h)
 
 
+def exo_pair_loss(h: Tensor, beta: float, eps: float) -> Tensor:
+    """EXO-pref (Ji et al. 2024, arXiv 2402.00856, Eq. 16): KL(q ‖ p) over {chosen, rejected} with
+    q = (σ(βh), σ(−βh)) and the smoothed label p = (1−ε, ε), ε > 0 (the paper suggests 1e-3):
+    L = σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)."""
+    z = beta * h
+    log_pw, log_pl = math.log1p(-eps), math.log(eps)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - log_pw) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_pl)
+
+
+def nca_pair_loss(rho_c: Tensor, rho_r: Tensor, beta: float) -> Tensor:
+    """NCA (Chen et al. 2024, Noise Contrastive Alignment, arXiv 2402.05369, pairwise form), with the absolute
+    rewards βρ: L = −log σ(βρ_c) − ½·log σ(−βρ_c) − ½·log σ(−βρ_r)."""
+    zc, zr = beta * rho_c, beta * rho_r
+    return -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr)
+
+
+def bco_pair_loss(rho_c: Tensor, rho_r: Tensor, beta: float) -> Tensor:
+    """BCO on pairs (Jung et al. 2024, Binary Classifier Optimization, arXiv 2404.04656): chosen classified as
+    good, rejected as bad, from the absolute rewards: L = −log σ(βρ_c) − log σ(−βρ_r). (TRL 1.16 has no reward
+    shift δ here, so neither do we.)"""
+    return -F.logsigmoid(beta * rho_c) - F.logsigmoid(-beta * rho_r)
+
+
+def sppo_hard_loss(rho_c: Tensor, rho_r: Tensor, beta: float) -> Tensor:
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 with P = 1 for the winner, 0 for the
+    loser): L = (ρ_c − 1/(2β))² + (ρ_r + 1/(2β))²."""
+    return (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
+
+
+def aot_loss(pi_diff: Tensor, ref_diff: Tensor, beta: float, eps: float) -> Tensor:
+    """AOT paired (Melnyk et al. 2024, Distributional Preference Alignment via Optimal Transport, arXiv
+    2406.05882): sort the batch's π_c − π_r and r_c − r_r separately, pair them by rank, d = sorted(π_c − π_r) −
+    sorted(r_c − r_r); L = −(1−ε)·log σ(βd) − ε·log σ(−βd). BATCH-LEVEL: entry i belongs to rank i, not to
+    example i (only the mean means something); each process sorts its own micro-batch, so the loss changes
+    with --batch-size, gradient accumulation and the number of processes (as in TRL, which sorts per device)."""
+    d = torch.sort(pi_diff, dim=0).values - torch.sort(ref_diff, dim=0).values
+    return -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
+
+
+def aot_unpaired_loss(rho_c: Tensor, rho_r: Tensor, beta: float, eps: float) -> Tensor:
+    """AOT unpaired (arXiv 2406.05882): d = sorted(ρ_c) − sorted(ρ_r) over the micro-batch (chosen and rejected
+    as two distributions); L = −(1−ε)·log σ(βd) − ε·log σ(−βd). BATCH-LEVEL, like `aot_loss`."""
+    d = torch.sort(rho_c, dim=0).values - torch.sort(rho_r, dim=0).values
+    return -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
+
+
+def apo_zero_loss(rho_c: Tensor, rho_r: Tensor, beta: float) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, Anchored Preference Optimization, arXiv 2408.06266, Eq. 7): raise
+    chosen, lower rejected, each anchored at the reference: L = 1 − σ(βρ_c) + σ(βρ_r). For chosen replies better
+    than the model's own outputs."""
+    return 1 - torch.sigmoid(beta * rho_c) + torch.sigmoid(beta * rho_r)
+
+
+def apo_down_loss(rho_c: Tensor, rho_r: Tensor, beta: float) -> Tensor:
+    """APO-down (arXiv 2408.06266, Eq. 8): lower both, the rejected more: L = σ(βρ_c) + 1 − σ(β(ρ_c − ρ_r)).
+    For chosen replies worse than the model's own outputs."""
+    return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(beta * (rho_c - rho_r))
+
+
+def discopop_loss(h: Tensor, beta: float, tau: float) -> Tensor:
+    """DiscoPOP / log-ratio modulated loss (Lu et al. 2024, arXiv 2406.08414, Eq. 5), z = βh:
+    L = (1 − σ(z/τ))·(−log σ(z)) + σ(z/τ)·e^{−z}; τ = --discopop-tau (paper and TRL default 0.05)."""
+    z = beta * h
+    m = torch.sigmoid(z / tau)
+    return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+
+
+def sigmoid_norm_loss(h_norm: Tensor, beta: float) -> Tensor:
+    """Length-normalised DPO (Tülu 3, Lambert et al. 2024, arXiv 2411.15124, "DPO-norm"): L = −log σ(β·h̄),
+    with h̄ the difference of per-token scores."""
+    return -F.logsigmoid(beta * h_norm)
+
+
+def sft_loss(pi_c: Tensor, n_c: Tensor) -> Tensor:
+    """TRL's `sft` term (the NLL of MPO, Wang et al. 2024, arXiv 2411.10442; RPO, Pang et al. 2024, arXiv
+    2404.19733): the mean NLL over ALL chosen tokens of the micro-batch, −Σ_i π_c,i / Σ_i n_c,i, the same value
+    for every example. BATCH-LEVEL: a long reply weighs more than a short one, and the value is per micro-batch
+    and per process (TRL likewise). `--sft-weight` is the other convention: see `dpo_loss`."""
+    return (-pi_c.sum() / n_c.sum()).expand(pi_c.shape[0])
+
+
+def wpo_weights(chosen_wpo_logps: Tensor, rejected_wpo_logps: Tensor, n_c: Tensor, n_r: Tensor) -> Tensor:
+    """WPO (Zhou et al. 2024, arXiv 2406.11827, Eq. 2 with the sampling-aligned probabilities), per pair:
+    w = exp(mean_t [log p(y_t) − log Σ_v p(v)²]) of the chosen reply × the same of the rejected, detached.
+    Inputs are the per-reply sums Σ_t (log p(y_t) − log Σ_v p(v)²) computed in the chunked head."""
+    with torch.no_grad():
+        return torch.exp(chosen_wpo_logps / n_c.clamp(min=1)) * torch.exp(rejected_wpo_logps / n_r.clamp(min=1))
+
+
+def ld_token_weights(position: Tensor, shared: Tensor, alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, Length Desensitization in DPO, arXiv 2409.06411, Eq. 9): a reply's log-prob is
+    Σ_{t ≤ l_s} log p_t + α·Σ_{t > l_s} log p_t with l_s = min(n_c, n_r), the pair's shared length; as token
+    weights: 1 where position < l_s (0-based), α after. Used for the policy (logprobs.py) and reference (prepare.py)."""
+    return torch.where(position < shared, torch.ones((), dtype=torch.float64), torch.full((), float(alpha),
+                                                                                              dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------ dpo_loss
+def _tokens(tokens: Tensor | None, like: Tensor, name: str) -> Tensor:
+    if tokens is None:
+        raise ValueError(f"{name} is required here (length normalisation needs completion token counts)")
+    tokens = torch.as_tensor(tokens, device=like.device).to(like.dtype)
+    if tokens.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}, expected {tuple(like.shape)}")
+    return tokens
+
+
+def _term(name: str, v: dict, s: LossSettings) -> Tensor:
+    """One loss type from the prepared values v (see dpo_loss)."""
+    b, eps = s.beta, s.label_smoothing
+    if name in ("sigmoid", "hinge", "exo_pair", "robust", "discopop"):
+        h = v["h"]
+        return {"sigmoid": lambda: sigmoid_loss(h, b, eps), "hinge": lambda: hinge_loss(h, b),
+                "exo_pair": lambda: exo_pair_loss(h, b, eps), "robust": lambda: robust_loss(h, b, eps),
+                "discopop": lambda: discopop_loss(h, b, s.discopop_tau)}[name]()
+    if name in ("ipo", "sigmoid_norm"):
+        h_norm = v["s_c"] / v["n_c"].clamp(min=1) - v["s_r"] / v["n_r"].clamp(min=1)
+        return ipo_loss(h_norm, b) if name == "ipo" else sigmoid_norm_loss(h_norm, b)
+    if name == "aot":
+        return aot_loss(v["pi_c"] - v["pi_r"], v["r_c"] - v["r_r"], b, eps)
+    if name == "aot_unpaired":
+        return aot_unpaired_loss(v["rho_c"], v["rho_r"], b, eps)
+    if name == "sft":
+        return sft_loss(v["sft_c"], v["n_c"])
+    fn = {"nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
+          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}[name]
+    return fn(v["rho_c"], v["rho_r"], b)
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-             loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
              sft_weight: float = 0.0, chosen_tokens: Tensor | None = None,
-             rejected_tokens: Tensor | None = None) -> LossOutput:
-    """Per-example preference losses and rewards from four [B] log-prob tensors.
+             rejected_tokens: Tensor | None = None, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+             discopop_tau: float = 0.05, chosen_wpo_logps: Tensor | None = None,
+             rejected_wpo_logps: Tensor | None = None, chosen_sft_logps: Tensor | None = None) -> LossOutput:
+    """Per-example losses and rewards of a loss mixture from four [B] log-prob tensors (π_c, π_r, r_c, r_r).
 
-    loss_type: "sigmoid" (DPO Eq. 7, cDPO when label_smoothing > 0), "robust" (rDPO), "ipo" (length-normalised
-    log-probs; needs chosen_tokens and rejected_tokens), "hinge" (SLiC). See the functions above for formulas.
-    sft_weight w > 0 adds w·(−π_c / chosen_tokens), the per-token NLL of the chosen completion, to each loss
-    (needs chosen_tokens). Rewards are β·(π − r), detached; for ipo they use the normalised log-probs.
-    Reduce `losses` yourself (e.g. .mean()); nothing here averages over the batch.
+    loss_type: a LOSS_TYPES name or a mixture ("sigmoid*0.8+bco_pair*0.2+sft", a mapping, or parsed pairs); each
+    term is one function above. chosen_tokens / rejected_tokens (n_c, n_r) are needed by ipo, sigmoid_norm, sft,
+    sft_weight and WPO. f_divergence / f_alpha replace ρ by the score f'(e^ρ) where a term uses h (see f_scores).
+    WPO (--use-weighting): give chosen_wpo_logps / rejected_wpo_logps; every term is multiplied by `wpo_weights`.
+    LD-DPO: pass LD-weighted sums as π and r (ld_token_weights), and the plain sum of the chosen reply as
+    chosen_sft_logps, which the sft terms use (as TRL's sft uses the unweighted per-token log-probs).
+    sft_weight w > 0 adds w·(−π_c / n_c), the per-token NLL of EACH chosen reply (our older convention, a mean over
+    examples; the `sft` type is TRL's mean over all chosen tokens of the batch), not WPO-weighted.
+    Rewards are β·ρ for every type (TRL's; ipo too). Reduce `losses` yourself (e.g. .mean()).
     """
-    _check_settings(loss_type, beta, label_smoothing, sft_weight)
+    s = LossSettings(format_loss_spec(loss_type), beta, label_smoothing, sft_weight, f_divergence, f_alpha,
+                     discopop_tau, chosen_wpo_logps is not None)
+    s.check()
     shape = policy_chosen_logps.shape
     for name, t in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
                     ("ref_rejected_logps", ref_rejected_logps)):
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    if loss_type == "ipo":  # IPO works on mean per-token log-probs, rewards too
-        pc, rc = _per_token(pc, chosen_tokens, "chosen_tokens"), _per_token(rc, chosen_tokens, "chosen_tokens")
-        pr = _per_token(pr, rejected_tokens, "rejected_tokens")
-        rr = _per_token(rr, rejected_tokens, "rejected_tokens")
-    chosen_logratio, rejected_logratio = pc - rc, pr - rr  # [B] each
-    h = chosen_logratio - rejected_logratio                  # [B]
-    if loss_type == "sigmoid":
-        losses = sigmoid_loss(h, beta, label_smoothing)
-    elif loss_type == "robust":
-        losses = robust_loss(h, beta, label_smoothing)
-    elif loss_type == "ipo":
-        losses = ipo_loss(h, beta)
-    else:
-        losses = hinge_loss(h, beta)
+    names = [n for n, _ in s.components]
+    wpo = chosen_wpo_logps is not None
+    wants_r = bool(set(names) & {"ipo", "sigmoid_norm"}) or wpo  # n_r: normalised scores, WPO weights
+    wants_c = wants_r or "sft" in names or sft_weight > 0           # n_c: those and the sft terms
+    n_c = _tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens") if wants_c else None
+    n_r = _tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens") if wants_r else None
+    rho_c, rho_r = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps  # [B] each
+    s_c, s_r = f_scores(rho_c, f_divergence, f_alpha), f_scores(rho_r, f_divergence, f_alpha)
+    sft_c = policy_chosen_logps if chosen_sft_logps is None else chosen_sft_logps
+    v = {"pi_c": policy_chosen_logps, "pi_r": policy_rejected_logps, "r_c": ref_chosen_logps, "r_r": ref_rejected_logps,
+         "rho_c": rho_c, "rho_r": rho_r, "s_c": s_c, "s_r": s_r, "h": s_c - s_r, "n_c": n_c, "n_r": n_r, "sft_c": sft_c}
+    weights = None
+    if wpo:
+        if rejected_wpo_logps is None:
+            raise ValueError("rejected_wpo_logps is required with chosen_wpo_logps")
+        weights = wpo_weights(chosen_wpo_logps.to(rho_c.dtype), rejected_wpo_logps.to(rho_c.dtype), n_c, n_r)
+    losses, components = torch.zeros_like(rho_c), {}
+    for name, w in s.components:
+        term = _term(name, v, s)
+        if weights is not None:
+            term = term * weights
+        components[name] = term
+        losses = losses + w * term
     if sft_weight > 0:
-        nll = -_per_token(policy_chosen_logps, chosen_tokens, "chosen_tokens")  # [B] per-token NLL of chosen
-        losses = losses + sft_weight * nll
-    return LossOutput(losses=losses,
-                      chosen_rewards=(beta * chosen_logratio).detach(),
-                      rejected_rewards=(beta * rejected_logratio).detach())
+        losses = losses + sft_weight * (-sft_c / n_c)  # [B] per-token NLL of each chosen reply
+    return LossOutput(losses=losses, chosen_rewards=(beta * rho_c).detach(), rejected_rewards=(beta * rho_r).detach(),
+                      components=components)

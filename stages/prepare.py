@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+import torch
 
 from . import refcache
 from .data import FieldMap, load_examples
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
+from .loss import ld_token_weights
 from .models import check_model_dir, folder_fingerprint, load_tokenizer
 from .verify import token_count_problems
 
@@ -50,12 +52,36 @@ def _settings(meta: dict, max_length, max_prompt_length) -> TokenizeSettings:
     )
 
 
-def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str) -> list[Item]:
+def ld_reference(chosen: list[float], rejected: list[float], alpha: float) -> tuple[float, float]:
+    """LD-DPO reference sums of one pair from the cache's per-token log-probs (loss.ld_token_weights), float64."""
+    shared = min(len(chosen), len(rejected))
+    out = []
+    for tokens in (chosen, rejected):
+        values = torch.tensor(tokens, dtype=torch.float64)
+        out.append(float((values * ld_token_weights(torch.arange(len(tokens)), torch.tensor(shared), alpha)).sum()))
+    return out[0], out[1]
+
+
+def _ld_values(df: pl.DataFrame, cache_path: str, alpha: float) -> dict[str, tuple[float, float]]:
+    """example id -> LD-DPO reference sums; one line when the cache has no per-token values."""
+    if not all(name in df.columns for name, _ in refcache.TOKEN_FIELDS):
+        raise UserError(f"{cache_path}: --ld-alpha needs per-token reference log-probs, which this cache lacks; "
+                        "rerun `dpo precompute-ref --store-token-logps`")
+    columns = (df["ref_chosen_token_logps"].to_list(), df["ref_rejected_token_logps"].to_list())
+    return {i: ld_reference(c, r, alpha) for i, c, r in zip(df["example_id"].to_list(), *columns)}
+
+
+def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str, ld_alpha=None) -> list[Item]:
     problems = refcache.coverage_problems(df, [e.example_id for e in encoded])
     problems += token_count_problems(df, encoded)
     if problems:
         raise UserError(f"{cache_path}: {what} data: {problems[0]}; rerun `dpo precompute-ref` over these files")
-    ref = dict(zip(df["example_id"].to_list(), zip(df["ref_chosen_logps"].to_list(), df["ref_rejected_logps"].to_list())))
+    if ld_alpha is not None:  # LD-DPO: the reference side of the loss is the LD-weighted sum
+        wanted = df.filter(pl.col("example_id").is_in([e.example_id for e in encoded]))
+        ref = _ld_values(wanted, cache_path, ld_alpha)
+    else:
+        ref = dict(zip(df["example_id"].to_list(), zip(df["ref_chosen_logps"].to_list(),
+                                                       df["ref_rejected_logps"].to_list())))
     return [Item(e, *ref[e.example_id]) for e in encoded]
 
 
@@ -64,6 +90,8 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
     trust_remote_code, allow_cache_mismatch. `cache` lets a sweep pass the one cache it has read."""
     check_model_dir(cfg.model)
     df, meta = cache if cache is not None else refcache.read_cache(cfg.ref_cache)
+    if getattr(cfg, "ld_alpha", None) is not None:
+        _ld_values(df.head(0), cfg.ref_cache, cfg.ld_alpha)  # no per-token values: one line now, not after tokenizing
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)
     problems = refcache.tokenization_problems(meta, tokenizer_fingerprint(tokenizer, settings), cfg.allow_cache_mismatch)
@@ -85,7 +113,7 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
         examples, report = load_examples(paths, fields, cfg.strict)
         encoded, too_long = encode_examples(tokenizer, examples, settings)
         notes.append(f"{what} data: {report.summary()}" + (f"; {too_long} too long for --max-length" if too_long else ""))
-        sets.append(_join(encoded, df, cfg.ref_cache, what))
+        sets.append(_join(encoded, df, cfg.ref_cache, what, getattr(cfg, "ld_alpha", None)))
     if not sets[0]:
         raise UserError(f"{', '.join(cfg.data)}: no training examples left after validation and truncation")
     return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes)

@@ -88,8 +88,9 @@ def test_ipo_uses_length_normalised_logps():
     out = dpo_loss(t(-4.0), t(-8.0), t(-6.0), t(-8.0), loss_type="ipo", beta=0.25,
                    chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
     assert out.losses.item() == pytest.approx(1.0, abs=1e-12)
-    # rewards from normalised logps: 0.25·(−2+3) = 0.25, 0.25·(−2+2) = 0
-    assert out.chosen_rewards.tolist() == pytest.approx([0.25])
+    # rewards are TRL's β·(π − r) of the SUMMED log-probs for every loss type, ipo too (issue 14, 5a):
+    # 0.25·(−4+6) = 0.5, 0.25·(−8+8) = 0  (the per-token form would give 0.25·(−2+3) = 0.25)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.5])
     assert out.rejected_rewards.tolist() == pytest.approx([0.0])
 
 
@@ -156,14 +157,14 @@ def test_float32_dtype_kept_and_stable():
 
 def test_errors():
     a = t(-1.0)
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="unknown loss type"):
         dpo_loss(a, a, a, a, loss_type="kto")
-    with pytest.raises(UserError, match="loss_type"):  # the same error is a UserError for the CLI
+    with pytest.raises(UserError, match="unknown loss type"):  # the same error is a UserError for the CLI
         dpo_loss(a, a, a, a, loss_type="kto")
     for eps in (0.5, 0.7, -0.1):
         with pytest.raises(ValueError, match="label_smoothing"):
             dpo_loss(a, a, a, a, loss_type="robust", label_smoothing=eps)
-    with pytest.raises(ValueError, match="label_smoothing"):
+    with pytest.raises(ValueError, match="label-smoothing"):
         dpo_loss(a, a, a, a, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(a, a, a, a, beta=0.0)
@@ -175,4 +176,5 @@ def test_errors():
         dpo_loss(a, a, a, a, sft_weight=0.1)
     with pytest.raises(ValueError, match="shape"):
         dpo_loss(t(-1.0, -2.0), a, a, a)
-    assert LOSS_TYPES == ("sigmoid", "robust", "ipo", "hinge")
+    assert set(LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
