@@ -1,12 +1,23 @@
 """Read and validate preference rows (prompt / chosen / rejected) and give each a stable content id.
 
-Accepted files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (a JSON list of rows, or JSON lines), ``.json.gz``, ``.parquet``.
+Accepted sources (each ``--data`` value):
+
+- files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (a JSON list of rows, or JSON lines), ``.json.gz``, ``.parquet``;
+- a folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict: the split ``--data-split``);
+- a Hugging Face dataset: a Hub id ``owner/name[@config][:split]`` or a dataset repo laid out in a local folder,
+  read with ``datasets.load_dataset`` (so a Hub id works offline from the local HF cache, ``HF_HUB_OFFLINE=1``).
+  ``:split`` after a folder or id overrides ``--data-split`` (default ``train``).
+
+Rows arrive as the same Python dicts whatever the source, so content ids do not depend on it.
 Accepted row shapes (field names mappable with ``FieldMap``; other columns are ignored):
 
 1. explicit text: ``prompt``, ``chosen``, ``rejected`` strings;
 2. conversational: ``chosen``/``rejected`` lists of ``{"role", "content"}`` messages; ``prompt`` a string (one user
    message), a message list, or absent (then the prompt is the messages both conversations share, as in
-   UltraFeedback or orpo-dpo-mix-40k, whose chosen/rejected repeat the user turn);
+   UltraFeedback or orpo-dpo-mix-40k, whose chosen/rejected repeat the user turn). When chosen/rejected are whole
+   conversations that contain the given prompt as one of their shared turns (orpo-dpo-mix: ``prompt`` is the first
+   user turn, after an optional system message; other sets: the last user turn), the prompt is again the whole
+   shared message prefix and the replies are what follows it, so no turn is fed twice;
 3. implicit-prompt transcripts (HH-RLHF): ``chosen``/``rejected`` strings and no prompt; the prompt is their shared
    text up to and including the last ``"\\n\\nAssistant:"``.
 
@@ -21,6 +32,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +46,10 @@ Text = str | tuple  # a string (text rows) or a tuple of messages (chat rows)
 ASSISTANT_MARK = "\n\nAssistant:"  # HH-RLHF turn marker; implicit prompts end with the last shared one
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 DEFAULT_PROMPT_FIELD = "prompt"
+DEFAULT_SPLIT = "train"  # split of a saved DatasetDict or a Hub dataset when the source names none (--data-split)
+SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict / Dataset)
+OTHER_FILE_TYPES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".gz", ".zip", ".yaml", ".yml")  # not Hub ids
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or owner/name
 
 # Skip reasons (keys of LoadReport.skipped).
 EQUAL = "chosen equals rejected"
@@ -98,6 +114,17 @@ class LoadReport:
 
 
 @dataclass(frozen=True)
+class _Source:
+    """One --data value, resolved: a file, a save_to_disk folder, or a `datasets.load_dataset` target."""
+
+    kind: str  # "file" | "saved" | "hub" (a Hub id, or a dataset repo in a local folder)
+    path: str  # the file or folder, or the Hub id, without @config / :split
+    source: str  # how errors and reports name it: as given, plus ":split" where a split was chosen
+    split: str = DEFAULT_SPLIT
+    config: str | None = None
+
+
+@dataclass(frozen=True)
 class _Where:
     """Location of a row, to build one-line errors: "<file>: row <n>, field '<f>': <problem>; <fix>"."""
 
@@ -113,17 +140,19 @@ class _Where:
 
 
 def load_examples(
-    paths: Sequence[str | Path], fields: FieldMap = FieldMap(), strict: bool = False
+    paths: Sequence[str | Path], fields: FieldMap = FieldMap(), strict: bool = False, split: str = DEFAULT_SPLIT
 ) -> tuple[list[Example], LoadReport]:
-    """Read every row of every file, in order; returns the kept examples and the counts.
+    """Read every row of every source (file, saved dataset folder, Hub id), in order; returns the kept examples
+    and the counts. ``split`` is used by dataset sources that name no ``:split`` of their own.
 
     Raises UserError on the first structural problem (and, with ``strict``, on equal or empty completions).
     """
-    files = _check_paths(paths)  # fail on a missing file before spending time reading the others
+    sources = _check_paths(paths, split)  # fail on a missing file before spending time reading the others
     report, examples, seen = LoadReport(), [], set()
-    for path, source in files:
+    for src in sources:
+        source = src.source
         read_before = report.read
-        for row_no, row in _read_rows(path, source):
+        for row_no, row in _read_rows(src):
             report.read += 1
             result = _example_from_row(row, fields, _Where(source, row_no), strict)
             if isinstance(result, str):  # a skip reason
@@ -135,7 +164,8 @@ def load_examples(
                 examples.append(result)
         n_rows = report.read - read_before
         if n_rows == 0:
-            raise UserError(f"{source}: the file has no rows; check that it is the right file and not empty")
+            what = "file" if src.kind == "file" else "dataset split"
+            raise UserError(f"{source}: the {what} has no rows; check that it is the right {what} and not empty")
         report.files[source] = report.files.get(source, 0) + n_rows
     report.kept = len(examples)
     return examples, report
@@ -173,28 +203,60 @@ def _file_kind(path: Path) -> str | None:
     return None
 
 
-def _check_paths(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
-    """Existing files with a supported extension, as (path, path as given)."""
+def _check_paths(paths: Sequence[str | Path], split: str = DEFAULT_SPLIT) -> list[_Source]:
+    """Every --data value resolved to a source that exists (files) or may be loaded (datasets)."""
     if isinstance(paths, (str, Path)):  # a lone path is an easy mistake; accept it
         paths = [paths]
     if not paths:
-        raise UserError("no data files given; pass one or more .jsonl, .jsonl.gz, .json or .parquet files")
-    checked = []
-    for p in paths:
-        path, source = Path(p), str(p)
-        if _file_kind(path) is None:
-            raise UserError(f"{source}: unsupported file type; use one of {', '.join(SUPPORTED)}")
+        raise UserError("no data files given; pass .jsonl, .jsonl.gz, .json or .parquet files, a save_to_disk "
+                        "folder or a Hub dataset id")
+    return [_resolve(p, split) for p in paths]
+
+
+def _resolve(given: str | Path, split: str) -> _Source:
+    path, source = Path(given), str(given)
+    if _file_kind(path) is not None:
         if not path.exists():
             raise UserError(f"{source}: no such file; check the path")
         if not path.is_file():
             raise UserError(f"{source}: not a regular file; pass the data files themselves, not a folder")
-        checked.append((path, source))
-    return checked
+        return _Source("file", source, source)
+    if path.is_file() or path.suffix.lower() in OTHER_FILE_TYPES:
+        raise UserError(f"{source}: unsupported file type; use one of {', '.join(SUPPORTED)}, a save_to_disk "
+                        "folder or a Hub dataset id")
+    base, config, own_split = _split_spec(source)
+    if Path(base).is_dir():
+        saved = any((Path(base) / m).is_file() for m in SAVED_MARKERS)
+        single = saved and not (Path(base) / SAVED_MARKERS[0]).is_file()  # a Dataset: no splits to choose
+        label = source if own_split or single else f"{source}:{split}"
+        return _Source("saved" if saved else "hub", base, label, own_split or split, config)
+    if isinstance(given, Path) or not HUB_ID.match(base):
+        raise UserError(f"{source}: no such file or folder, and not a Hub dataset id (owner/name[@config][:split]); "
+                        f"check the path; files must end in one of {', '.join(SUPPORTED)}")
+    return _Source("hub", base, source if own_split else f"{source}:{split}", own_split or split, config)
 
 
-def _read_rows(path: Path, source: str) -> Iterator[tuple[int, object]]:
-    """Yield (row number, parsed row) for one file; I/O and decompression failures become UserError."""
-    kind = _file_kind(path)
+def _split_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """"owner/name@config:split" -> (owner/name, config, split); either suffix may be absent. A path that exists
+    as given is never split (a folder may contain ':' or '@')."""
+    if Path(spec).exists():
+        return spec, None, None
+    base, split = spec, None
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and tail and "/" not in tail and "@" not in tail:
+        base, split = head, tail
+    head, sep, tail = base.rpartition("@")
+    if sep and head and tail and "/" not in tail:
+        return head, tail, split
+    return base, None, split
+
+
+def _read_rows(src: _Source) -> Iterator[tuple[int, object]]:
+    """Yield (row number, parsed row) for one source; I/O and decompression failures become UserError."""
+    if src.kind != "file":
+        yield from _dataset_rows(src)
+        return
+    path, source, kind = Path(src.path), src.source, _file_kind(Path(src.path))
     try:
         if kind == ".parquet":
             yield from _parquet_rows(path, source)
@@ -206,6 +268,37 @@ def _read_rows(path: Path, source: str) -> Iterator[tuple[int, object]]:
     except (OSError, EOFError, zlib.error) as err:
         reason = _one_line(getattr(err, "strerror", None) or str(err) or type(err).__name__)
         raise UserError(f"{source}: cannot read the file ({reason}); check that it is a valid {kind} file") from err
+
+
+def _dataset_rows(src: _Source) -> Iterator[tuple[int, object]]:
+    """Rows of a save_to_disk folder or a `load_dataset` target, as plain dicts (list<struct> -> list of dicts)."""
+    dataset = _open_dataset(src)
+    yield from enumerate(dataset, start=1)
+
+
+def _open_dataset(src: _Source):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{src.source}: reading Hugging Face datasets needs the datasets package: "
+                        "pip install 'dpo-stages[datasets]'") from None
+    datasets.disable_progress_bars()  # our own summary line says what was read
+    try:
+        if src.kind == "saved":
+            loaded = datasets.load_from_disk(src.path)
+        else:
+            loaded = datasets.load_dataset(src.path, src.config, split=src.split)
+    except Exception as err:  # noqa: BLE001 - the library raises many types (OSError, ValueError, hub errors...)
+        reason = _one_line(str(err) or type(err).__name__, 120)
+        fix = ("check the id, config and split; offline, the dataset must be in the local HF cache "
+               "(HF_HUB_OFFLINE=1 skips the network)") if src.kind == "hub" else "check the folder"
+        raise UserError(f"{src.source}: cannot load the dataset ({reason}); {fix}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if src.split not in loaded:
+            raise UserError(f"{src.source}: no split {src.split!r} (it has {', '.join(loaded)}); "
+                            "pick one with --data-split or FOLDER:SPLIT")
+        loaded = loaded[src.split]
+    return loaded
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -401,9 +494,10 @@ def _chat_pair(prompt: object, chosen_raw: Sequence, rejected_raw: Sequence, fie
         else:
             raise where.error(fields.prompt, f"expected a string or a list of messages, got {_type_name(prompt)}",
                               "give the prompt as text or as {role, content} messages")
-        n = len(prompt_msgs)
-        if chosen[:n] == prompt_msgs and rejected[:n] == prompt_msgs:  # whole conversations: keep the replies only
-            chosen, rejected = chosen[n:], rejected[n:]
+        if _within_shared_turns(prompt_msgs, chosen, rejected):
+            # whole conversations repeating the prompt (orpo-dpo-mix: `prompt` is the first user turn, maybe after
+            # a system message; others: the last user turn): the prompt is everything the two share
+            prompt_msgs, chosen, rejected = _split_shared_messages(chosen, rejected, fields, where)
     if not prompt_msgs or not any(m["content"].strip() for m in prompt_msgs):
         raise where.error(fields.prompt, "the prompt is empty", "every pair needs a prompt to condition on")
     for completion, name in ((chosen, fields.chosen), (rejected, fields.rejected)):
@@ -412,6 +506,17 @@ def _chat_pair(prompt: object, chosen_raw: Sequence, rejected_raw: Sequence, fie
             raise where.error(name, f"the reply after the prompt starts with a '{completion[0]['role']}' message",
                               "the completion must start with an assistant message; check the prompt and message order")
     return prompt_msgs, chosen, rejected, True
+
+
+def _within_shared_turns(prompt: tuple, chosen: tuple, rejected: tuple) -> bool:
+    """True when the prompt's messages appear, in order and contiguous, among the leading messages chosen and
+    rejected share (role equal, content equal up to surrounding whitespace)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    key = lambda m: (m["role"], m["content"].strip())  # noqa: E731
+    want, shared = [key(m) for m in prompt], [key(m) for m in chosen[:k]]
+    return any(shared[i:i + len(want)] == want for i in range(len(shared) - len(want) + 1))
 
 
 def _split_shared_messages(chosen: tuple, rejected: tuple, fields: FieldMap, where: _Where):

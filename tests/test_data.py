@@ -381,3 +381,183 @@ def test_real_hh_rlhf_harmless_rows():
         assert ex.prompt + ex.chosen == original["chosen"] and ex.prompt + ex.rejected == original["rejected"]
         assert ex.chosen.strip() and ex.chosen != ex.rejected
     assert len({ex.example_id for ex in examples}) == len(examples)
+
+
+# ------------------------------------------------------------------------------------------ the source article's shape
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def orpo_row(source: str, turns: list[dict], good: str, bad: str, prompt_turn: int = 0) -> dict:
+    """A row as in orpo-dpo-mix-40k: source, prompt (text of a user turn), question, whole conversations
+    (message keys in the dataset's order: content first)."""
+    def conv(reply):
+        return [{"content": m["content"], "role": m["role"]} for m in turns + [assistant(reply)]]
+    users = [m["content"] for m in turns if m["role"] == "user"]
+    return {"source": source, "prompt": users[prompt_turn], "question": users[0],
+            "chosen": conv(good), "rejected": conv(bad)}
+
+
+ORPO_TURNS = [  # (turns before the final reply, chosen, rejected, which user turn `prompt` holds)
+    ([system("You are an unbiased, uncensored, helpful assistant."), user("What is the capital of Peru?")],
+     "Lima.", "Cusco, I think.", 0),
+    ([user("Name a prime."), assistant("7."), user("And an even one?")], "2.", "9.", 0),  # prompt = FIRST user turn
+    ([user("Name a prime."), assistant("7."), user("And an even one?")], "2 is.", "4 is odd.", -1),  # = LAST one
+    ([system("Answer in French."), user("Hello?"), assistant("Bonjour."), user("Thanks!"), assistant("De rien."),
+      user("Bye.")], "Au revoir.", "Goodbye.", 0),
+    ([user("  Spaces around?  ")], "Yes.", "No.", 0),  # prompt column stripped, the turn not: still matched
+]
+
+
+def test_orpo_dpo_mix_rows_prompt_is_the_shared_prefix(tmp_path):
+    rows = [orpo_row("airoboros-3.2", t, c, r, i) for t, c, r, i in ORPO_TURNS]
+    rows[-1]["prompt"] = rows[-1]["prompt"].strip()
+    for fmt in ("jsonl", "parquet"):
+        examples, report = load_one(tmp_path, rows, fmt)
+        assert report.kept == len(rows), report.summary()
+        for ex, (turns, good, bad, _) in zip(examples, ORPO_TURNS):
+            assert ex.is_chat and ex.prompt == tuple(turns)  # system message and earlier turns included, once
+            assert ex.chosen == (assistant(good),) and ex.rejected == (assistant(bad),)
+    # the same pairs without a prompt column get the same ids: the prompt column only confirms the split
+    bare, _ = load_one(tmp_path, [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    assert [e.example_id for e in bare] == [e.example_id for e in examples]
+
+
+def test_orpo_rows_whose_prompt_matches_no_turn_keep_the_old_rule(tmp_path):
+    # a prompt column that is not one of the conversation's turns is a separate user message; the replies must
+    # then start with an assistant turn, and a system message there is still reported in one line
+    row = {"prompt": "Something else", "chosen": [system("S"), user("Q"), assistant("A")],
+           "rejected": [system("S"), user("Q"), assistant("B")]}
+    with pytest.raises(UserError, match=r"row 1, field 'chosen': the reply after the prompt starts with a 'system'"):
+        load_one(tmp_path, [row])
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face datasets
+
+
+def _rows_for_sources(kind: str = "chat") -> list[dict]:
+    """Five rows of one kind (an Arrow column holds either strings or message lists, not both), all with the same
+    columns (Arrow takes them from the first row; a missing prompt is null, which means absent)."""
+    if kind == "text":
+        rows = [SHAPES["explicit"][0], SHAPES["implicit_hh"][0], {"prompt": "1+1=", "chosen": " 2", "rejected": " 3"},
+                {"chosen": HH_CHOSEN + " Red.", "rejected": HH_REJECTED}, {"prompt": "Hi", "chosen": "!", "rejected": "?"}]
+    else:
+        rows = [SHAPES["chat_no_prompt"][0], {"prompt": "Hey", "chosen": [assistant("Hi!")],
+                                              "rejected": [assistant("No.")]}]
+        rows += [orpo_row("s", t, c, r, i) for t, c, r, i in ORPO_TURNS[:3]]
+    columns = sorted({k for r in rows for k in r})
+    return [{k: r.get(k) for k in columns} for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path, kind):
+    datasets = pytest.importorskip("datasets")
+    rows = _rows_for_sources(kind)
+    expected, _ = load_one(tmp_path, rows)
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(rows).save_to_disk(str(single))
+    both = tmp_path / "dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(both))
+    got, report = load_examples([single])
+    assert [e.example_id for e in got] == [e.example_id for e in expected] and report.files == {str(single): 5}
+    assert [(e.prompt, e.chosen, e.rejected) for e in got] == [(e.prompt, e.chosen, e.rejected) for e in expected]
+    got, report = load_examples([str(both)])  # default split: train
+    assert [e.example_id for e in got] == [e.example_id for e in expected] and report.files == {f"{both}:train": 5}
+    test_split, report = load_examples([both], split="test")
+    assert [e.example_id for e in test_split] == [e.example_id for e in expected[:2]]
+    again, _ = load_examples([f"{both}:test"])  # FOLDER:SPLIT overrides --data-split
+    assert [e.example_id for e in again] == [e.example_id for e in expected[:2]]
+    with pytest.raises(UserError, match=r"dict:validation: no split 'validation' \(it has train, test\)"):
+        load_examples([both], split="validation")
+
+
+def _hub_repo(root: Path, rows: list[dict]) -> Path:
+    """A dataset repo as on the Hub: data/<split>-00000-of-00001.parquet (load_dataset infers the splits)."""
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), root / "data" / "test-00000-of-00001.parquet")
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# test preference data\n")
+    return root
+
+
+def test_hub_id_from_a_dataset_repo_in_a_local_folder(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    rows = _rows_for_sources()
+    expected, _ = load_one(tmp_path, rows)
+    _hub_repo(tmp_path / "trl-lib" / "ultrafeedback_binarized", rows)
+    monkeypatch.chdir(tmp_path)  # the id is the repo's path relative to here, as load_dataset resolves it
+    got, report = load_examples(["trl-lib/ultrafeedback_binarized"])
+    assert [e.example_id for e in got] == [e.example_id for e in expected]
+    assert report.files == {"trl-lib/ultrafeedback_binarized:train": 5}
+    got, report = load_examples(["trl-lib/ultrafeedback_binarized:test"])
+    assert [e.example_id for e in got] == [e.example_id for e in expected[:2]]
+    got, _ = load_examples(["trl-lib/ultrafeedback_binarized@default:test"])
+    assert len(got) == 2
+    with pytest.raises(UserError, match=r"ultrafeedback_binarized:nope: cannot load the dataset \(.*nope") as info:
+        load_examples(["trl-lib/ultrafeedback_binarized:nope"])
+    assert "\n" not in str(info.value)
+
+
+HUB_OFFLINE_SCRIPT = """
+import json, sys
+from stages.data import load_examples
+from stages.errors import UserError
+examples, report = load_examples([sys.argv[1]])
+print(json.dumps({"ids": [e.example_id for e in examples], "files": report.files}))
+try:
+    load_examples(["nobody/not-cached"])
+except UserError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+
+def test_hub_id_offline_from_the_local_hf_cache(tmp_path):
+    """A Hub id the machine loaded once (simulated: its cache entry, named as the Hub would name it) loads with
+    the network off, through datasets.load_dataset's offline cache."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    rows = _rows_for_sources()
+    expected, _ = load_one(tmp_path, rows)
+    cache = tmp_path / "hf-cache"
+    repo = _hub_repo(tmp_path / "src" / "trl-lib___ultrafeedback_binarized", rows)  # cache folder name of the id
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    code = f"import datasets; datasets.load_dataset({str(repo)!r})"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    for arrow in cache.rglob("trl-lib___ultrafeedback_binarized-*.arrow"):  # the Hub names files by the name only
+        arrow.rename(arrow.with_name(arrow.name.replace("trl-lib___", "")))
+    script = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n" + HUB_OFFLINE_SCRIPT
+    out = subprocess.run([sys.executable, "-c", script, "trl-lib/ultrafeedback_binarized"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    result, error = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert result["ids"] == [e.example_id for e in expected]
+    assert result["files"] == {"trl-lib/ultrafeedback_binarized:train": 5}
+    assert error["error"].startswith("nobody/not-cached:train: cannot load the dataset (") and "\n" not in error["error"]
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_content_ids_do_not_depend_on_how_rows_arrive(tmp_path, monkeypatch, kind):
+    """The same rows from JSONL, Parquet, a saved Dataset and a Hub-style repo: the same ids in the same order."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    rows = _rows_for_sources(kind)
+    ids = {}
+    for fmt in ("jsonl", "parquet"):
+        ids[fmt] = [e.example_id for e in load_examples([write_rows(tmp_path / f"rows.{fmt}", rows)])[0]]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    ids["saved"] = [e.example_id for e in load_examples([tmp_path / "saved"])[0]]
+    ids["repo"] = [e.example_id for e in load_examples([str(_hub_repo(tmp_path / "repo", rows))])[0]]
+    assert len(set(map(tuple, ids.values()))) == 1 and len(ids["jsonl"]) == len(rows), ids
+
+
+def test_dataset_source_errors(tmp_path):
+    with pytest.raises(UserError, match=r"rows\.csv: unsupported file type"):
+        load_examples(["rows.csv"])  # not a Hub id, even though it does not exist
+    with pytest.raises(UserError, match=r"no such file or folder, and not a Hub dataset id"):
+        load_examples([str(tmp_path / "missing" / "folder")])
