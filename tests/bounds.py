@@ -1,0 +1,87 @@
+"""The one place where tests get their tolerances for fp32 log-prob values (sums, per-token values, losses).
+
+Why these numbers (issue 11): two fp32 computations of the same log-prob -- other batching or padding, the
+shared-prompt layout, chunking, another CPU's kernels (AVX512 / AVX2 / scalar: ATEN_CPU_CAPABILITY) -- differ only
+by rounding. A token's log-prob is l = z[t] - logsumexp(z) over logits z with |z| <= Z (the logit scale). Rounding
+in the forward and in the head moves each logit, and logsumexp, by a few ulps of Z (fp32 ulp = EPS32 x magnitude),
+amplified by the layers: |dl| <= ULPS * EPS32 * Z per token. ULPS = 16 covers that amplification with margin: the
+largest per-token difference measured on the real SmolLM2 slice (Z ~ 81) is ~1.8 EPS32 * Z under the default, AVX2
+and AVX512 kernels alike. A completion's sum is accumulated in float64 (its own rounding is ~1e-16 relative,
+negligible), so over n tokens |d sum| <= n * ULPS * EPS32 * Z: the worst case, every token off in the same direction.
+
+What such a bound catches: a change of more than n * ULPS * EPS32 * Z in a sum -- an extra or missing token whose
+own |log-prob| exceeds it, a position off by one (every token changes), a mask that lets a reply see the other
+reply or the padding. What it cannot catch: dropping or adding a token the model is nearly sure of (|log-prob|
+below the bound), or errors that happen to cancel. Tests that rely on the bound show it fails on their own data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from stages.logprobs import _triple_mask as _TRIPLE_MASK  # the real one, even while a test patches it
+
+EPS32 = float(torch.finfo(torch.float32).eps)  # 2**-23: relative spacing of fp32 numbers
+ULPS = 16  # ulps of the logit scale one token's log-prob may move by (measured <= 2; see the module docstring)
+
+
+def token_tol(logit_scale: float) -> float:
+    """Largest rounding difference of ONE token's fp32 log-prob under logits of magnitude <= logit_scale."""
+    return ULPS * EPS32 * logit_scale
+
+
+def sum_tol(n_tokens, logit_scale: float):
+    """... of a sum over n_tokens tokens (works on ints, numpy arrays, polars Series and tensors alike)."""
+    return n_tokens * token_tol(logit_scale)
+
+
+def loss_tol(n_tokens_per_pair: float, logit_scale: float, beta: float) -> float:
+    """Sigmoid DPO loss -log sigmoid(beta * (dc - dr)) has slope <= beta in each of the 4 summed log-probs; with
+    the reference fixed and policy chosen + rejected of n_tokens_per_pair tokens together, a batch mean moves by
+    at most beta * sum_tol(n_tokens_per_pair)."""
+    return beta * sum_tol(n_tokens_per_pair, logit_scale)
+
+
+def logit_scale(model, sequences: Iterable[Sequence[int]]) -> float:
+    """max |logit| of `model` over every position of the given token sequences (one unpadded forward each)."""
+    scale = 0.0
+    with torch.no_grad():
+        for ids in sequences:
+            out = model(input_ids=torch.tensor([list(ids)]), use_cache=False)
+            scale = max(scale, float(out.logits.float().abs().max()))
+    assert scale > 0, "no sequences: the bound would be zero"
+    return scale
+
+
+def pair_sequences(encoded) -> list[list[int]]:
+    """prompt + chosen and prompt + rejected of each Encoded example: what `logit_scale` should look at."""
+    return [list(e.prompt_ids) + list(c) for e in encoded for c in (e.chosen_ids, e.rejected_ids)]
+
+
+def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=None, adapter=None) -> float:
+    """logit_scale of the fp32 model folder (+ adapter) over the encoded pairs of the data files."""
+    from pathlib import Path
+
+    from stages.data import load_examples
+    from stages.encode import TokenizeSettings, encode_examples
+    from stages.models import ModelSpec, load_model, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    examples, _ = load_examples([Path(d) for d in data])
+    encoded, _ = encode_examples(tok, examples, TokenizeSettings(max_length, max_prompt_length))
+    model = load_model(ModelSpec(str(model_dir), adapter=adapter), torch.device("cpu")).eval()
+    return logit_scale(model, pair_sequences(encoded))
+
+
+# ------------------------------------------------------------------ errors the bounds must catch (see tests)
+def leaky_triple_mask(seg: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A wrong shared-prompt mask: like stages.logprobs._triple_mask, but the rejected reply (segment 2) also
+    attends to the chosen reply (segment 1) before it -- the bug prompt sharing must never have."""
+    good = _TRIPLE_MASK(seg, "sdpa", dtype)  # [B, 1, W, W] bool
+    leak = (seg[:, :, None] == 2) & (seg[:, None, :] == 1)
+    allowed = good | leak[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
