@@ -8,22 +8,27 @@ import sys
 import click
 
 from . import config as cfgmod
-from .errors import UserError
+from .errors import Interrupted, UserError, one_line, os_error_line
 
 
 def user_errors(fn):
-    """Bad input is one line on stderr and exit 2, never a traceback."""
+    """The CLI's one error path: a UserError or an OSError (disk full, read-only, not a directory...) is ONE line on
+    stderr (errors.one_line) and a non-zero exit, never a traceback. Anything else keeps its traceback: a bug."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {one_line(str(e))}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            click.echo(f"error: {one_line(os_error_line(e))}", err=True)
             sys.exit(2)
         finally:  # commands may run several stages in one process group (sweep); end it once, here
-            from .distributed import end_process_group
+            if "torch.distributed" in sys.modules:
+                from .distributed import end_process_group
 
-            end_process_group()
+                end_process_group()
     return wrapper
 
 
@@ -38,7 +43,9 @@ def main():
 
 def data_options(fn):
     for opt in reversed([
-        click.option("--data", multiple=True, help="Preference file(s): .jsonl, .jsonl.gz, .json, .parquet."),
+        click.option("--data", multiple=True, help="Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, "
+                     "a save_to_disk folder, or a Hub dataset id owner/name[@config][:split]."),
+        click.option("--data-split", default=None, help="Split of a saved DatasetDict / Hub dataset [train]."),
         click.option("--prompt-field", default=None, help="Column holding the prompt [prompt]."),
         click.option("--chosen-field", default=None, help="Column holding the chosen reply [chosen]."),
         click.option("--rejected-field", default=None, help="Column holding the rejected reply [rejected]."),
@@ -167,13 +174,23 @@ def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field
 
 HELP = {
     "model": "Local HF model folder (safetensors): the policy's base.",
-    "data": "Training preference file(s).", "eval_data": "Held-out preference file(s).",
+    "data": "Training data: files, a save_to_disk folder or a Hub id owner/name[@config][:split].",
+    "eval_data": "Held-out data (same forms; e.g. owner/name:test).",
     "ref_cache": "Reference cache from `dpo precompute-ref`.", "output": "Run folder (resumes if it has checkpoints).",
     "adapter": "Continue training this PEFT adapter instead of a new LoRA.",
     "load_in_4bit": "NF4 base (QLoRA).", "dtype": "auto | fp32 | bf16 | fp16 (auto: fp32 CPU, bf16 GPU).",
     "target_modules": "LoRA targets (repeatable); all-linear = every linear layer but the LM head.",
-    "loss": "sigmoid | robust | ipo | hinge.", "beta": "DPO beta (multiplies the log-ratio difference).",
-    "label_smoothing": "cDPO / robust epsilon.", "sft_weight": "Weight of the chosen reply's NLL term.",
+    "loss": "A TRL loss type (sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
+            "apo_down discopop sft sigmoid_norm) or a mixture: 'sigmoid*0.8+bco_pair*0.2+sft'.",
+    "beta": "DPO beta (multiplies the log-ratio difference).",
+    "label_smoothing": "Epsilon of robust, exo_pair, aot*; with sigmoid it makes cDPO (TRL 1.16 ignores it there).",
+    "sft_weight": "Adds w x per-token NLL of each chosen reply, averaged over pairs (the 'sft' loss type is TRL's: "
+                  "mean over all chosen tokens of the batch).",
+    "f_divergence": "reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO scores, TRL's f_divergence_type).",
+    "f_alpha": "Alpha of alpha_divergence.", "discopop_tau": "Tau of the discopop loss.",
+    "use_weighting": "WPO: weight each pair by the policy's length-normalised probabilities (TRL's use_weighting).",
+    "ld_alpha": "LD-DPO alpha in [0, 1]: weight of reply tokens beyond the pair's shared length (needs a cache made "
+                "with --store-token-logps).",
     "optimizer": "adamw | adamw_8bit | paged_adamw_8bit (GPU).", "lr_scheduler": "cosine | linear | constant_with_warmup.",
     "batch_size": "Pairs per micro-batch per process.", "max_steps": "Optimizer steps (overrides --epochs).",
     "eval_steps": "Eval every N steps (0: only at the end).", "save_steps": "Checkpoint every N steps (0: only at the end).",
@@ -181,6 +198,9 @@ HELP = {
     "max_length": "Prompt + reply tokens (default: the cache's).", "max_prompt_length": "Prompt tokens (default: the cache's).",
     "chunk_size": "Positions per LM-head chunk.", "share_prompt": "Prompt runs once per pair (same numbers).",
     "strict": "Rows with chosen == rejected or empty replies are errors.", "resume": "Resume from the newest checkpoint.",
+    "report_to": "Trackers: none, tensorboard, wandb, mlflow, trackio, all (comma-separated or repeated).",
+    "tensorboard": "Same as --report-to tensorboard.",
+    "data_split": "Split of a saved DatasetDict / Hub dataset given without :split.",
     "replicas": "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.",
 }
 
@@ -239,7 +259,8 @@ def _sweep_config_cls():
 @main.command(context_settings={"show_default": False})
 @options_from(_sweep_config_cls(), skip=("betas", "losses"))
 @click.option("--beta", "betas", type=float, multiple=True, help="β of one run; repeat for more (required).")
-@click.option("--loss", "losses", multiple=True, help="Loss type(s); repeatable [sigmoid].")
+@click.option("--loss", "losses", multiple=True,
+              help="Loss type or mixture ('sigmoid*0.8+bco_pair*0.2+sft') of one run; repeat for more [sigmoid].")
 @user_errors
 def sweep(config_path, **flags):
     """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
@@ -270,13 +291,15 @@ def compare_cmd(run_dirs, out):
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--max-tokens-per-batch", type=int, default=16384, show_default=True, help="Stage-one token budget.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--layers", type=int, default=None, help="Count the model with this many decoder layers (same widths).")
+@click.option("--cpu", is_flag=True, help="One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
 @user_errors
-def plan(model, gpus, gpu_memory, seq_len, batch, lora_r, max_tokens_per_batch, gradient_checkpointing):
-    """Per-GPU memory of naive DPO, stage one and stage two, from the model config alone."""
+def plan(model, gpus, gpu_memory, seq_len, batch, lora_r, max_tokens_per_batch, gradient_checkpointing, layers, cpu):
+    """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config."""
     from .plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
 
     cfg = PlanConfig(model, gpus, parse_gpu_memory(gpu_memory), seq_len, batch, lora_r, max_tokens_per_batch,
-                     gradient_checkpointing)
+                     gradient_checkpointing, layers, cpu)
     click.echo(format_plan(plan_memory(cfg)))
 
 

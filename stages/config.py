@@ -4,7 +4,6 @@ errors; the resolved config is saved next to every output."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .fsio import write_text_atomic
 
 
 def _check_type(name: str, value, hint, where: str):
@@ -29,12 +29,25 @@ def _check_type(name: str, value, hint, where: str):
         return tuple(_check_type(name, v, inner, where) for v in items)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; HF/TRL users write it
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, bool, str) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise UserError(f"{where}: {name} must be {hint.__name__}, got {value!r}")
     return value
 
 
 SECTIONS = ("shared", "precompute-ref", "train", "sweep")
+
+
+def nearest(name: str, known) -> str:
+    """"; did you mean 'beta'?" for a misspelled key, or a short hint when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "; see `dpo COMMAND --help` for the options"
 
 
 def read_yaml(config_path: str, section: str | None) -> dict:
@@ -45,7 +58,10 @@ def read_yaml(config_path: str, section: str | None) -> dict:
         raise UserError(f"--config {config_path}: cannot read YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise UserError(f"--config {config_path}: expected a mapping of option: value at the top level")
-    if loaded and set(loaded) <= set(SECTIONS):
+    if set(loaded) & set(SECTIONS) and isinstance(loaded.get(next(iter(set(loaded) & set(SECTIONS)))), dict):
+        stray = sorted(set(loaded) - set(SECTIONS))
+        if stray:
+            raise UserError(f"--config {config_path}: unknown section {stray[0]!r}{nearest(stray[0], SECTIONS)}")
         if section not in loaded:
             raise UserError(f"--config {config_path}: no `{section}:` section (it has {', '.join(loaded)})")
         loaded = {**(loaded.get("shared") or {}), **(loaded[section] or {})}
@@ -61,7 +77,7 @@ def build(cls, config_path: str | None, overrides: dict, section: str | None = N
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"--config {config_path}" if config_path else "options"
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        raise UserError(f"{where}: unknown key {unknown[0]!r}{nearest(unknown[0], known)}")
     where = config_path or "command line"
     checked = {k: _check_type(k, v, hints[k], where) for k, v in values.items()}
     missing = [f.name for f in dataclasses.fields(cls)
@@ -78,6 +94,4 @@ def to_dict(cfg) -> dict:
 def save(cfg, path: Path) -> None:
     """Write the resolved config as YAML (atomically), so every output says how it was made."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from . import __version__, config, refcache, shards
-from .data import FieldMap, ids_digest, load_examples
+from .data import DEFAULT_SPLIT, FieldMap, ids_digest, load_examples
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
-from .models import ModelSpec, check_model_dir, config_hash, dtype_name, folder_fingerprint, load_model, load_tokenizer, quantization_name, resolve_dtype
+from .models import DTYPES, ModelSpec, check_model_dir, config_hash, dtype_name, folder_fingerprint, load_model, load_tokenizer, quantization_name, resolve_dtype
 from .progress import Progress, say
+from .runguard import StopSignal, guarded_output, rerun_hint
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class PrecomputeConfig:
     sort_by_length: bool = True
     store_token_logps: bool = False
     batches_per_part: int = 8
+    part_seconds: float = 60.0   # also save a part at least this often (a kill loses at most this much work)
     chunk_size: int = DEFAULT_CHUNK
     overwrite: bool = False
     full_hash: bool = False
@@ -47,16 +49,19 @@ class PrecomputeConfig:
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    data_split: str = DEFAULT_SPLIT  # split of a saved DatasetDict / Hub dataset given without ":split"
     num_shards: int = 1          # split the examples into N independent jobs (see stages/shards.py)
     shard_index: str = "0"       # this job's shard: 0..N-1, or auto (SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)
     replicas: int = 1            # HSDP: R replica groups x world/R shards (weights sharded within a group)
 
 
 def run(cfg: PrecomputeConfig) -> Path:
+    validate(cfg)
     env = init_distributed()
     out = Path(cfg.out)
     check_model_dir(cfg.model)
-    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict)
+    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict,
+                                     split=cfg.data_split)
     say(env, f"data: {report.summary()}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length)
@@ -67,11 +72,64 @@ def run(cfg: PrecomputeConfig) -> Path:
         raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
     meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
     encoded, out = shards.take_shard(encoded, cfg, meta, out)  # --num-shards: this shard's examples, own file
-    parts = open_parts_everywhere(out, meta["manifest"], cfg.overwrite, env)
-    done = refcache.done_ids(parts)
-    todo = [e for e in encoded if e.example_id not in done]
-    say(env, f"cache: {len(done)} of {len(encoded)} examples already done in {parts}; {len(todo)} to go")
+    with guarded_output(out.with_name(f".{out.name}.lock"), out, "--out", env):
+        base, have = open_cache_everywhere(out, meta["manifest"], cfg.overwrite, env)
+        todo = [e for e in encoded if e.example_id not in have]
+        say(env, f"cache: {len(encoded) - len(todo)} of {len(encoded)} examples already in {out}; {len(todo)} to go")
+        stats, seconds = reference_pass(cfg, out, todo, tokenizer.pad_token_id, meta, env) if todo else (None, 0.0)
+        if env.is_main:
+            finish(cfg, out, encoded, meta, base, stats, seconds, env)
+        barrier(env)
+    return out
 
+
+def validate(cfg: PrecomputeConfig) -> None:
+    """Every value checked before anything is read, written or loaded."""
+    for name in ("max_length", "max_prompt_length", "max_tokens_per_batch", "batches_per_part", "chunk_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length} "
+                        "(room for the reply)")
+    if not cfg.part_seconds > 0:
+        raise UserError(f"--part-seconds {cfg.part_seconds}: must be > 0")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise UserError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if not cfg.data:
+        raise UserError("give the preference file(s) with --data (repeatable)")
+    if Path(cfg.out).suffix != ".parquet":
+        raise UserError(f"--out {cfg.out}: the cache is a Parquet file; name it *.parquet")
+
+
+def open_cache_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> tuple:
+    """Rank 0, holding the lock: clear what a killed run left, read the finished cache (same settings: reused;
+    other settings: refused), check the parts folder. Returns (finished rows or None, ids already computed) on
+    every rank; every rank raises the same error if something is wrong."""
+    result = None
+    if env.is_main:
+        try:
+            refcache.clean_leftovers(out)
+            base = refcache.finished_rows(out, manifest, overwrite)
+            have = set(base.column("example_id").to_pylist()) if base is not None else set()
+            if refcache.parts_dir(out).exists() or overwrite:
+                have |= refcache.done_ids(refcache.open_parts(out, manifest, overwrite))
+            result = (base, have)
+        except (UserError, OSError) as e:
+            result = e
+    result = broadcast_object(result if env.is_main else None, env)
+    if isinstance(result, BaseException):
+        raise result
+    return result if env.is_main else (None, result[1])
+
+
+def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict, env) -> tuple[torch.Tensor, float]:
+    """Load the reference, score `todo` into parts (every rank its batches). A signal stops after the current
+    batch with the parts saved: Interrupted says how many examples are safe."""
+    parts = refcache.parts_dir(out)
+    if env.is_main:
+        refcache.open_parts(out, meta["manifest"], False)
+    barrier(env)
     batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
     mine = batches[env.rank::env.world_size]
     steps = math.ceil(len(batches) / env.world_size)  # every rank runs this many forwards (dummies pad)
@@ -80,20 +138,30 @@ def run(cfg: PrecomputeConfig) -> Path:
     share = cfg.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
     shard_model(model, env, replicas=cfg.replicas)
-
     start = time.perf_counter()
-    stats = score_batches(model, tokenizer.pad_token_id, mine, steps, parts, share, cfg, env, len(todo))
+    with StopSignal() as stop:
+        stats = score_batches(model, pad_id, mine, steps, parts, share, cfg, env, len(todo), stop)
     stats = all_reduce_sum(stats, env)
     barrier(env)
-    seconds = time.perf_counter() - start
-    if env.is_main:
-        meta["elapsed_seconds"] = round(seconds, 3)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.store_token_logps)
-        config.save(cfg, out.with_name(out.name + ".config.yaml"))
-        say(env, summary_line(out, len(encoded), stats, seconds))
-    barrier(env)
-    return out
+    if stop.signum is not None:
+        raise Interrupted(f"{len(refcache.done_ids(parts))} examples are safe in {parts} ({int(stats[0])} computed now, "
+                          f"{len(todo) - int(stats[0])} left); {rerun_hint()} to continue", stop.signum)
+    return stats, time.perf_counter() - start
+
+
+def finish(cfg, out: Path, encoded: list[Encoded], meta: dict, base, stats, seconds: float, env) -> None:
+    """Rank 0: finished rows + parts -> the cache, its settings file next to it. Safe to kill anywhere: a rerun
+    ends the job without recomputing."""
+    parts = refcache.parts_dir(out)
+    if base is not None and not parts.exists():
+        if not refcache.config_path(out).is_file():  # a kill between the cache and its settings file (old order)
+            config.save(cfg, refcache.config_path(out))
+        say(env, f"done: {out} already holds all {len(encoded)} examples; nothing to compute")
+        return
+    meta["elapsed_seconds"] = round(seconds, 3)
+    refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.store_token_logps, base,
+                         write_config=lambda: config.save(cfg, refcache.config_path(out)))
+    say(env, summary_line(out, len(encoded), stats if stats is not None else torch.zeros(3), seconds))
 
 
 def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size, device) -> dict:
@@ -121,20 +189,6 @@ def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_si
     }
 
 
-def open_parts_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> Path:
-    """Rank 0 opens (or checks) the parts folder; every rank raises the same error if the settings differ."""
-    error = None
-    if env.is_main:
-        try:
-            refcache.open_parts(out, manifest, overwrite)
-        except UserError as e:
-            error = str(e)
-    error = broadcast_object(error, env)
-    if error:
-        raise UserError(error)
-    return refcache.parts_dir(out)
-
-
 def batch_cost(batch: list[Encoded], shared: bool) -> int:
     """Padded tokens a forward pays: [prompt|chosen|rejected] rows when shared, else 2B rows of prompt+reply."""
     if shared:
@@ -154,12 +208,12 @@ def plan_batches(todo: list[Encoded], budget: int, shared: bool, sort: bool) -> 
     return batches
 
 
-def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total) -> torch.Tensor:
-    """Forward every batch of this rank under inference_mode; a part file every `batches_per_part` batches.
-    Returns [examples, real tokens, padded tokens] for the summary."""
+def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total, stop) -> torch.Tensor:
+    """Forward every batch of this rank under inference_mode; a part file every `batches_per_part` batches or
+    `part_seconds`, whichever comes first, and at a stop signal. Returns [examples, real tokens, padded tokens]."""
     stats = torch.zeros(3, dtype=torch.float64)
     rows: list[dict] = []
-    part_index = refcache.next_part_index(parts, env.rank)
+    part_index, last_part = refcache.next_part_index(parts, env.rank), time.monotonic()
     progress = Progress(env, total=total, unit="ex", desc="reference")
     dummy = mine[-1][:1] if mine else None  # the shortest example: the cheapest forward
     with torch.inference_mode():
@@ -171,15 +225,19 @@ def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total) -> 
                 out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size, cfg.store_token_logps)
             else:
                 out = sequence_logps(model, collate_pairs(batch, pad_id), cfg.chunk_size, cfg.store_token_logps)
-            if step >= len(mine):
-                continue  # dummy forward: keeps ranks in step, result discarded
+            if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded
+                if stop.requested(env):
+                    break
+                continue
             rows += result_rows(batch, out, cfg.store_token_logps)
             real, padded = batch_tokens(batch, share)
             stats += torch.tensor([len(batch), real, padded], dtype=torch.float64)
             progress.update(len(batch) * env.world_size, tokens=real * env.world_size)
-            if (step + 1) % cfg.batches_per_part == 0:
+            if (step + 1) % cfg.batches_per_part == 0 or time.monotonic() - last_part >= cfg.part_seconds:
                 refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
-                part_index, rows = part_index + 1, []
+                part_index, rows, last_part = part_index + 1, [], time.monotonic()
+            if stop.requested(env):  # every rank sees it at the same step: the forwards stay in lockstep
+                break
     refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
     progress.close()
     return stats

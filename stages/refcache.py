@@ -20,6 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import fsio
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -57,14 +58,13 @@ def rows_to_table(rows: list[dict], store_token_logps: bool) -> pa.Table:
 
 
 def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: never a half-written file that looks complete."""
+    """Temporary name in the same folder, fsync, rename: never a half-written file that looks complete."""
     if meta is not None:
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fsio.write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+REQUIRED_META = ("manifest", "tokenization", "model")
 
 
 def read_meta(path: str | Path) -> dict:
@@ -73,24 +73,77 @@ def read_meta(path: str | Path) -> dict:
         raise UserError(f"{path}: no such cache file; run `dpo precompute-ref --out {path}` first")
     try:
         raw = pq.read_schema(p).metadata or {}
-    except Exception as e:  # noqa: BLE001 - any parquet failure is one user-facing line
-        raise UserError(f"{path}: not a readable Parquet file ({e}); rerun `dpo precompute-ref`") from None
-    if META_KEY not in raw:
-        raise UserError(f"{path}: a Parquet file without dpo_stages metadata; it was not written by `dpo precompute-ref`")
-    meta = json.loads(raw[META_KEY])
+        meta = json.loads(raw[META_KEY]) if META_KEY in raw else None
+    except (pa.ArrowException, ValueError) as e:  # truncated, not Parquet, damaged footer or metadata
+        raise UserError(f"{path}: not a readable cache ({_first_line(e)}); rerun `dpo precompute-ref`") from None
+    if meta is None:
+        raise UserError(f"{path}: a Parquet file without dpo_stages metadata; it was not written by "
+                        "`dpo precompute-ref`")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: cache format {meta.get('format_version')}, this tool reads {FORMAT_VERSION}; rerun precompute-ref")
+        raise UserError(f"{path}: cache format {meta.get('format_version')}, this tool reads {FORMAT_VERSION}; "
+                        "rerun precompute-ref")
+    missing = [k for k in REQUIRED_META if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise UserError(f"{path}: cache metadata lacks {missing[0]!r}; not written by this tool - rerun precompute-ref")
     return meta
 
 
 def read_cache(path: str | Path) -> tuple[pl.DataFrame, dict]:
+    """Rows and metadata, checked: anything stage one would never write (damaged pages, wrong columns, duplicate
+    ids, non-finite values, impossible counts) is one UserError naming the file."""
     meta = read_meta(path)
-    return pl.read_parquet(path), meta
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - polars raises ComputeError/OSError/... for damaged data pages
+        raise UserError(f"{path}: damaged cache data ({_first_line(e)}); rerun `dpo precompute-ref`") from None
+    problem = table_problem(df, bool(meta["manifest"].get("store_token_logps")))
+    if problem:
+        raise UserError(f"{path}: {problem}; this file was not written by `dpo precompute-ref` - rerun it")
+    return df, meta
+
+
+_POLARS_TYPES = {"example_id": (pl.String,), "ref_chosen_logps": (pl.Float64,), "ref_rejected_logps": (pl.Float64,),
+                 "chosen_tokens": (pl.Int32,), "rejected_tokens": (pl.Int32,), "prompt_tokens": (pl.Int32,)}
+
+
+def table_problem(df: pl.DataFrame, store_token_logps: bool) -> str | None:
+    """The first way df differs from what stage one writes: columns and types, unique ids, finite values, counts."""
+    for name, types in _POLARS_TYPES.items():
+        if name not in df.columns:
+            return f"column {name!r} is missing"
+        if df.schema[name] not in types:
+            return f"column {name!r} has type {df.schema[name]}, expected {types[0]}"
+    ids = df["example_id"]
+    if ids.null_count() or ids.is_duplicated().any():
+        return "an example_id is empty" if ids.null_count() else f"example {ids.filter(ids.is_duplicated())[0]} appears twice"
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        bad = df.filter(~pl.col(col).is_finite() | pl.col(col).is_null())
+        if bad.height:
+            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]}, not a finite number"
+    for col, least in (("chosen_tokens", 1), ("rejected_tokens", 1), ("prompt_tokens", 0)):
+        bad = df.filter((pl.col(col) < least) | pl.col(col).is_null())
+        if bad.height:
+            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]}"
+    if store_token_logps and not all(n in df.columns for n, _ in TOKEN_FIELDS):
+        return "per-token columns are missing although the metadata says they were stored"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
 
 
 # -------------------------------------------------------------------------------------------------- parts
 def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
+
+
+def config_path(out: Path) -> Path:
+    """The resolved settings of the run that wrote `out`, saved next to it."""
+    return out.with_name(out.name + ".config.yaml")
+
+
+VALUE_FREE = ("ids_digest",)  # manifest keys that do not change any cached value (which rows, not how scored)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -100,9 +153,38 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b and k not in VALUE_FREE:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+def _leaf(difference: str) -> str:
+    """'tokenization.max_length: 256 -> 200' -> 'max_length: 256 -> 200' (keeps one-line errors short)."""
+    key, rest = difference.split(": ", 1)
+    return f"{key.split('.')[-1]}: {rest}"
+
+
+def clean_leftovers(out: Path) -> None:
+    """Under the output's lock: what a killed run left — temporaries next to the cache and in its parts folder, and
+    the renamed parts folder of a finished merge whose delete was cut short."""
+    shutil.rmtree(out.with_name(out.name + ".parts.done"), ignore_errors=True)
+    fsio.remove_stale_temporaries(out.parent, (out.name, config_path(out).name, "manifest.json"))
+    fsio.remove_stale_temporaries(parts_dir(out))
+
+
+def finished_rows(out: Path, manifest: dict, overwrite: bool) -> pa.Table | None:
+    """The rows of a finished cache at `out` made with the same settings (which rows aside): stage one computes only
+    what is not in it and writes the union. Other settings refuse (or --overwrite: recompute, replace at the end)."""
+    if overwrite or not out.exists():
+        return None
+    if not out.is_file():
+        raise UserError(f"--out {out}: a folder, not a cache file; give a file name such as {out}/ref.parquet")
+    diff = _differences(read_meta(out)["manifest"], manifest)
+    if diff:
+        raise UserError(f"--out {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse it, "
+                        "--overwrite recomputes")
+    df, _ = read_cache(out)
+    return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps"))))
 
 
 def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
@@ -115,15 +197,11 @@ def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
         old = json.loads(mf.read_text())
         diff = _differences(old, manifest)
         if diff:
-            raise UserError(
-                f"{d}: unfinished parts were made with other settings ({'; '.join(diff)}); "
-                "rerun with the same settings to resume, or pass --overwrite to start again"
-            )
+            raise UserError(f"{d}: parts made with other settings ({_leaf(diff[0])}); the same settings "
+                            "resume, --overwrite restarts")
         return d
     d.mkdir(parents=True, exist_ok=True)
-    tmp = mf.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1))
-    os.replace(tmp, mf)
+    fsio.write_text_atomic(mf, json.dumps(manifest, sort_keys=True, indent=1))
     return d
 
 
@@ -144,22 +222,34 @@ def next_part_index(d: Path, rank: int) -> int:
     return len(list(d.glob(f"part-r{rank:04d}-*.parquet")))
 
 
-def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_token_logps: bool) -> pa.Table:
-    """Rank 0: join every part by example id into one file. Each id must appear exactly once with finite values."""
-    parts = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))]
+def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_token_logps: bool,
+                base: pa.Table | None = None, write_config=None) -> pa.Table:
+    """Rank 0: the finished rows (`base`) plus every part, joined by example id, into one file. Each id once, every
+    expected id present. Order of the end game, each step safe to kill and rerun: settings file, cache (renamed
+    into place), parts folder renamed away, then deleted (a rerun deletes a leftover `.parts.done`)."""
+    parts = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))] if d.is_dir() else []
     table = pa.concat_tables(parts) if parts else schema(store_token_logps).empty_table()
     ids = table.column("example_id").to_pylist()
     if len(ids) != len(set(ids)):
         twice = next(i for i in ids if ids.count(i) > 1)
         raise UserError(f"{d}: example {twice} was written twice; delete the folder (or --overwrite) and rerun")
-    missing = expected_ids - set(ids)
+    table = table.filter(pa.array([i in expected_ids for i in ids], type=pa.bool_()))
+    if base is not None:  # finished rows not recomputed since (all of them, unless a kill came after the write)
+        fresh = set(ids)
+        old = base.filter(pa.array([i not in fresh for i in base.column("example_id").to_pylist()], type=pa.bool_()))
+        table = pa.concat_tables([old, table])
+    missing = expected_ids - set(table.column("example_id").to_pylist())
     if missing:
-        raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same command to finish")
-    table = table.filter(pa.array([i in expected_ids for i in ids])).sort_by("example_id")
+        raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same "
+                        "command to finish")
+    table = table.sort_by("example_id")
+    if write_config is not None:
+        write_config()
     write_atomic(table, out, meta)
-    trash = d.with_name(d.name + ".done")  # rename first: a kill mid-delete never leaves parts without manifest
-    os.replace(d, trash)
-    shutil.rmtree(trash)
+    if d.is_dir():
+        trash = d.with_name(d.name + ".done")  # rename first: a kill mid-delete never leaves parts without manifest
+        os.replace(d, trash)
+        shutil.rmtree(trash)
     return table
 
 

@@ -577,8 +577,8 @@ def test_cache_verify_flags_non_finite_entries(e2e, files, tmp_path):
     table = orig.set_column(1, "ref_chosen_logps", pa.array(col, pa.float64())).replace_schema_metadata(orig.schema.metadata)
     pq.write_table(table, bad)
     res = invoke("cache", "verify", str(bad), "--data", str(files["train"]), "--data", str(files["eval"]))
-    assert res.exit_code == 1, res.output
-    assert "non-finite" in res.stdout
+    assert res.exit_code == 2, res.output  # a value stage one never writes: the file is refused, in one line
+    assert_one_line_error(res.stderr, "ref_chosen_logps is inf, not a finite number")
 
 
 # ----------------------------------------------------------------------------------------------- slow: real
