@@ -17,7 +17,10 @@ Notation used in the docstrings (all per GPU unless stated):
            (bnb_4bit_use_double_quant=False). With double quantisation (NF4_DOUBLE_QUANT = True) the absmax
            is 8-bit: n/2 + n/64 + 4·n/(64·256).
 A fixed OVERHEAD_BYTES = 2 GiB per GPU is added to every scenario for the CUDA context, cuBLAS workspaces and
-NCCL buffers. Attention is assumed to be SDPA/flash (no seq_len² score matrix is stored).
+NCCL buffers (not with --cpu: then a "GPU" is one CPU process and the figures are what its tensors hold, weights
+counted whole as a GPU holds them, whether or not a CPU run has paged them in). Attention is assumed to be
+SDPA/flash (no seq_len² score matrix is stored). With one GPU nothing is sharded, so nothing is all-gathered.
+--layers N counts the model with N decoder layers (the widths unchanged): what bench/bench_72b.py measures.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class PlanConfig:
     lora_r: int = 16
     max_tokens_per_batch: int = 16384   # stage-one token budget per forward, per GPU
     gradient_checkpointing: bool = True
+    layers: int | None = None           # count the model with this many decoder layers (default: the config's)
+    cpu: bool = False                   # one CPU process per "GPU": no CUDA/NCCL overhead
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scenario:
-    key: str                     # "naive", "stage1_bf16", "stage1_nf4", "stage2"
+    key: str                     # "naive", "online_ref", "stage1_bf16", "stage1_nf4", "stage2"
     title: str
     breakdown: dict[str, int]    # label -> bytes per GPU, in display order; sums to total
     total: int                   # bytes per GPU
@@ -260,10 +265,18 @@ def _base_nf4_bytes(c: dict[str, int]) -> int:
     return nf4_bytes(c["linear_weights"]) + BF16 * c["other"]
 
 
-def _finish(key: str, title: str, parts: dict[str, int], capacity: int) -> Scenario:
-    parts = {**parts, "CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
+def _finish(key: str, title: str, parts: dict[str, int], capacity: int, cpu: bool = False) -> Scenario:
+    parts = parts if cpu else {**parts, "CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
     total = sum(parts.values())
     return Scenario(key, title, parts, total, total <= capacity)
+
+
+def _gathered(n: int, sharded_units: int, dequant: int = 0) -> dict[str, int]:
+    """FSDP's unsharded working set (n > 1), or, on one GPU where nothing is sharded, only the NF4 matmul's
+    dequantised bf16 copy of the largest linear (bitsandbytes materialises it for batched inputs)."""
+    if n > 1:
+        return {"all-gathered params (FSDP)": sharded_units + dequant}
+    return {"dequantised NF4 linear (one GPU)": dequant} if dequant else {}
 
 
 def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -271,7 +284,7 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
         sharded    : 4P/N (policy bf16 weights + bf16 grads) + 12P/N (AdamW fp32 master, m, v)
                      + 2P/N (bf16 reference)                       = 18 bytes/param / N
         gathered   : 3·2·P_lay (current + prefetched layer, and that layer's unsharded grads)
-                     + 2·2·P_root (root unit weights and grads)
+                     + 2·2·P_root (root unit weights and grads); none on one GPU
         activations: training_activations (same batch and checkpointing as stage two, no LoRA); the
                      reference forward runs before the policy's and needs less, so it adds nothing at peak.
     """
@@ -279,29 +292,38 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
     parts = {"policy weights + grads, bf16 (sharded)": _cdiv(4 * c["total"], n),
              "AdamW fp32 master + m + v (sharded)": _cdiv(12 * c["total"], n),
              "reference weights (sharded)": _cdiv(BF16 * c["total"], n),
-             "all-gathered params (FSDP)": 3 * BF16 * c["per_layer"] + 2 * BF16 * _root_params(c),
+             **_gathered(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * _root_params(c)),
              **training_activations(s, cfg, lora=False)}
-    return _finish("naive", "naive DPO", parts, capacity)
+    return _finish("naive", "naive DPO", parts, capacity, cfg.cpu)
 
 
 def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int, nf4: bool) -> Scenario:
     """Stage one, reference log-probs, forward only, reference FSDP-sharded:
         bf16: sharded 2P/N; gathered 2·2·P_lay (current + prefetched layer) + 2·P_root
-        nf4 : sharded (nf4(P_lin) + 2·P_oth)/N; gathered 2·layer_nf4 + 2·h·i (the largest linear,
-              dequantised to bf16 for its matmul) + 2·P_root (embeddings and lm_head are not quantised)
+        nf4 : sharded (nf4(P_lin) + 2·P_oth)/N; gathered 2·layer_nf4 + 2·P_root (embeddings and lm_head are not
+              quantised) + 2·h·i (the largest linear, dequantised to bf16 for its matmul; also on one GPU)
         activations: inference_activations over max_tokens_per_batch tokens.
     """
     n = cfg.gpus
     if nf4:
         weights = _cdiv(_base_nf4_bytes(c), n)
-        gathered = 2 * _layer_nf4_bytes(c) + BF16 * _largest_linear(s) + BF16 * _root_params(c)
+        gathered = _gathered(n, 2 * _layer_nf4_bytes(c) + BF16 * _root_params(c), BF16 * _largest_linear(s))
     else:
         weights = _cdiv(BF16 * c["total"], n)
-        gathered = 2 * BF16 * c["per_layer"] + BF16 * _root_params(c)
-    parts = {"reference weights (sharded)": weights, "all-gathered params (FSDP)": gathered,
-             **inference_activations(s, cfg)}
+        gathered = _gathered(n, 2 * BF16 * c["per_layer"] + BF16 * _root_params(c))
+    parts = {"reference weights (sharded)": weights, **gathered, **inference_activations(s, cfg)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
-    return _finish(key, title, parts, capacity)
+    return _finish(key, title, parts, capacity, cfg.cpu)
+
+
+def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
+    n, a = cfg.gpus, lora_parameters_from_shape(s, cfg.lora_r)
+    a_lay = a // s.layers
+    return {"base weights NF4 (sharded)": _cdiv(_base_nf4_bytes(c), n),
+            "LoRA weights + grads + AdamW (sharded)": _cdiv(18 * a, n),
+            **_gathered(n, 2 * (_layer_nf4_bytes(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * _root_params(c),
+                        BF16 * _largest_linear(s)),
+            **training_activations(s, cfg, lora=True)}
 
 
 def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -309,18 +331,38 @@ def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int)
         sharded    : (nf4(P_lin) + 2·P_oth)/N for the frozen base
                      + 18A/N for LoRA (bf16 weights 2 + fp32 grads 4 + AdamW fp32 master, m, v 12)
         gathered   : 2·(layer_nf4 + 2·A_lay) (current + prefetched layer with its adapters) + 4·A_lay
-                     (that layer's unsharded fp32 LoRA grads) + 2·h·i (largest linear dequantised, forward
-                     and again in backward) + 2·P_root
+                     (that layer's unsharded fp32 LoRA grads) + 2·P_root; + 2·h·i (largest linear dequantised,
+                     forward and again in backward; also on one GPU)
         activations: training_activations with the LoRA inputs added per layer.
     """
-    n, a = cfg.gpus, lora_parameters_from_shape(s, cfg.lora_r)
-    a_lay = a // s.layers
-    parts = {"base weights NF4 (sharded)": _cdiv(_base_nf4_bytes(c), n),
-             "LoRA weights + grads + AdamW (sharded)": _cdiv(18 * a, n),
-             "all-gathered params (FSDP)": 2 * (_layer_nf4_bytes(c) + BF16 * a_lay) + FP32 * a_lay
-             + BF16 * _largest_linear(s) + BF16 * _root_params(c),
-             **training_activations(s, cfg, lora=True)}
-    return _finish("stage2", "stage 2 QLoRA", parts, capacity)
+    return _finish("stage2", "stage 2 QLoRA", _stage2_parts(s, c, cfg), capacity, cfg.cpu)
+
+
+def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
+    """What users would really run instead: QLoRA with the reference computed online by switching the adapters
+    off (TRL's default with a PEFT model). Same weights as stage two, no second copy. TRL 1.16 (`_compute_loss`)
+    runs the policy forward, THEN the no-grad reference forward while the policy's saved tensors are held, then
+    the backward. So the reference adds its forward transient on top of the policy's saved activations:
+        reference forward: 2·T·h·2 (residual stream in and out of a layer) + T·a (one layer's intermediates)
+                           + one head chunk C·V·(2+4) (TRL 1.16's fused head also works in tiles)
+        extra at peak     = max(0, reference forward − the backward's own transient (2·T·a with checkpointing,
+                            T·a without)): usually 0 with checkpointing — the online reference costs time (one
+                            more forward per step), hardly memory. A trainer that materialises full logits
+                            (a plain HF forward) pays [2B, T, V] instead of a chunk: see format_plan's notes."""
+    parts = _stage2_parts(s, cfg=cfg, c=c)
+    T = cfg.batch * 2 * cfg.seq_len
+    a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)
+    ref = 2 * T * s.hidden * BF16 + T * layer_activation_bytes_per_token(s) + \
+        min(LOGITS_CHUNK_TOKENS, T) * s.vocab * (BF16 + FP32)
+    backward = (2 if cfg.gradient_checkpointing else 1) * T * a
+    parts["reference forward, adapters off (extra at peak)"] = max(0, ref - backward)
+    return _finish("online_ref", "QLoRA+online ref", parts, capacity, cfg.cpu)
+
+
+def full_logits_bytes(s: Shape, cfg: PlanConfig) -> int:
+    """[2B, T, V] logits of one step when a trainer materialises them: bf16 logits + their fp32 log_softmax
+    (saved for backward) for the policy, and the same for the reference forward held alongside."""
+    return 2 * cfg.batch * 2 * cfg.seq_len * s.vocab * (BF16 + FP32)
 
 
 def _largest_linear(s: Shape) -> int:
@@ -335,7 +377,7 @@ def lora_parameters_from_shape(s: Shape, r: int) -> int:
 # ----------------------------------------------------------------------------------------------- plan
 
 def _check(cfg: PlanConfig) -> None:
-    for name in ("gpus", "seq_len", "batch", "lora_r", "max_tokens_per_batch"):
+    for name in ("gpus", "seq_len", "batch", "lora_r", "max_tokens_per_batch") + (("layers",) if cfg.layers else ()):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise UserError(f"dpo plan: --{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -345,8 +387,9 @@ def _check(cfg: PlanConfig) -> None:
 
 def _all_scenarios(s: Shape, c: dict[str, int], cfg: PlanConfig) -> tuple[Scenario, ...]:
     cap = int(cfg.gpu_memory_gb * GIB)
-    return (scenario_naive(s, c, cfg, cap), scenario_stage1(s, c, cfg, cap, nf4=False),
-            scenario_stage1(s, c, cfg, cap, nf4=True), scenario_stage2(s, c, cfg, cap))
+    return (scenario_naive(s, c, cfg, cap), scenario_online_ref(s, c, cfg, cap),
+            scenario_stage1(s, c, cfg, cap, nf4=False), scenario_stage1(s, c, cfg, cap, nf4=True),
+            scenario_stage2(s, c, cfg, cap))
 
 
 def _fits(s: Shape, c: dict[str, int], cfg: PlanConfig, key: str) -> bool:
@@ -355,6 +398,8 @@ def _fits(s: Shape, c: dict[str, int], cfg: PlanConfig, key: str) -> bool:
         return scenario_naive(s, c, cfg, cap).fits
     if key == "stage2":
         return scenario_stage2(s, c, cfg, cap).fits
+    if key == "online_ref":
+        return scenario_online_ref(s, c, cfg, cap).fits
     return scenario_stage1(s, c, cfg, cap, nf4=key == "stage1_nf4").fits
 
 
@@ -439,6 +484,10 @@ def plan_memory(cfg: PlanConfig) -> Plan:
     bf16 and with an NF4 reference, and stage two (see the scenario_* docstrings for the arithmetic)."""
     _check(cfg)
     config = load_model_config(cfg.model)
+    if cfg.layers is not None:
+        if not isinstance(cfg.layers, int) or cfg.layers < 1:
+            raise UserError(f"dpo plan: --layers must be a positive integer, got {cfg.layers!r}")
+        config = {**config, "num_hidden_layers": cfg.layers}
     try:
         s, counts = model_shape(config), count_parameters(config)
     except UserError as e:
@@ -471,10 +520,10 @@ def parse_gpu_memory(text: str | float | int) -> float:
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
               "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",
-              "all-gathered params (FSDP)", "activations: hidden states", "activations: one layer",
+              "all-gathered params (FSDP)", "dequantised NF4 linear (one GPU)", "activations: hidden states", "activations: one layer",
               "activations: layer checkpoints", "activations: one layer recomputed + grads",
               "activations: all layers saved", "activations: one layer grads", "log-prob head",
-              "CUDA/NCCL overhead (fixed)")
+              "reference forward, adapters off (extra at peak)", "CUDA/NCCL overhead (fixed)")
 
 
 def _b(n: float) -> str:
@@ -487,14 +536,15 @@ def _header(plan: Plan) -> list[str]:
     tokens = cfg.batch * 2 * cfg.seq_len
     return [
         f"model: {cfg.model}",
-        f"  {s.model_type}, {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
+        f"  {s.model_type}, {s.layers} layers{' (--layers override)' if cfg.layers else ''}, hidden {s.hidden}, intermediate {s.intermediate}, "
         f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab}, "
         f"{'tied' if s.tied else 'untied'} lm_head",
         f"  parameters {c['total']:,} ({_b(c['total'])}): decoder linear weights {_b(c['linear_weights'])} "
         f"(NF4-quantisable), other {_b(c['other'])}",
         f"  LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down: {plan.lora_params:,} ({_b(plan.lora_params)}, "
         f"{100 * plan.lora_params / c['total']:.2f}% of the model)",
-        f"setting: {cfg.gpus} GPUs x {cfg.gpu_memory_gb:g} GiB; training {cfg.batch} pair(s) x 2 x seq_len "
+        f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {cfg.gpu_memory_gb:g} GiB; "
+        f"training {cfg.batch} pair(s) x 2 x seq_len "
         f"{cfg.seq_len} = {tokens:,} tokens per GPU per step, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
     ]
@@ -506,7 +556,7 @@ def format_plan(plan: Plan) -> str:
     for sc in plan.scenarios:  # union of breakdown rows: weights, gathered, activations, head, overhead
         labels += [k for k in sc.breakdown if k not in labels]
     labels.sort(key=lambda k: _ROW_ORDER.index(k) if k in _ROW_ORDER else len(_ROW_ORDER))
-    width, col = max(len(x) for x in labels + ["per GPU, GiB"]) + 2, 15
+    width, col = max(len(x) for x in labels + ["per GPU, GiB"]) + 2, max(len(sc.title) for sc in plan.scenarios) + 2
     lines = _header(plan) + ["", "per GPU, GiB".ljust(width) + "".join(sc.title.rjust(col) for sc in plan.scenarios)]
     for label in labels:
         cells = [f"{sc.breakdown[label] / GIB:.1f}" if label in sc.breakdown else "-" for sc in plan.scenarios]
@@ -517,10 +567,19 @@ def format_plan(plan: Plan) -> str:
     lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
     lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [
         f"  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
+        "  - --cpu: one CPU process per 'GPU', no CUDA overhead; weights counted whole as a GPU holds them (the "
+        "process's Python/torch runtime is not counted)" if plan.config.cpu else
         f"  - every column includes a fixed {OVERHEAD_BYTES / GIB:.0f} GiB per GPU for the CUDA context, "
         f"cuBLAS workspaces and NCCL buffers",
-        "  - weights and optimizer state are FSDP-sharded over all GPUs; activations and all-gathered layers are not",
+        "  - weights and optimizer state are FSDP-sharded over all GPUs; activations and all-gathered layers are not"
+        if plan.config.gpus > 1 else "  - one GPU: nothing is sharded, so nothing is all-gathered",
         "  - naive DPO = full fine-tuning of a bf16 policy with AdamW (16 B/param) plus a resident bf16 "
         "reference (2 B/param); its activations are counted as in stage two, so the gap is weights and optimizer",
+        "  - QLoRA+online ref = what most users run (TRL's default with PEFT): the same NF4 base + LoRA as stage 2, "
+        "the reference recomputed each step with the adapters off - same memory give or take the reference "
+        "forward's transient, but one more forward per step (~+25% compute with checkpointing)",
+        f"  - a trainer that materialises full logits (plain HF forward) holds [2B, T, V] bf16 + fp32 for the "
+        f"policy and the online reference: +{full_logits_bytes(plan.shape, plan.config) / GIB:.1f} GiB per GPU "
+        f"at this batch and seq_len (chunked here and in TRL 1.16)",
     ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """`dpo plan`: parameter counts and memory arithmetic against numbers worked out by hand."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,89 @@ def test_parse_gpu_memory():
     assert parse_gpu_memory(24) == 24.0
     with pytest.raises(UserError, match="gpu-memory"):
         parse_gpu_memory("lots")
+
+
+# ------------------------------------------------------------------------------ issue 13: shipped configs, modes
+MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+@pytest.mark.parametrize("name,total", [
+    ("qwen2.5-72b-instruct", 72_706_203_648),     # test_qwen25_72b_count's hand arithmetic
+    ("llama-3.1-8b-instruct", 8_030_261_248),     # test_llama31_8b_count's
+    # 80·(2·8192² + 2·8192·1024 + 3·8192·28672 + 2·8192) + 2·128256·8192 + 8192
+    ("llama-3.1-70b-instruct", 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192)
+     + 2 * 128256 * 8192 + 8192),
+    ("qwen2.5-72b-width-2layers", 2 * 877_684_736 + 2 * 152064 * 8192 + 8192),
+])
+def test_shipped_model_configs_count_exactly(name, total):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert name != "llama-3.1-70b-instruct" or total == 70_553_706_496
+    plan = plan_memory(PlanConfig(str(MODELS / name)))  # `dpo plan --model configs/models/<name>` on a fresh clone
+    assert plan.counts["total"] == total
+    with torch.device("meta"):  # transformers builds the same architecture without allocating it
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODELS / name))
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_the_qwen_constants_here_are_the_shipped_config():
+    shipped = json.loads((MODELS / "qwen2.5-72b-instruct" / "config.json").read_text())
+    assert {k: shipped[k] for k in QWEN25_72B} == QWEN25_72B
+    shipped = json.loads((MODELS / "llama-3.1-8b-instruct" / "config.json").read_text())
+    assert {k: shipped[k] for k in LLAMA31_8B} == LLAMA31_8B
+
+
+def test_layer_override_and_cpu_mode(tmp_path):
+    path = str(write(tmp_path, SMALL))
+    one = plan_memory(PlanConfig(path, gpus=2, layers=1, cpu=True, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    # 1 layer: 36992 + embed 32768 (tied) + final norm 64
+    assert one.counts["total"] == 36992 + 32768 + 64 and one.shape.layers == 1
+    assert one.lora_params == 8192 // 2
+    for sc in one.scenarios:
+        assert "CUDA/NCCL overhead (fixed)" not in sc.breakdown and sc.total == sum(sc.breakdown.values())
+    gpu = plan_memory(PlanConfig(path, gpus=2, layers=1, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    assert gpu.scenario("stage1_bf16").total == one.scenario("stage1_bf16").total + OVERHEAD_BYTES
+    text = format_plan(one)
+    assert "1 layers (--layers override)" in text and "CPU processes" in text and "CUDA" not in text.split("notes:")[0]
+    with pytest.raises(UserError, match="--layers"):
+        plan_memory(PlanConfig(path, layers=0))
+
+
+def test_one_gpu_gathers_nothing(tmp_path):
+    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=1, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    s1 = plan.scenario("stage1_bf16").breakdown
+    assert "all-gathered params (FSDP)" not in s1 and s1["reference weights (sharded)"] == 2 * 106816
+    # NF4 still dequantises its largest linear (h·i = 64·128) to bf16 for the matmul
+    assert plan.scenario("stage1_nf4").breakdown["dequantised NF4 linear (one GPU)"] == 2 * 64 * 128
+    assert plan.scenario("stage2").breakdown["dequantised NF4 linear (one GPU)"] == 2 * 64 * 128
+    assert "all-gathered params (FSDP)" not in plan.scenario("naive").breakdown
+    assert "nothing is all-gathered" in format_plan(plan)
+
+
+def test_online_reference_scenario_by_hand(tmp_path):
+    path = str(write(tmp_path, SMALL))
+    cfg = PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256)
+    plan = plan_memory(cfg)
+    online, s2 = plan.scenario("online_ref").breakdown, plan.scenario("stage2").breakdown
+    extra = "reference forward, adapters off (extra at peak)"
+    assert {k: v for k, v in online.items() if k != extra} == s2  # same weights and policy activations
+    # T = 128 tokens. reference forward: 2·T·h·2 + T·a + chunk(128)·V·(2+4) = 32768 + 128·2768 + 393216 = 780288;
+    # the backward's own transient with checkpointing: 2·T·(a + lora_in) = 2·128·(2768 + 1080) = 985088 -> 0 extra
+    assert online[extra] == max(0, 780288 - 985088) == 0
+    off = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
+                                 max_tokens_per_batch=256, gradient_checkpointing=False))
+    assert off.scenario("online_ref").breakdown[extra] == 780288 - 128 * (2768 + 1080) == 287744
+    from stages.plan import full_logits_bytes
+    assert full_logits_bytes(plan.shape, cfg) == 2 * 128 * 512 * (2 + 4) == 786432
+    text = format_plan(plan)
+    assert "QLoRA+online ref" in text and "TRL's default with PEFT" in text
+
+
+def test_plan_cli_options():
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    res = CliRunner().invoke(main, ["plan", "--model", str(MODELS / "qwen2.5-72b-instruct"), "--gpus", "2",
+                                    "--layers", "1", "--cpu", "--seq-len", "256", "--max-tokens-per-batch", "1024"])
+    assert res.exit_code == 0, res.output
+    assert "3,369,109,504" in res.output and "QLoRA+online ref" in res.output  # 1 layer: 877,684,736 + 2·V·h + h
