@@ -68,32 +68,28 @@ def _reduce_device(env: DistEnv):
 
 
 class MetricsWriter:
-    """Appends one JSON object a line; TensorBoard too when asked. Rank 0 only."""
+    """Appends one JSON object a line to metrics.jsonl and hands the same record to each `--report-to` tracker
+    (stages/trackers.py). Rank 0 only."""
 
-    def __init__(self, path: Path, env: DistEnv, tensorboard: bool):
+    def __init__(self, path: Path, env: DistEnv, report_to=(), config: dict | None = None, run_name: str | None = None):
+        from .trackers import open_trackers, parse_report_to
+
         self.path, self.enabled = path, env.is_main
-        self.tb = None
-        if tensorboard and self.enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install 'dpo-stages[tensorboard]'") from None
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        names = parse_report_to((), tensorboard=True) if report_to is True else parse_report_to(report_to or ())
+        self.trackers = open_trackers(names, path.parent, config or {}, run_name) if self.enabled and names else []
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
+        for tracker in self.trackers:
+            tracker.log(record, record["step"])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def readable(record: dict) -> str:

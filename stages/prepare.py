@@ -12,7 +12,7 @@ import polars as pl
 import torch
 
 from . import refcache
-from .data import FieldMap, load_examples
+from .data import DEFAULT_SPLIT, FieldMap, load_examples
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
 from .loss import ld_token_weights
@@ -110,7 +110,7 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
         if not paths:
             sets.append([])
             continue
-        examples, report = load_examples(paths, fields, cfg.strict)
+        examples, report = load_examples(paths, fields, cfg.strict, split=getattr(cfg, "data_split", DEFAULT_SPLIT))
         encoded, too_long = encode_examples(tokenizer, examples, settings)
         notes.append(f"{what} data: {report.summary()}" + (f"; {too_long} too long for --max-length" if too_long else ""))
         sets.append(_join(encoded, df, cfg.ref_cache, what, getattr(cfg, "ld_alpha", None)))

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config
+from .data import DEFAULT_SPLIT
+from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, barrier, init_distributed, shard_model
 from .errors import UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
@@ -69,7 +71,8 @@ class TrainConfig:
     save_steps: int = 0
     save_total_limit: int = 2
     resume: bool = True
-    tensorboard: bool = False
+    report_to: tuple[str, ...] = ()  # trackers: none | tensorboard | wandb | mlflow | trackio | all (stages/trackers.py)
+    tensorboard: bool = False  # the older flag: same as --report-to tensorboard
     allow_cache_mismatch: bool = False
     max_length: int | None = None
     max_prompt_length: int | None = None
@@ -79,6 +82,7 @@ class TrainConfig:
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    data_split: str = DEFAULT_SPLIT  # split of a saved DatasetDict / Hub dataset given without ":split"
     replicas: int = 1  # HSDP: R replica groups x world/R shards (weights sharded within a group, e.g. a node)
 
 
@@ -106,7 +110,8 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     start_step, prior_seconds, window = resume(cfg, out, model, optimizer, scheduler, env)
     if env.is_main:
         config.save(cfg, out / "config.yaml")
-    writer = MetricsWriter(out / "metrics.jsonl", env, cfg.tensorboard)
+    writer = MetricsWriter(out / "metrics.jsonl", env, parse_report_to(cfg.report_to, cfg.tensorboard),
+                           config=config.to_dict(cfg))
     if start_step == 0:
         drift_check(model, prep, cfg, env, writer)
     started = time.perf_counter()
@@ -132,6 +137,7 @@ def check(cfg: TrainConfig) -> None:
         raise UserError("set --max-steps N or --epochs E (> 0)")
     if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise UserError("--batch-size and --gradient-accumulation-steps must be >= 1")
+    check_installed(parse_report_to(cfg.report_to, cfg.tensorboard))  # a missing tracker package: before any model
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
@@ -170,7 +176,8 @@ def resume(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float
     return state["step"], state.get("seconds", 0.0), state.get("rank_state", {}).get("window", {})
 
 
-RESUME_FREE = ("resume", "output", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard")
+RESUME_FREE = ("resume", "output", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard",
+               "report_to")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
