@@ -85,3 +85,12 @@ def leaky_triple_mask(seg: torch.Tensor, implementation: str, dtype: torch.dtype
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def min_token_nats(vocab_size: int, logit_scale: float) -> float:
+    """Every token's |log-prob| is at least this: logsumexp(z) >= log V + min z, so l = z[t] - logsumexp(z) <=
+    2 Z - log V. Positive only for near-uniform models (the tiny random ones): there a dropped or added token
+    provably moves a sum by more than any bound below this."""
+    import math
+
+    return math.log(vocab_size) - 2 * logit_scale
