@@ -25,9 +25,11 @@ def bash_lines() -> list[str]:
     return [line.strip() for b in blocks for line in b.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def dpo_args(line: str) -> list[str] | None:
-    """The arguments after `dpo` (or `torchrun ... -m stages.cli`), without shell comments."""
-    words = shlex.split(line, comments=True)
+def dpo_args(line: str | list[str]) -> list[str] | None:
+    """The arguments after `dpo` (or `[srun] torchrun ... -m stages.cli`), without shell comments."""
+    words = shlex.split(line, comments=True) if isinstance(line, str) else list(line)
+    if words[:1] == ["srun"]:  # a Slurm step: srun [srun options] torchrun ...
+        words = words[words.index("torchrun"):] if "torchrun" in words else words
     if words[:1] == ["dpo"]:
         return words[1:]
     if words[:1] == ["torchrun"] and "stages.cli" in words:
@@ -57,9 +59,28 @@ def test_readme_has_the_two_commands_and_they_are_make_targets():
             assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
 
 
+def yaml_commands() -> list[list[str]]:
+    """`command:` lists of the containers in the README's YAML blocks (the Kubernetes recipe)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("command"), list):
+                found.append([str(w) for w in node["command"]])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for block in re.findall(r"```yaml\n(.*?)```", README, flags=re.S):
+        walk(cfgmod.yaml.safe_load(block))
+    return found
+
+
 def test_every_dpo_command_in_the_readme_parses():
     seen = set()
-    for line in bash_lines():
+    for line in bash_lines() + yaml_commands():
         args = dpo_args(line)
         if args is None:
             continue
@@ -67,7 +88,17 @@ def test_every_dpo_command_in_the_readme_parses():
         seen.add(name)
         if params.get("config_path"):  # the config it names exists and builds the command's config
             assert (REPO / params["config_path"]).is_file(), params["config_path"]
-    assert {"precompute-ref", "train", "sweep", "compare", "cache info", "cache verify", "plan"} <= seen
+    assert {"precompute-ref", "train", "sweep", "compare", "cache info", "cache verify", "plan", "cache merge"} <= seen
+
+
+def test_multi_node_recipes_parse_with_shards_and_replicas():
+    """The Slurm array, the Kubernetes Indexed Job and the HSDP training line: real options, real values."""
+    parsed = [parse(args) for args in map(dpo_args, bash_lines() + yaml_commands()) if args]
+    shard_jobs = [p for name, p in parsed if name == "precompute-ref" and p.get("num_shards")]
+    assert len(shard_jobs) >= 2 and all(p["num_shards"] == 4 and p["shard_index"] == "auto" for p in shard_jobs)
+    assert any(name == "train" and p.get("replicas") == 4 for name, p in parsed)
+    merges = [p for name, p in parsed if name == "cache merge"]
+    assert merges and all(p["out"].endswith(".parquet") for p in merges)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
