@@ -64,6 +64,24 @@ def _chat_completion(tokenizer, prompt_ids: list[int], ex: Example, completion) 
     return completion_ids
 
 
+def chat_tails(tokenizer, ex: Example, enc: Encoded, max_length: int | None) -> tuple[list[int], list[int]]:
+    """(chosen, rejected) ids TRL 1.16 also scores on a conversational row: what the chat template writes after our
+    reply's last end-of-turn token (ChatML: "\n"), cut where TRL's keep-start truncation to max_length would cut.
+    Empty when our reply was itself cut (TRL cuts it at the same place) or the row is plain text."""
+    if not ex.is_chat:
+        return [], []
+    tails = []
+    for completion, ours in ((ex.chosen, enc.chosen_ids), (ex.rejected, enc.rejected_ids)):
+        full = _chat_ids(tokenizer, list(ex.prompt) + list(completion), generation_prompt=False)
+        start = len(enc.prompt_ids) + len(ours)
+        if tuple(full[:start]) != enc.prompt_ids + ours:  # cut prompt or reply: TRL scores other ids anyway
+            tails.append([])
+            continue
+        tail = full[start:]
+        tails.append(tail if max_length is None else tail[:max(0, max_length - start)])
+    return tails[0], tails[1]
+
+
 def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list[int]]:
     """Untruncated (prompt, chosen, rejected) ids."""
     if ex.is_chat:

@@ -13,6 +13,8 @@ alone (with BOS if the tokenizer adds one), completion + EOS, summed over comple
 the prompt/completion boundary, and prompts were not cut (TRL 1.16 has no max_prompt_length: it keeps the start of
 prompt + completion up to `max_length`). On conversational rows TRL also scores what the chat template writes after
 the end-of-turn token (ChatML: one "\\n"); our values stop at the end-of-turn token. `notes` says which apply.
+With `--trl-chat-convention` the export loads the cache's reference model (fingerprint checked) and adds the
+log-prob of exactly those trailing tokens, so conversational values equal TRL's own precompute.
 
 TRL 1.16's DPOTrainer with `precompute_ref_log_probs=True` always runs its own reference pass, even over a dataset
 that already has these columns, and then fails on the duplicated columns. `dpo_trainer_class()` returns a DPOTrainer
@@ -31,6 +33,7 @@ from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from . import refcache
 from .data import Example, FieldMap, load_examples
@@ -138,8 +141,64 @@ def write_rows(rows: list[dict], out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _reference_spec(meta: dict, model: str | None):
+    """The cache's reference model as stage one loaded it; `model` overrides its path (same weights required)."""
+    from .models import ModelSpec, folder_fingerprint
+
+    path = model or meta["model"]["path"]
+    full = bool(meta["model"].get("weights", {}).get("full_hash"))
+    if not Path(path).is_dir() or folder_fingerprint(path, full)["hash"] != meta["manifest"]["model"]:
+        raise UserError(f"--trl-chat-convention: {path} is not the cache's reference model (weights fingerprint "
+                        "differs or folder missing); pass the model the cache was made from with --model")
+    adapter = (meta.get("adapter") or {}).get("path")
+    quantized = meta.get("quantization") not in (None, "none")
+    return ModelSpec(path, meta.get("dtype") or "auto", quantized, adapter)
+
+
+def _tail_batch(encoded, tails, pad_id: int):
+    """PairBatch whose rows are prompt + reply + tail (chosen rows, then rejected) scoring only the tail tokens."""
+    from .logprobs import PairBatch
+
+    seqs = [(e.prompt_ids + e.chosen_ids, t[0]) for e, t in zip(encoded, tails)]
+    seqs += [(e.prompt_ids + e.rejected_ids, t[1]) for e, t in zip(encoded, tails)]
+    width = max(len(a) + len(b) for a, b in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn, score = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (head, tail) in enumerate(seqs):
+        n = len(head) + len(tail)
+        ids[i, :n] = torch.tensor(list(head) + list(tail), dtype=torch.long)
+        attn[i, :n] = 1
+        score[i, len(head):n] = True
+    return PairBatch(ids, attn, score, list(encoded))
+
+
+def chat_tail_logps(meta: dict, examples, model: str | None, batch_size: int = 8) -> tuple[dict, int]:
+    """example id -> (chosen, rejected) log-prob of the tokens TRL scores after ours (encode.chat_tails), from the
+    cache's reference model; and how many such tokens there were."""
+    from .encode import TokenizeSettings, chat_tails, encode_examples
+    from .logprobs import sequence_logps
+    from .models import load_model, load_tokenizer
+
+    spec = _reference_spec(meta, model)
+    tok = meta["tokenization"]
+    tokenizer = load_tokenizer(spec.path)
+    encoded, _ = encode_examples(tokenizer, examples, TokenizeSettings(tok["max_length"], tok["max_prompt_length"]))
+    by_id = {e.example_id: e for e in examples}
+    tails = [chat_tails(tokenizer, by_id[e.example_id], e, tok["max_length"]) for e in encoded]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_model(spec, device).eval()
+    out = {}
+    with torch.inference_mode():
+        for k in range(0, len(encoded), batch_size):
+            part = encoded[k:k + batch_size]
+            lp = sequence_logps(net, _tail_batch(part, tails[k:k + batch_size], tokenizer.pad_token_id))
+            out.update({e.example_id: (float(c), float(r)) for e, c, r in
+                        zip(part, lp.chosen_logps.tolist(), lp.rejected_logps.tolist())})
+    return out, sum(len(a) + len(b) for a, b in tails)
+
+
 def export_trl(cache_path: str, data: Sequence[str], out: str, fields: FieldMap = FieldMap(),
-               strict: bool = False) -> ExportReport:
+               strict: bool = False, trl_chat_convention: bool = False, model: str | None = None) -> ExportReport:
     if not data:
         raise UserError("give the preference file(s) with --data (the rows the cache was made from)")
     out_path = Path(out)
@@ -149,11 +208,22 @@ def export_trl(cache_path: str, data: Sequence[str], out: str, fields: FieldMap 
         raise UserError(f"{', '.join(map(str, data))}: no usable rows ({report.summary()})")
     df, meta = refcache.read_cache(cache_path)
     rows = join_rows(cache_path, df, meta, examples)
+    is_chat = examples[0].is_chat
+    added = None
+    if trl_chat_convention and is_chat:  # + the template's text after the end-of-turn token, as TRL scores it
+        tails, added = chat_tail_logps(meta, examples, model)
+        for r in rows:
+            r["ref_chosen_logps"] += tails[r["example_id"]][0]
+            r["ref_rejected_logps"] += tails[r["example_id"]][1]
     write_rows(rows, out_path)
     wanted = {r["example_id"] for r in rows}
     prompt_tokens = [n for i, n in zip(df["example_id"].to_list(), df["prompt_tokens"].to_list()) if i in wanted]
-    is_chat = examples[0].is_chat
-    notes = [f"data: {report.summary()}"] + convention_notes(meta, prompt_tokens, is_chat)
+    notes = [f"data: {report.summary()}"] + convention_notes(meta, prompt_tokens, is_chat and added is None)
+    if added is not None:
+        notes.append(f"note: --trl-chat-convention: added the reference log-prob of {added} tokens the chat template "
+                     "writes after the end-of-turn token (TRL 1.16's convention); values now equal TRL's precompute")
+    elif trl_chat_convention:
+        notes.append("note: --trl-chat-convention changes nothing on text rows (TRL scores the same tokens as we do)")
     return ExportReport(out_path, len(rows), is_chat, df.height - len(rows), notes)
 
 

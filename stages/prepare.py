@@ -96,9 +96,9 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
     settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)
     problems = refcache.tokenization_problems(meta, tokenizer_fingerprint(tokenizer, settings), cfg.allow_cache_mismatch)
     if problems:
-        waiver = "" if cfg.allow_cache_mismatch else " (or --allow-cache-mismatch if only the tokenizer hash differs)"
-        raise UserError(f"{cfg.ref_cache}: made with other tokenization: {problems[0]}; rerun `dpo precompute-ref` "
-                        f"with this model and lengths{waiver}")
+        waiver = "" if cfg.allow_cache_mismatch else " (a hash only: --allow-cache-mismatch)"
+        raise UserError(f"{cfg.ref_cache}: other tokenization ({problems[0]}); rerun precompute-ref with this model "
+                        f"and lengths{waiver}")
     notes = []
     weights = folder_fingerprint(cfg.model)["hash"]
     if weights != meta["manifest"]["model"]:

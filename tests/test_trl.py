@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,56 @@ def test_conversational_gap_is_the_template_newline(tiny_llama: Path, hh_path: P
     for k, e in enumerate(trl_encoded):
         assert_close_to_trl(float(out.chosen_logps[k]), theirs[e.example_id][0], "chosen on TRL's ids")
         assert_close_to_trl(float(out.rejected_logps[k]), theirs[e.example_id][1], "rejected on TRL's ids")
+
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["untruncated", "truncated"])
+def test_export_trl_chat_convention_equals_trl_precompute(tiny_llama: Path, hh_path: Path, tmp_path: Path,
+                                                          truncated):
+    """Issue 14, item 6: `export-trl --trl-chat-convention` adds the reference log-prob of what the template writes
+    after the end-of-turn token, so exported conversational values equal TRL's own precompute (also where TRL's
+    max_length cut falls on or before that token); text rows are unchanged; a model with other weights is refused."""
+    path, rows = chat_rows(hh_path, tmp_path, 8)
+    max_length = None
+    if truncated:  # every prompt fits (we never cut one, nor does TRL), the longest prompt's replies are cut
+        max_length = 3 + max(len(e.prompt_ids) for e in encoded_by_id(AutoTokenizer.from_pretrained(tiny_llama),
+                                                                      path).values())
+    theirs = trl_precompute(tiny_llama, rows, tmp_path, max_length)
+    cache = tmp_path / "chat.parquet"
+    # --max-prompt-length one below --max-length cuts no prompt here: TRL's convention
+    precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(path),), out=str(cache), max_length=max_length,
+                                    max_prompt_length=max_length and max_length - 1))
+    df, _ = refcache.read_cache(cache)
+    mine = {r["example_id"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in df.iter_rows(named=True)}
+    assert set(mine) == set(theirs)
+    out = tmp_path / "chat_trl.jsonl"
+    res = export([str(cache), "--data", str(path), "--out", str(out), "--trl-chat-convention"])
+    assert res.exit_code == 0, res.output
+    assert "--trl-chat-convention: added" in res.output and "differ by that token" not in res.output
+    got = {g["example_id"]: (g["ref_chosen_logps"], g["ref_rejected_logps"]) for g in map(json.loads, out.open())}
+    compare({i: got[i] for i in theirs}, theirs)
+    assert max(abs(got[i][0] - mine[i][0]) for i in theirs) > 1e-2  # without the flag they differ by a token
+    if max_length is not None:  # some replies really are cut, so no tail is scored for them
+        assert any(len(r["prompt_ids"]) + len(r["chosen_ids"]) >= max_length for *_, r in theirs.values())
+    # a folder with other weights is not the reference: one line, nothing written
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_llama, other)
+    cfg_path = other / "config.json"
+    cfg_path.write_text(cfg_path.read_text().replace("{", '{"_changed": 1, ', 1))
+    res = export([str(cache), "--data", str(path), "--out", str(tmp_path / "x.jsonl"), "--trl-chat-convention",
+                  "--model", str(other)])
+    assert res.exit_code == 2 and "not the cache's reference model" in res.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_export_trl_chat_convention_leaves_text_rows(tiny_llama: Path, text_data, tmp_path: Path):
+    path, _ = text_data
+    cache = tmp_path / "ref.parquet"
+    mine = ours(tiny_llama, path, cache, None)
+    out = tmp_path / "t.jsonl"
+    res = export([str(cache), "--data", str(path), "--out", str(out), "--trl-chat-convention"])
+    assert res.exit_code == 0 and "changes nothing on text rows" in res.output
+    got = {g["example_id"]: (g["ref_chosen_logps"], g["ref_rejected_logps"]) for g in map(json.loads, out.open())}
+    assert got == mine
 
 
 # ------------------------------------------------------------------------------------------------------ interop
