@@ -10,6 +10,7 @@ import torch
 
 from .distributed import DistEnv, all_reduce_sum
 from .errors import UserError
+from .loss import LOSS_TYPES
 
 # Sums kept per batch; means are taken over examples (tokens for logits/*), after the all-reduce.
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -17,10 +18,13 @@ SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", 
 
 
 class Accumulator:
-    """Per-example sums over any number of micro-batches; `reduce` gives global means."""
+    """Per-example sums over any number of micro-batches; `reduce` gives global means. A mixture's terms are
+    summed per loss type in a fixed [len(LOSS_TYPES)] vector (every rank reduces the same shape, even a rank that
+    added nothing) and logged as `loss/<type>` when the loss has two or more terms."""
 
     def __init__(self):
         self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        self.terms = torch.zeros(2 * len(LOSS_TYPES), dtype=torch.float64)  # per type: sum, examples
         self.examples = 0
         self.chosen_tokens = 0
         self.rejected_tokens = 0
@@ -34,6 +38,10 @@ class Accumulator:
                   pc.sum(), pr.sum(), lp.chosen_logits_sum.double().sum().cpu(),
                   lp.rejected_logits_sum.double().sum().cpu(), drift.sum()]
         self.sums += torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+        for name, term in getattr(loss_out, "components", {}).items():
+            k = LOSS_TYPES.index(name)
+            self.terms[k] += term.detach().double().sum().cpu()
+            self.terms[len(LOSS_TYPES) + k] += term.shape[0]
         self.examples += int(losses.shape[0])
         self.chosen_tokens += int(lp.chosen_tokens.sum())
         self.rejected_tokens += int(lp.rejected_tokens.sum())
@@ -41,7 +49,7 @@ class Accumulator:
     def state(self) -> dict:
         """JSON-able, so a checkpoint taken mid logging window resumes the same window."""
         return {"sums": self.sums.tolist(), "examples": self.examples, "chosen_tokens": self.chosen_tokens,
-                "rejected_tokens": self.rejected_tokens}
+                "rejected_tokens": self.rejected_tokens, "terms": self.terms.tolist()}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "Accumulator":
@@ -50,16 +58,23 @@ class Accumulator:
             acc.sums = torch.tensor(state["sums"], dtype=torch.float64)
             acc.examples, acc.chosen_tokens = state["examples"], state["chosen_tokens"]
             acc.rejected_tokens = state["rejected_tokens"]
+            if "terms" in state:  # checkpoints from before mixtures have none
+                acc.terms = torch.tensor(state["terms"], dtype=torch.float64)
         return acc
 
     def reduce(self, env: DistEnv, prefix: str = "") -> dict:
         counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens], dtype=torch.float64)
-        both = all_reduce_sum(torch.cat([self.sums, counts]).to(_reduce_device(env)), env).cpu()
-        sums, (n, ct, rt) = both[: len(SUM_KEYS)], both[len(SUM_KEYS):].tolist()
+        both = all_reduce_sum(torch.cat([self.sums, counts, self.terms]).to(_reduce_device(env)), env).cpu()
+        k = len(SUM_KEYS)
+        sums, (n, ct, rt), terms = both[:k], both[k:k + 3].tolist(), both[k + 3:].tolist()
         out = {}
         for key, value in zip(SUM_KEYS, sums.tolist()):
             denom = ct if key == "logits/chosen" else rt if key == "logits/rejected" else n
             out[prefix + key] = value / max(denom, 1)
+        seen = [(name, terms[i], terms[len(LOSS_TYPES) + i]) for i, name in enumerate(LOSS_TYPES)
+                if terms[len(LOSS_TYPES) + i] > 0]
+        if len(seen) > 1:  # a mixture: each term's mean (before its weight), e.g. loss/sigmoid, loss/sft
+            out.update({f"{prefix}loss/{name}": total / count for name, total, count in seen})
         return out
 
 

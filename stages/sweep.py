@@ -23,6 +23,7 @@ from .compare import Row, compare, format_table
 from .distributed import barrier, init_distributed
 from .errors import UserError
 from .progress import say
+from .loss import LossSpec, canonical_loss, loss_slug
 from .train import TrainConfig
 
 VARIED = ("beta", "loss")             # TrainConfig fields the sweep varies
@@ -40,8 +41,12 @@ def _sweep_config_class():
         fields.append((f.name, hints[f.name], dataclasses.field(**default)))
         if f.name == "output":  # right after the required fields, so the saved YAML reads naturally
             fields += [("betas", tuple[float, ...], dataclasses.field(default=())),
-                       ("losses", tuple[str, ...], dataclasses.field(default=("sigmoid",)))]
-    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True)
+                       ("losses", tuple[LossSpec, ...], dataclasses.field(default=("sigmoid",)))]
+
+    def __post_init__(self):  # each loss in its canonical spelling, so "a*1" and "a" are one run (YAML mappings too)
+        object.__setattr__(self, "losses", tuple(canonical_loss(v) for v in self.losses))
+
+    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True, namespace={"__post_init__": __post_init__})
     cls.__module__ = __name__
     cls.__doc__ = ("`dpo sweep` options: every `dpo train` option except beta/loss, plus betas (--beta, repeatable) "
                    "and losses (--loss, repeatable, default sigmoid).")
@@ -61,7 +66,9 @@ class SweepResult:
 
 
 def run_name(beta: float, loss: str) -> str:
-    return f"beta-{float(beta)!r}-{loss}"  # repr: exact and unique (0.1 -> "0.1", 1e-05 -> "1e-05")
+    """beta-0.1-sigmoid, beta-0.1-0.8sigmoid+0.2bco_pair+sft: repr(β) is exact and unique (0.1 -> "0.1", 1e-05 ->
+    "1e-05"); a mixture reads as its formula, in filesystem-safe characters (loss.loss_slug)."""
+    return f"beta-{float(beta)!r}-{loss_slug(loss)}"
 
 
 def combinations(cfg) -> list[tuple[str, float]]:
