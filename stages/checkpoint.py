@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .distributed import DistEnv, barrier, broadcast_object
+from .errors import UserError
+from .fsio import TMP_MARK
 
 
 def list_checkpoints(output: Path) -> list[Path]:
@@ -26,7 +29,9 @@ def list_checkpoints(output: Path) -> list[Path]:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Plain tensors and lists only (Python's state as [version, [625 ints], gauss]): loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -34,9 +39,19 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _load_plain(path: Path):
+    """torch.load that never runs code: anything but tensors and plain containers is refused with one line."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds objects other than tensors and plain values (it could run code), so it is "
+                        "not loaded; delete this checkpoint folder or use --no-resume") from None
 
 
 def save_adapter(model, path: Path, env: DistEnv) -> None:
@@ -53,7 +68,8 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
          rank_state: dict | None = None) -> Path:
     """`extra` goes to state.json (rank 0); `rank_state` is this rank's own (e.g. its metrics window)."""
     final = output / f"checkpoint-{step}"
-    tmp = output / f".checkpoint-{step}.tmp"
+    # rank 0's pid names the folder for every rank; whoever holds the run's lock later removes a stale one
+    tmp = broadcast_object(output / f".checkpoint-{step}{TMP_MARK}{os.getpid()}", env)
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -67,13 +83,20 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
     if env.is_main:
         torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **extra}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (a resumed final save): move the old one away first
+            remove(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            remove(old)
     barrier(env)
     return final
+
+
+def remove(checkpoint: Path) -> None:
+    """Rename, then delete: a kill mid-delete leaves a temporary (removed by the next run), never a torn checkpoint."""
+    trash = checkpoint.with_name(f".{checkpoint.name}-old{TMP_MARK}{os.getpid()}")
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash)
 
 
 def _trainable_only(model, state: dict) -> dict:
@@ -85,7 +108,7 @@ def _trainable_only(model, state: dict) -> dict:
 
 def load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns state.json. Rank 0 reads, then broadcasts."""
-    blob = torch.load(path / "trainer_state.pt", weights_only=True) if env.is_main else {"model": {}, "optimizer": {}}
+    blob = _load_plain(path / "trainer_state.pt") if env.is_main else {"model": {}, "optimizer": {}}
     blob["model"] = _trainable_only(model, blob["model"])
     opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, broadcast_from_rank0=env.enabled)
     set_state_dict(model, [optimizer], model_state_dict=blob["model"], optim_state_dict=blob["optimizer"], options=opts)
@@ -93,7 +116,7 @@ def load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
     state = json.loads((path / "state.json").read_text())
     rng = path / f"rng-rank{env.rank}.pt"
     if rng.is_file():
-        saved = torch.load(rng, weights_only=False)  # python's random state is a tuple; the file is our own
+        saved = _load_plain(rng)
         _set_rng_state(saved)
         state["rank_state"] = saved.get("rank_state", {})
     return state

@@ -12,6 +12,7 @@ import re
 
 MAX_CHARS = 200
 _HEX = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{4,}\b")
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[^/\s:;,'\"()]+/){3,}[^/\s:;,'\"()]*")
 
 
 class UserError(Exception):
@@ -55,4 +56,6 @@ def one_line(message: str) -> str:
     if cwd != "/":
         text = text.replace(cwd, "")
     text = _HEX.sub(r"\1", text)
+    if len(text) > MAX_CHARS:  # still long: absolute paths keep their last two parts
+        text = _ABS_PATH.sub(lambda m: "…/" + "/".join(m.group(0).rstrip("/").split("/")[-2:]), text)
     return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"

@@ -119,7 +119,7 @@ def table_problem(df: pl.DataFrame, store_token_logps: bool) -> str | None:
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = df.filter(~pl.col(col).is_finite() | pl.col(col).is_null())
         if bad.height:
-            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]}, not a finite number"
+            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]} (non-finite)"
     for col, least in (("chosen_tokens", 1), ("rejected_tokens", 1), ("prompt_tokens", 0)):
         bad = df.filter((pl.col(col) < least) | pl.col(col).is_null())
         if bad.height:
@@ -258,7 +258,7 @@ def tokenization_problems(meta: dict, tokenization: dict, allow_fingerprint_mism
     """Differences between the cache's tokenization and this run's; fingerprints are waivable, lengths are not."""
     cached = meta.get("tokenization", {})
     keys = TOKENIZATION_KEYS + (() if allow_fingerprint_mismatch else FINGERPRINT_KEYS)
-    return [f"{k}: cache has {cached.get(k)!r}, this run has {tokenization.get(k)!r}"
+    return [f"{k}: cache {cached.get(k)!r}, now {tokenization.get(k)!r}"
             for k in keys if cached.get(k) != tokenization.get(k)]
 
 

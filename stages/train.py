@@ -9,6 +9,7 @@ No reference model is ever loaded: the reference exists only as two float64 colu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -18,18 +19,19 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config
+from . import checkpoint, config, fsio
 from .data import DEFAULT_SPLIT
 from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, barrier, init_distributed, shard_model
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
-from .loss import LOSS_TYPES, dpo_loss
+from .loss import LossSettings, LossSpec, canonical_loss, dpo_loss
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, load_policy
 from .prepare import Item, Prepared, prepare
 from .progress import Progress, say
-from .trainutil import batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
+from .runguard import StopSignal, guarded_output, rerun_hint
+from .trainutil import OPTIMIZERS, SCHEDULERS, batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
 
 DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
 
@@ -50,10 +52,15 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("all-linear",)
     gradient_checkpointing: bool = True
-    loss: str = "sigmoid"
+    loss: LossSpec = "sigmoid"  # a type or a mixture "sigmoid*0.8+bco_pair*0.2+sft" (YAML: also a mapping)
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False
+    ld_alpha: float | None = None
     learning_rate: float = 5e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.1
@@ -85,6 +92,9 @@ class TrainConfig:
     data_split: str = DEFAULT_SPLIT  # split of a saved DatasetDict / Hub dataset given without ":split"
     replicas: int = 1  # HSDP: R replica groups x world/R shards (weights sharded within a group, e.g. a node)
 
+    def __post_init__(self):  # the canonical loss string: one spelling per mixture (YAML mappings included)
+        object.__setattr__(self, "loss", canonical_loss(self.loss))
+
 
 def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     """Train one policy; returns the summary. A sweep passes `prepared` so the data and cache are read once."""
@@ -94,6 +104,14 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     if (out / "summary.json").is_file() and cfg.resume:
         say(env, f"{out}: already finished (summary.json exists); nothing to do")
         return checkpoint_summary(out)
+    with guarded_output(out / ".lock", out, "--output", env), StopSignal() as stop:
+        if env.is_main:
+            fsio.remove_stale_temporaries(out)  # what a killed run left: checkpoint/summary/metrics temporaries
+        return train_run(cfg, prepared, env, out, stop)
+
+
+def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Path, stop: StopSignal) -> dict:
+    """The run itself, holding the output folder's lock."""
     if cfg.resume and checkpoint.list_checkpoints(out):
         check_resumable(cfg, out)  # before any model loads
     prep = prepared or prepare(cfg)
@@ -117,7 +135,7 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
     started = time.perf_counter()
     clock = lambda: prior_seconds + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
     train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
-               window)
+               window, stop)
     logged = any("eval/loss" in r and r["step"] == total_steps for r in read_metrics(out / "metrics.jsonl"))
     final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval and not logged else {}
     if final:
@@ -131,13 +149,37 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
 
 
 def check(cfg: TrainConfig) -> None:
-    if cfg.loss not in LOSS_TYPES:
-        raise UserError(f"--loss {cfg.loss!r} is not one of {', '.join(LOSS_TYPES)}")
+    LossSettings.of(cfg).check()  # loss names, β, ε, f-divergence, WPO, LD: before any data or model is read
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise UserError("set --max-steps N or --epochs E (> 0)")
     if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise UserError("--batch-size and --gradient-accumulation-steps must be >= 1")
     check_installed(parse_report_to(cfg.report_to, cfg.tensorboard))  # a missing tracker package: before any model
+    check_numbers(cfg)
+
+
+# (field, lowest allowed, inclusive?) for every number a run would otherwise accept and then fail on, much later
+_RANGES = (("lora_r", 1, True), ("lora_alpha", 0, False), ("lora_dropout", 0, True), ("learning_rate", 0, False),
+           ("warmup_ratio", 0, True), ("weight_decay", 0, True), ("eval_batch_size", 1, True),
+           ("max_grad_norm", 0, True), ("logging_steps", 1, True), ("eval_steps", 0, True), ("save_steps", 0, True),
+           ("save_total_limit", 0, True), ("max_length", 1, True), ("max_prompt_length", 1, True),
+           ("chunk_size", 1, True), ("replicas", 1, True))
+
+
+def check_numbers(cfg) -> None:
+    """Ranges, choices and cross-field rules, before anything is read, written or loaded."""
+    for name, low, inclusive in _RANGES:
+        value = getattr(cfg, name, None)
+        if value is not None and not (value >= low if inclusive else value > low):
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be {'>=' if inclusive else '>'} {low}")
+    if cfg.lora_dropout >= 1 or cfg.warmup_ratio > 1:
+        raise UserError("--lora-dropout must be below 1 and --warmup-ratio at most 1")
+    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
+    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
+                                 ("dtype", cfg.dtype, ("auto", "fp32", "bf16", "fp16"))):
+        if value not in allowed:
+            raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
@@ -155,7 +197,7 @@ def fresh_start(out: Path, env) -> None:
     """A new run in a used folder: nothing of the old run may survive to be resumed or reported."""
     if env.is_main:
         for old in checkpoint.list_checkpoints(out):
-            shutil.rmtree(old)
+            checkpoint.remove(old)
         shutil.rmtree(out / "adapter", ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
@@ -171,7 +213,7 @@ def resume(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float
     state = checkpoint.load(found[-1], model, optimizer, scheduler, env)
     if env.is_main:  # drop records logged after the checkpoint: they will be logged again
         kept = read_metrics(out / "metrics.jsonl", upto_step=state["step"])
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        fsio.write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     say(env, f"resumed from {found[-1]} (step {state['step']})")
     return state["step"], state.get("seconds", 0.0), state.get("rank_state", {}).get("window", {})
 
@@ -196,17 +238,23 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
 
 
 def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
-    """One forward (chosen + rejected) -> per-example DPO losses against the cached reference."""
+    """One forward (chosen + rejected) -> per-example DPO losses against the cached reference.
+    With --ld-alpha the loss, rewards, logps/* and drift use the LD-DPO sums on both sides (as TRL logs them);
+    the sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
     encoded = [i.enc for i in items]
+    extra = {"ld_alpha": cfg.ld_alpha, "wpo": cfg.use_weighting}
     if cfg.share_prompt and supports_prompt_sharing(model):
-        lp = shared_prompt_logps(model, encoded, pad_id, cfg.chunk_size)
+        lp = shared_prompt_logps(model, encoded, pad_id, cfg.chunk_size, **extra)
     else:
-        lp = sequence_logps(model, collate_pairs(encoded, pad_id), cfg.chunk_size)
+        lp = sequence_logps(model, collate_pairs(encoded, pad_id), cfg.chunk_size, **extra)
+    plain_chosen = lp.chosen_logps
+    if cfg.ld_alpha is not None:
+        lp = dataclasses.replace(lp, chosen_logps=lp.chosen_ld_logps, rejected_logps=lp.rejected_ld_logps)
     ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
     ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
-    out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, loss_type=cfg.loss, beta=cfg.beta,
-                   label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
-                   chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens)
+    out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, **LossSettings.of(cfg).loss_kwargs(),
+                   chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens, chosen_sft_logps=plain_chosen,
+                   chosen_wpo_logps=lp.chosen_wpo_logps, rejected_wpo_logps=lp.rejected_wpo_logps)
     return out.losses, lp, out, ref_c.cpu(), ref_r.cpu()
 
 
@@ -232,7 +280,7 @@ def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
 
 
 def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
-               window: dict):
+               window: dict, stop: StopSignal):
     pad_id, accum, world = prep.tokenizer.pad_token_id, cfg.gradient_accumulation_steps, env.world_size
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(env, total=total_steps, unit="step", desc="train")
@@ -269,10 +317,15 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
             record = {"step": done, **evaluate(model, prep.eval, pad_id, cfg, env)}
             writer.write(record)
             say(env, "eval: " + readable(record))
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+        stopping = done < total_steps and stop.requested(env)  # SIGTERM/SIGINT: save this step, then stop
+        if (cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps) or stopping:
             window = {"acc": acc.state(), "tokens": window_tokens, "elapsed": time.perf_counter() - window_start}
-            checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {"seconds": clock()},
-                            cfg.save_total_limit, rank_state={"window": window})
+            saved = checkpoint.save(Path(cfg.output), done, model, optimizer, scheduler, env, {"seconds": clock()},
+                                    cfg.save_total_limit, rank_state={"window": window})
+        if stopping:
+            progress.close()
+            raise Interrupted(f"at step {done} of {total_steps}: checkpoint in {saved}; {rerun_hint()} to continue",
+                              stop.signum)
     progress.close()
 
 
@@ -314,9 +367,7 @@ def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
         "ref_drift": next((r["ref_drift"] for r in records if r.get("step") == 0 and "ref_drift" in r), None),
     }
     if env.is_main:
-        tmp = out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(out / "summary.json")
+        fsio.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
         say(env, f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, summary in {out / 'summary.json'}")
     return summary
 

@@ -12,6 +12,9 @@ from .errors import UserError
 
 MEGABATCH = 16  # length grouping: sort within groups of 16 micro-batches, so batches stay shuffled overall
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -45,14 +48,14 @@ def build_optimizer(model, cfg):
 
         cls = bnb.optim.PagedAdamW8bit if cfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit
         return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raise UserError(f"--optimizer {cfg.optimizer!r} is not one of adamw, adamw_8bit, paged_adamw_8bit")
+    raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
     from transformers import get_scheduler
 
-    if cfg.lr_scheduler not in ("cosine", "linear", "constant_with_warmup"):
-        raise UserError(f"--lr-scheduler {cfg.lr_scheduler!r} is not one of cosine, linear, constant_with_warmup")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise UserError(f"--lr-scheduler {cfg.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     warmup = int(round(cfg.warmup_ratio * total_steps))
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
