@@ -23,6 +23,7 @@ from .compare import Row, compare, format_table
 from .distributed import barrier, init_distributed
 from .errors import UserError
 from .progress import say
+from .runguard import guarded_output
 from .loss import LossSpec, canonical_loss, loss_slug
 from .train import TrainConfig
 
@@ -115,6 +116,11 @@ def run_sweep(cfg) -> SweepResult:
     combos = combinations(cfg)
     env = init_distributed()
     out = Path(cfg.output)
+    with guarded_output(out / ".sweep.lock", out, "--output", env):  # each run also locks its own folder
+        return sweep_runs(cfg, combos, env, out)
+
+
+def sweep_runs(cfg, combos: list[tuple[str, float]], env, out: Path) -> SweepResult:
     check_same_settings(cfg, out / "sweep.yaml")
     barrier(env)  # every rank has checked before rank 0 overwrites sweep.yaml
     if env.is_main:
