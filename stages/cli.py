@@ -201,6 +201,9 @@ HELP = {
     "report_to": "Trackers: none, tensorboard, wandb, mlflow, trackio, all (comma-separated or repeated).",
     "tensorboard": "Same as --report-to tensorboard.",
     "data_split": "Split of a saved DatasetDict / Hub dataset given without :split.",
+    "ref_adapter": "Reference = base + this adapter (default: the base, adapters off).",
+    "max_new_tokens": "Tokens generated per reply.", "temperature": "Sampling temperature (with --seed).",
+    "top_p": "Nucleus sampling (with --seed).",
     "replicas": "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.",
 }
 
@@ -272,14 +275,18 @@ def sweep(config_path, **flags):
 @main.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option("--out", default=None, help="Folder for compare.png / compare.csv [the folder holding the runs].")
+@click.option("--samples", is_flag=True, default=False, help="Also one table of samples per run (RUN/samples.jsonl "
+              "from `dpo sample`).")
 @user_errors
-def compare_cmd(run_dirs, out):
+def compare_cmd(run_dirs, out, samples):
     """Table, CSV and plot of training runs (RUN_DIR: a `dpo train` output or a whole `dpo sweep` folder)."""
-    from .compare import compare, format_table
+    from .compare import compare, format_table, samples_tables
 
     rows, png, csv_path = compare(run_dirs, out)
     click.echo(format_table(rows))
     click.echo(f"plot: {png}\ntable: {csv_path}")
+    if samples:
+        click.echo(samples_tables(run_dirs))
 
 
 @main.command()
@@ -311,6 +318,45 @@ def demo(quick):
     from .demo import run_demo
 
     run_demo(quick=quick)
+
+
+@main.group("config")
+def config_group():
+    """Configs from elsewhere."""
+
+
+@config_group.command("from-trl")
+@click.argument("path", metavar="DPOConfig.yaml")
+@user_errors
+def config_from_trl(path):
+    """Print our YAML (shared / precompute-ref / train) for a TRL DPOConfig YAML; unmapped keys are listed, with
+    why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
+    from .trlconfig import from_trl
+
+    click.echo(from_trl(path), nl=False)
+
+
+def _sample_config_cls():
+    from .sample import SampleConfig
+
+    return SampleConfig
+
+
+@main.command("sample", context_settings={"show_default": False})
+@options_from(_sample_config_cls(), skip=("n", "model", "data", "adapter", "out", "seed"))
+@click.option("--model", default=None, help="Base model folder (the cache's model).")
+@click.option("--data", multiple=True, help="Held-out data (files, a save_to_disk folder or a Hub id).")
+@click.option("--adapter", default=None, help="The trained policy: RUN/adapter (absent: the base's replies only).")
+@click.option("-n", "n", type=int, default=None, help="Held-out prompts to sample [8].")
+@click.option("--seed", type=int, default=None, help="Sample with this seed (default: greedy).")
+@click.option("--out", default=None, help="Folder for samples.md / samples.jsonl [the adapter's run folder].")
+@user_errors
+def sample_cmd(config_path, **flags):
+    """Reference and policy replies side by side for held-out prompts, with each reply's implicit reward
+    β·log π/π_ref; greedy unless --seed. Writes samples.md / samples.jsonl (into the run folder of --adapter)."""
+    from .sample import SampleConfig, run
+
+    run(cfgmod.build(SampleConfig, config_path, flags, section="sample"))
 
 
 if __name__ == "__main__":

@@ -196,16 +196,17 @@ def plot(runs: list[Run], labels: list[str], path: Path) -> None:
 
     fig = Figure(figsize=(15, 4.5), dpi=100)
     FigureCanvasAgg(fig)
-    panels = [(ACC, "eval reward accuracy", "no eval metrics"), (MARGIN, "eval reward margin", "no eval metrics"),
-              ("loss", "train loss", "no train loss logged")]
-    for i, (key, title, empty) in enumerate(panels):
+    panels = [(ACC, "eval reward accuracy", "no eval metrics", "fraction of pairs, chosen reward > rejected"),
+              (MARGIN, "eval reward margin", "no eval metrics", "reward margin  β·(ρ_chosen − ρ_rejected)"),
+              ("loss", "train loss", "no train loss logged", "loss (mean over the logging window)")]
+    for i, (key, title, empty, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)
-        drawn = 0
-        for run, label in zip(runs, labels):
+        drawn: list[tuple[list, list]] = []
+        for k, (run, label) in enumerate(zip(runs, labels)):
             steps, values = _series(run.records, key)
             if steps:
-                ax.plot(steps, values, marker="o" if key != "loss" else None, markersize=3, label=label)
-                drawn += 1
+                ax.plot(steps, values, label=label, **_line_style(k, (steps, values), drawn, key != "loss"))
+                drawn.append((steps, values))
         if not drawn:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
         else:
@@ -214,13 +215,45 @@ def plot(runs: list[Run], labels: list[str], path: Path) -> None:
             ax.set_ylim(-0.03, 1.03)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"dpo compare: {len(runs)} runs")
+    fig.suptitle(f"dpo compare: {len(runs)} run{'' if len(runs) == 1 else 's'}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _line_style(k: int, series: tuple[list, list], drawn: list, markers: bool) -> dict:
+    """Run k's style. A line that coincides with one already drawn (same steps, values within 1e-9) gets a larger
+    hollow marker and a dashed line, so both runs stay visible instead of one hiding the other."""
+    same = sum(1 for s, v in drawn if s == series[0] and all(abs(a - b) <= 1e-9 for a, b in zip(v, series[1])))
+    style = {"marker": MARKERS[k % len(MARKERS)] if markers or same else None, "markersize": 3 + 3 * same}
+    if same:
+        style.update(markerfacecolor="none", linestyle=(0, (4, 2 + 2 * same)), linewidth=1.0)
+    return style
+
+
+def samples_tables(run_dirs) -> str:
+    """One markdown table of samples per run (RUN/samples.jsonl from `dpo sample`), or a note where none."""
+    from .sample import markdown
+
+    parts = []
+    for path in expand(run_dirs):
+        f = path / "samples.jsonl"
+        if not f.is_file():
+            parts.append(f"note: {path}: no samples.jsonl; run `dpo sample --adapter {path / 'adapter'} --data ...`")
+            continue
+        try:
+            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except ValueError as e:
+            raise UserError(f"{f}: not JSON lines ({e}); rerun `dpo sample`") from None
+        parts.append(markdown(rows, f"Samples: {path}"))
+    return "\n".join(parts)
 
 
 def common_parent(paths: list[Path]) -> Path:
