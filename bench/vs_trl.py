@@ -768,6 +768,200 @@ def sample(examples, encoded_by_id: dict, n: int, seed: int, fits) -> list:
     return [ok[i] for i in idx]
 
 
+# ================================================================================================ (v) curves
+CURVES_BEGIN, CURVES_END = "<!-- vs_trl curves start -->", "<!-- vs_trl curves end -->"
+CURVES_PNG = REPO / "bench" / "vs_trl_curves.png"
+CURVE = dict(pairs=64, steps=30, batch=2, max_length=128, lr=2e-4, beta=0.1, short_steps=3)
+COMPARED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+            "logps/rejected")
+# (label, our TrainConfig loss settings, TRL DPOConfig loss settings) for the 3-step lines
+CURVE_LOSSES = [(n, {"loss": n}, {"loss_type": [n]}) for n in
+                ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                 "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")] + [
+    ("exo_pair ε=1e-3", {"loss": "exo_pair", "label_smoothing": 1e-3}, {"loss_type": ["exo_pair"], "label_smoothing": 1e-3}),
+    ("robust ε=0.1", {"loss": "robust", "label_smoothing": 0.1}, {"loss_type": ["robust"], "label_smoothing": 0.1}),
+    ("MPO sigmoid*0.8+bco_pair*0.2+sft", {"loss": "sigmoid*0.8+bco_pair*0.2+sft"},
+     {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
+    ("sigmoid, WPO weighting", {"loss": "sigmoid", "use_weighting": True}, {"loss_type": ["sigmoid"], "use_weighting": True}),
+    ("sigmoid, js_divergence", {"loss": "sigmoid", "f_divergence": "js_divergence"},
+     {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"}),
+]
+
+
+def curve_data(tok, model_dir: Path) -> dict:
+    """The first 64 plain-text HH pairs that fit max_length untruncated (so both tokenizations are the same ids),
+    our fp32 reference cache of them, that cache exported for TRL, and one zero-B LoRA adapter both sides start from."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.data import load_examples
+    from stages.encode import TokenizeSettings, encode_examples
+    from stages.export_trl import export_trl
+
+    L = CURVE["max_length"]
+    examples, _ = load_examples([HH_PATH])
+    enc = {e.example_id: e for e in encode_examples(tok, examples, TokenizeSettings(None, None))[0]}
+    fits = [e for e in examples if e.example_id in enc and enc[e.example_id].length <= L][:CURVE["pairs"]]
+    path = write_jsonl(OUT / "curves.jsonl", explicit_rows(fits))
+    cache = OUT / "curves-ref.parquet"
+    import stages.precompute as pc
+
+    pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), out=str(cache), dtype="fp32", max_length=L,
+                               max_prompt_length=L - 1, overwrite=True))
+    exported = OUT / "curves-trl.jsonl"
+    export_trl(str(cache), [str(path)], str(exported))
+    model, _ = load_hf(model_dir)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    import torch
+
+    torch.manual_seed(0)
+    get_peft_model(model, lora).save_pretrained(str(OUT / "curves-adapter"))
+    rows = {r["example_id"]: r for r in map(json.loads, exported.read_text().splitlines())}
+    return {"path": path, "cache": cache, "rows": rows, "adapter": OUT / "curves-adapter", "n": len(fits)}
+
+
+def ours_curve(model_dir: Path, data: dict, steps: int, loss: dict, out: Path) -> tuple[list[dict], list[str]]:
+    """`dpo train` from the shared adapter; returns its train records and the example ids in the order trained."""
+    import torch
+
+    import stages.train as T
+
+    order, forward = [], T.policy_forward
+
+    def recording(model, items, pad_id, cfg):
+        if torch.is_grad_enabled():  # training micro-batches (the drift check and evals run without grad)
+            order.extend(i.enc.example_id for i in items)
+        return forward(model, items, pad_id, cfg)
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = T.TrainConfig(model=str(model_dir), data=(str(data["path"]),), ref_cache=str(data["cache"]),
+                        output=str(out), adapter=str(data["adapter"]), beta=CURVE["beta"],
+                        **{**train_settings(CURVE["max_length"], CURVE["batch"], steps), "learning_rate": CURVE["lr"],
+                           "max_prompt_length": CURVE["max_length"] - 1}, **loss)
+    T.policy_forward = recording
+    try:
+        T.run(cfg)
+    finally:
+        T.policy_forward = forward
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], order
+
+
+def trl_curve(model_dir: Path, data: dict, order: list[str], steps: int, loss: dict, out: Path) -> list[dict]:
+    """TRL 1.16 on the same pairs in the same order (sequential sampler), our exported reference values, the same
+    starting adapter (copied over the one TRL creates), optimizer, schedule and clipping; its per-step logs."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from stages.export_trl import dpo_trainer_class
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = trl_config(out, beta=CURVE["beta"], precompute_ref_log_probs=True, per_device_train_batch_size=CURVE["batch"],
+                      max_steps=steps, learning_rate=CURVE["lr"], lr_scheduler_type="cosine",
+                      warmup_steps=int(round(0.1 * steps)), max_length=CURVE["max_length"], optim="adamw_torch",
+                      train_sampling_strategy="sequential", max_grad_norm=1.0, weight_decay=0.0, **loss)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model, tok = load_hf(model_dir)
+    trainer = dpo_trainer_class()(model=model, args=args, processing_class=tok, peft_config=lora,
+                                  train_dataset=Dataset.from_list([data["rows"][i] for i in order]))
+    weights = load_file(str(data["adapter"] / "adapter_model.safetensors"))
+    assert not set_peft_model_state_dict(trainer.model, weights).unexpected_keys
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h and "rewards/chosen" in h]
+
+
+def curve_diffs(ours: list[dict], trl: list[dict]) -> dict:
+    """Per metric: max |ours − TRL| over the steps, and max of that relative to max(|TRL|, 1e-3)."""
+    out = {}
+    for k in COMPARED:
+        d = [abs(a[k] - b[k]) for a, b in zip(ours, trl)]
+        r = [abs(a[k] - b[k]) / max(abs(b[k]), 1e-3) for a, b in zip(ours, trl)]
+        out[k] = {"abs": max(d), "rel": max(r)}
+    return out
+
+
+def plot_curves(ours: list[dict], trl: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = [("loss", ("loss",)), ("grad norm", ("grad_norm",)), ("rewards", ("rewards/chosen", "rewards/rejected"))]
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for k in keys:
+            ax.plot([r["step"] for r in ours], [r[k] for r in ours], "-", lw=2, label=f"dpo-stages {k}")
+            ax.plot([r["step"] for r in ours], [t[k] for t in trl], "o", ms=3, mfc="none", label=f"TRL 1.16 {k}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("30 steps on 64 HH-RLHF pairs, SmolLM2-135M fp32 LoRA r16: dpo-stages (lines) vs TRL 1.16 (circles)")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def run_curves(model_dir: Path, tok, quick: bool = False) -> dict:
+    """--quick: 3 steps and two loss lines, nothing written."""
+    steps, losses = (3, CURVE_LOSSES[:2]) if quick else (CURVE["steps"], CURVE_LOSSES)
+    data = curve_data(tok, model_dir)
+    log(f"curves: {data['n']} pairs, cache {rel(data['cache'])}")
+    with Clock() as c:
+        ours, order = ours_curve(model_dir, data, steps, {}, OUT / "curves-ours")
+        trl = trl_curve(model_dir, data, order, steps, {}, OUT / "curves-trl")
+    log(f"curves: {steps} steps each side in {c.wall:.0f}s; diffs {curve_diffs(ours, trl)}")
+    plot_curves(ours, trl, OUT / CURVES_PNG.name if quick else CURVES_PNG)
+    short = []
+    for label, mine, theirs in losses:
+        o, order = ours_curve(model_dir, data, CURVE["short_steps"], mine, OUT / "short-ours")
+        t = trl_curve(model_dir, data, order, CURVE["short_steps"], theirs, OUT / "short-trl")
+        short.append({"label": label, "ours": o, "trl": t, "diffs": curve_diffs(o, t)})
+        log(f"curves: {label}: {short[-1]['diffs']['loss']}")
+    return {"ours": ours, "trl": trl, "diffs": curve_diffs(ours, trl), "short": short, "n": data["n"],
+            "settings": CURVE, "versions": versions(), "machine": machine(1)}
+
+
+def render_curves(r: dict) -> str:
+    s = r["settings"]
+    lines = ["## Training curves equal to TRL 1.16 (`bench/vs_trl.py --curves`)", "",
+             f"- command: `nice -n 5 .venv/bin/python bench/vs_trl.py --curves` ({r['machine']}; {r['versions']})",
+             f"- {r['n']} plain-text HH-RLHF pairs that fit {s['max_length']} tokens untruncated, SmolLM2-135M-Instruct "
+             f"fp32, LoRA r16 α32 dropout 0 on all linear layers, both sides starting from the SAME saved adapter "
+             f"(B = 0, so the reference is the base model); batch {s['batch']}, {s['steps']} steps, AdamW "
+             f"(torch, `optim=adamw_torch` for TRL) lr {s['lr']} cosine with 3 warmup steps, clip 1.0, β {s['beta']}, "
+             "sigmoid. Reference log-probs: our cache, exported with `dpo cache export-trl` and read by TRL "
+             "through `dpo_trainer_class()`; TRL gets the pairs in the order `dpo train` used them "
+             "(`train_sampling_strategy='sequential'`). Ours: default settings otherwise (prompt shared, chunked head, "
+             "float64 sums); TRL: its fused chunked head, float32 sums.", "",
+             "Per step (ours / TRL):", ""]
+    rows = [[o["step"]] + [f"{o[k]:.6g} / {t[k]:.6g}" for k in ("loss", "grad_norm", "rewards/chosen",
+                                                                   "rewards/rejected", "logps/chosen")]
+            for o, t in zip(r["ours"], r["trl"])]
+    lines.append(table(["step", "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen"], rows))
+    lines += ["", "Max differences over the 30 steps (relative: |ours − TRL| / max(|TRL|, 1e-3)):", ""]
+    lines.append(table(["metric", "max abs", "max rel"],
+                       [[k, f"{v['abs']:.2e}", f"{v['rel']:.2e}"] for k, v in r["diffs"].items()]))
+    lines += ["", f"![dpo-stages vs TRL 1.16, 30 steps]({CURVES_PNG.name})", "",
+              f"One line per loss type, {s['short_steps']} steps each (same data, adapter and settings):", ""]
+    lines.append(table(["loss", "loss max rel", "grad_norm max rel", "rewards/chosen max abs", "logps/chosen max rel"],
+                       [[x["label"], f"{x['diffs']['loss']['rel']:.2e}", f"{x['diffs']['grad_norm']['rel']:.2e}",
+                         f"{x['diffs']['rewards/chosen']['abs']:.2e}", f"{x['diffs']['logps/chosen']['rel']:.2e}"]
+                        for x in r["short"]]))
+    return "\n".join(lines)
+
+
+def write_curves_section(body: str) -> None:
+    """Replace (or append) only the curves section, re-reading RESULTS.md right before writing."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    block = f"{CURVES_BEGIN}\n{body.rstrip()}\n{CURVES_END}"
+    if CURVES_BEGIN in text and CURVES_END in text:
+        head, rest = text.split(CURVES_BEGIN, 1)
+        text = head + block + rest.split(CURVES_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test in < 3 min (prints, does not write RESULTS.md)")
@@ -779,6 +973,8 @@ def parse() -> argparse.Namespace:
                    help="write RESULTS.md (default unless --quick)")
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--render", default=None, help="only re-render (and write) the section from a saved results JSON")
+    p.add_argument("--curves", action="store_true", help="only (v): 30-step training curves vs TRL + 3 steps per "
+                                                         "loss type; writes its own RESULTS.md section and PNG")
     return p.parse_args()
 
 
@@ -796,6 +992,17 @@ def main() -> None:
     from stages.smollm import ensure_smollm2
 
     torch.set_num_threads(args.threads)
+    if args.curves:
+        if not Path(args.model, "config.json").is_file():
+            ensure_smollm2(REPO / "cache" / "models")
+        OUT.mkdir(parents=True, exist_ok=True)
+        res = run_curves(Path(args.model), load_tokenizer(args.model), args.quick)
+        (OUT.parent / f"vs_trl_curves{'-quick' if args.quick else ''}.json").write_text(json.dumps(res, default=list))
+        if not args.quick:
+            write_curves_section(render_curves(res))
+        else:
+            print(render_curves(res))
+        return
     plan = QUICK if args.quick else FULL
     write = (not args.quick) if args.write is None else args.write
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
