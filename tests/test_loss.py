@@ -178,3 +178,64 @@ def test_errors():
         dpo_loss(t(-1.0, -2.0), a, a, a)
     assert set(LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+
+
+# ------------------------------------------------------------------------------- issue 14: the rest of the family
+# Required vector again: π_c=−5, π_r=−7, r_c=−6, r_r=−6 → ρ_c = 1, ρ_r = −1, h = 2; β = 1 unless said.
+def one(loss_type, **kw):
+    return dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), loss_type=loss_type, **{"beta": 1.0, **kw}).losses.item()
+
+
+def lsig(x: float) -> float:  # log σ(x)
+    return -math.log(1.0 + math.exp(-x))
+
+
+def test_absolute_reward_losses_by_hand():
+    # bco_pair: −log σ(βρ_c) − log σ(−βρ_r) = −log σ(1) − log σ(1) = 2·log(1 + e^−1)
+    assert one("bco_pair") == pytest.approx(2 * math.log(1 + math.exp(-1.0)), abs=1e-12)
+    # nca_pair: −log σ(1) − ½ log σ(−1) − ½ log σ(1)
+    assert one("nca_pair") == pytest.approx(-lsig(1) - 0.5 * lsig(-1) - 0.5 * lsig(1), abs=1e-12)
+    # sppo_hard, β = 0.5: (1 − 1)² + (−1 + 1)² = 0; β = 1: (1 − 0.5)² + (−1 + 0.5)² = 0.5
+    assert one("sppo_hard", beta=0.5) == pytest.approx(0.0, abs=1e-12)
+    assert one("sppo_hard") == pytest.approx(0.5, abs=1e-12)
+    # apo_zero: 1 − σ(1) + σ(−1) = 2σ(−1);  apo_down: σ(1) + 1 − σ(2)
+    assert one("apo_zero") == pytest.approx(2 * sig(-1.0), abs=1e-12)
+    assert one("apo_down") == pytest.approx(sig(1.0) + 1 - sig(2.0), abs=1e-12)
+
+
+def test_difference_losses_by_hand():
+    # exo_pair, ε = 0.1: σ(2)(log σ(2) − log 0.9) + σ(−2)(log σ(−2) − log 0.1)
+    want = sig(2) * (lsig(2) - math.log(0.9)) + sig(-2) * (lsig(-2) - math.log(0.1))
+    assert one("exo_pair", label_smoothing=0.1) == pytest.approx(want, abs=1e-12)
+    # discopop, τ = 0.05: m = σ(2/0.05) = σ(40); (1 − m)(−log σ(2)) + m·e^−2
+    m = sig(40.0)
+    assert one("discopop") == pytest.approx((1 - m) * -lsig(2) + m * math.exp(-2.0), abs=1e-12)
+    # sigmoid_norm with 2 chosen and 4 rejected tokens: h̄ = 1/2 − (−1)/4 = 0.75 → −log σ(0.75)
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), loss_type="sigmoid_norm", beta=1.0,
+                   chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
+    assert out.losses.item() == pytest.approx(-lsig(0.75), abs=1e-12)
+
+
+def test_aot_sorts_the_batch():
+    # π_c − π_r = [2, −1], r_c − r_r = [0, 1] → sorted [−1, 2] − sorted [0, 1] = [−1, 1]; β = 1, ε = 0
+    out = dpo_loss(t(-1.0, -3.0), t(-3.0, -2.0), t(-1.0, -1.0), t(-1.0, -2.0), loss_type="aot", beta=1.0)
+    assert sorted(out.losses.tolist()) == pytest.approx(sorted([-lsig(-1.0), -lsig(1.0)]), abs=1e-12)
+
+
+def test_mixture_and_f_divergence_by_hand():
+    # sigmoid*0.8 + bco_pair*0.2 + sft on the required vector with 5 chosen tokens: sft = 5/5 = 1
+    got = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), loss_type="sigmoid*0.8+bco_pair*0.2+sft", beta=1.0,
+                   chosen_tokens=torch.tensor([5]))
+    assert got.losses.item() == pytest.approx(0.8 * -lsig(2) + 0.2 * 2 * -lsig(1) + 1.0, abs=1e-12)
+    assert set(got.components) == {"sigmoid", "bco_pair", "sft"}
+    # forward_kl scores 1 − e^−ρ: s_c = 1 − e^−1, s_r = 1 − e^1 → h = e − e^−1 = 2 sinh 1
+    assert one("sigmoid", f_divergence="forward_kl") == pytest.approx(-lsig(2 * math.sinh(1.0)), abs=1e-12)
+    # js: s = log 2 + log σ(ρ) → h = log σ(1) − log σ(−1) = 1
+    assert one("sigmoid", f_divergence="js_divergence") == pytest.approx(-lsig(1.0), abs=1e-12)
+
+
+def test_wpo_weights_by_hand():
+    # aligned sums 0 and −2 over 1 and 2 tokens: w = e^0 · e^(−1) → loss = e^−1 · log(1 + e^−2)
+    out = dpo_loss(t(-5.0), t(-7.0), t(-6.0), t(-6.0), beta=1.0, chosen_tokens=torch.tensor([1]),
+                   rejected_tokens=torch.tensor([2]), chosen_wpo_logps=t(0.0), rejected_wpo_logps=t(-2.0))
+    assert out.losses.item() == pytest.approx(math.exp(-1.0) * math.log(1 + math.exp(-2.0)), abs=1e-12)
