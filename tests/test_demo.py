@@ -35,8 +35,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     summary = run_demo(quick=True, cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
                        models_dir=str(REPO / "cache" / "models"))
     out = capsys.readouterr().out
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert step in out
+    # it ends by showing what training changed: two held-out prompts, reference | policy, with rewards
+    assert out.count("reference (reward ") == 2 and out.count("│ policy (reward ") == 2
+    assert Path(summary["samples"]).is_file()
     assert "(* = best eval reward accuracy)" in out
     png = Path(summary["png"])
     assert png.is_file() and png.stat().st_size > 10_000
