@@ -19,9 +19,11 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _close_progress_bars()
             click.echo(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:
+            _close_progress_bars()
             click.echo(f"error: {one_line(os_error_line(e))}", err=True)
             sys.exit(2)
         finally:  # commands may run several stages in one process group (sweep); end it once, here
@@ -30,6 +32,15 @@ def user_errors(fn):
 
                 end_process_group()
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """A bar cut short by an error ends its line first, so the error is a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,8 +154,13 @@ def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field,
 @click.option("--chosen-field", default="chosen")
 @click.option("--rejected-field", default="rejected")
 @click.option("--strict/--no-strict", default=False, help="Rows with chosen == rejected are errors, not skipped.")
+@click.option("--trl-chat-convention", is_flag=True, default=False,
+              help="Conversational rows: also score the template's text after the end-of-turn token, as TRL does "
+                   "(loads the cache's reference model).")
+@click.option("--model", default=None, help="With --trl-chat-convention: the reference model's folder, if it moved "
+                                            "(same weights) [the path the cache records].")
 @user_errors
-def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field, strict):
+def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field, strict, trl_chat_convention, model):
     """Write DATA's rows with CACHE's values as TRL's ref_chosen_logps / ref_rejected_logps columns.
 
     \b
@@ -161,12 +177,14 @@ def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field
     Same numbers as TRL's own precompute on text rows when the cache was made
     with --max-prompt-length equal to --max-length; on conversational rows TRL
     also scores the template's newline after the end-of-turn token, so its
-    numbers differ by that token's log-prob.
+    numbers differ by that token's log-prob (about 12 nats per reply on a weak
+    model); --trl-chat-convention adds it, so the values equal TRL's own.
     """
     from .data import FieldMap
     from .export_trl import export_trl
 
-    report = export_trl(path, data, out, FieldMap(prompt_field, chosen_field, rejected_field), strict)
+    report = export_trl(path, data, out, FieldMap(prompt_field, chosen_field, rejected_field), strict,
+                        trl_chat_convention, model)
     for note in report.notes:
         click.echo(note)
     click.echo(report.summary())

@@ -61,7 +61,8 @@ def decoder_layers(model) -> torch.nn.ModuleList:
             obj = getattr(obj, part, None)
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to shard")
+    raise UserError(f"{type(base).__name__}: no decoder-layer list (model.layers, transformer.h, ...) to shard with "
+                    "FSDP2; run it in one process, or open an issue for this architecture")
 
 
 def shard_model(model, env: DistEnv, reshard_after_forward: bool = True, replicas: int = 1):

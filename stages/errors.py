@@ -51,7 +51,7 @@ def os_error_line(e: OSError) -> str:
 
 def one_line(message: str) -> str:
     """Flatten, shorten paths and digests, cap the length: the shape of every error the CLI prints."""
-    text = " ".join(str(message).split())
+    text = " ".join("".join(c for c in str(message) if c.isprintable() or c.isspace()).split())
     cwd = os.getcwd().rstrip("/") + "/"
     if cwd != "/":
         text = text.replace(cwd, "")

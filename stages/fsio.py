@@ -9,6 +9,7 @@ Whoever holds the lock owns every temporary of that output, so it removes what a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -65,9 +66,15 @@ class OutputLock:
     def __init__(self, lock_file: Path, what: Path, option: str):
         self.lock_file, self.what, self.option = Path(lock_file), what, option
         self.fd: int | None = None
+        self.created: list[Path] = []
 
     def __enter__(self) -> "OutputLock":
+        missing = [d for d in [self.lock_file.parent, *self.lock_file.parent.parents] if not d.exists()]
+        first = ([self.lock_file.parent, *self.lock_file.parent.parents])[len(missing)]
+        if not first.is_dir():  # an output path under a regular file: say so, not mkdir's "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(first))
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing  # folders made only to hold the lock: removed again if the run leaves them empty
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -91,6 +98,11 @@ class OutputLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            for d in self.created:  # innermost first; a folder the run wrote into is not empty and stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
 from torch.utils.checkpoint import checkpoint
 
 from .encode import Encoded
@@ -146,7 +148,8 @@ def tapped_forward(model, rows, positions, targets, chunk_size=DEFAULT_CHUNK, wp
         for h in handles:
             h.remove()
     if tap.result is None:
-        raise RuntimeError("the model's forward never called its output head; this architecture is not supported")
+        raise UserError(f"{type(model).__name__}: its forward never calls the output head (get_output_embeddings), "
+                        "so log-probs cannot be read from it; this architecture is not supported")
     return tap.result[0], tap.result[1], out, (tap.result[2] if wpo else None)
 
 

@@ -89,9 +89,8 @@ def validate(cfg: PrecomputeConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length} "
-                        "(room for the reply)")
+    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
+        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
     if not cfg.part_seconds > 0:
         raise UserError(f"--part-seconds {cfg.part_seconds}: must be > 0")
     if cfg.dtype not in ("auto", *DTYPES):

@@ -74,8 +74,8 @@ def read_meta(path: str | Path) -> dict:
     try:
         raw = pq.read_schema(p).metadata or {}
         meta = json.loads(raw[META_KEY]) if META_KEY in raw else None
-    except (pa.ArrowException, ValueError) as e:  # truncated, not Parquet, damaged footer or metadata
-        raise UserError(f"{path}: not a readable cache ({_first_line(e)}); rerun `dpo precompute-ref`") from None
+    except (pa.ArrowException, OSError, ValueError) as e:  # truncated, not Parquet, damaged footer or metadata
+        raise UserError(f"{path}: damaged or not a cache ({_first_line(e)}); rerun `dpo precompute-ref`") from None
     if meta is None:
         raise UserError(f"{path}: a Parquet file without dpo_stages metadata; it was not written by "
                         "`dpo precompute-ref`")

@@ -116,22 +116,22 @@ def run_sweep(cfg) -> SweepResult:
     combos = combinations(cfg)
     env = init_distributed()
     out = Path(cfg.output)
-    with guarded_output(out / ".sweep.lock", out, "--output", env):  # each run also locks its own folder
+    with guarded_output(out / ".lock", out, "--output", env):  # each run also locks its own folder
         return sweep_runs(cfg, combos, env, out)
 
 
 def sweep_runs(cfg, combos: list[tuple[str, float]], env, out: Path) -> SweepResult:
     check_same_settings(cfg, out / "sweep.yaml")
+    configs = [train_config(cfg, beta, loss) for loss, beta in combos]
+    unfinished = [c for c in configs if not (cfg.resume and (Path(c.output) / "summary.json").is_file())]
+    # read + join once, only if some run still has work to do, and before anything is written
+    prep = prepare_mod.prepare(unfinished[0], cache=refcache.read_cache(cfg.ref_cache)) if unfinished else None
     barrier(env)  # every rank has checked before rank 0 overwrites sweep.yaml
     if env.is_main:
         config.save(cfg, out / "sweep.yaml")
     say(env, f"sweep: {len(combos)} runs into {out}/ ({', '.join(run_name(b, lo) for lo, b in combos)})")
-    prep, run_dirs, summaries = None, [], []
-    for i, (loss, beta) in enumerate(combos, 1):
-        tcfg = train_config(cfg, beta, loss)
-        finished = cfg.resume and (Path(tcfg.output) / "summary.json").is_file()
-        if prep is None and not finished:  # read + join once, and only if some run still has work to do
-            prep = prepare_mod.prepare(tcfg, cache=refcache.read_cache(cfg.ref_cache))
+    run_dirs, summaries = [], []
+    for i, ((loss, beta), tcfg) in enumerate(zip(combos, configs), 1):
         say(env, f"sweep: run {i}/{len(combos)}: β={beta:g} loss={loss} -> {tcfg.output}")
         summaries.append(train.run(tcfg, prepared=prep))
         if prep is not None and prep.notes:  # the data notes were printed by the first run; not again

@@ -174,8 +174,8 @@ def check_numbers(cfg) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be {'>=' if inclusive else '>'} {low}")
     if cfg.lora_dropout >= 1 or cfg.warmup_ratio > 1:
         raise UserError("--lora-dropout must be below 1 and --warmup-ratio at most 1")
-    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
+    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
+        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
                                  ("dtype", cfg.dtype, ("auto", "fp32", "bf16", "fp16"))):
         if value not in allowed:
