@@ -1,11 +1,9 @@
-"""The README cannot rot: every command in it parses against the real CLI, every config it names builds, and the
-tour (precompute-ref, cache info/verify, train, sweep, compare, plan, loading the adapter with PEFT) runs for
-real on the tiny model with the paths swapped for temporary ones."""
+"""The README cannot rot: every command in it parses against the real CLI, every config it names builds, and every
+command of the tour runs VERBATIM (the README's own paths) in a folder laid out as the repository after `make demo`:
+with the tiny random model in the default suite, with the real SmolLM2 in the slow one."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import shlex
 from pathlib import Path
@@ -122,46 +120,74 @@ def test_demo_config_equals_the_embedded_demo_settings():
     assert cfgmod.yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text()) == SETTINGS
 
 
-@pytest.fixture(scope="module")
-def tour(tiny_llama, hh_path, tmp_path_factory):
-    """README paths -> temporary ones: the model is the tiny Llama, the data 24 + 8 HH rows."""
-    root = tmp_path_factory.mktemp("readme")
-    rows = [json.loads(line) for _, line in zip(range(32), gzip.open(hh_path, "rt"))]
-    (root / "data").mkdir()
-    (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
-    (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:]))
-    swaps = {"cache/models/smollm2-135m-instruct": str(tiny_llama), "data/": f"{root}/data/",
-             "cache/": f"{root}/cache/", "runs/": f"{root}/runs/"}
-    return root, swaps
+def tour_lines() -> list[str]:
+    """The `dpo` commands of the "## Tour" section, in order, exactly as written."""
+    tour = README[README.index("\n## Tour"):]
+    tour = tour[: tour.index("\n## ", 1)]
+    blocks = re.findall(r"```bash\n(.*?)```", tour, flags=re.S)
+    return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("dpo ")]
 
 
-def swap(text: str, swaps: dict) -> str:
-    pattern = re.compile("|".join(re.escape(k) for k in swaps))
-    return pattern.sub(lambda m: swaps[m.group(0)], text)
+def workdir(root: Path, model: Path) -> Path:
+    """A fresh folder laid out as the repository after `make demo`: the shipped data and configs, and the model
+    at cache/models/smollm2-135m-instruct (the tiny random model, or the real SmolLM2). Outputs land here."""
+    (root / "stages").mkdir(parents=True)
+    (root / "stages" / "demo_data").symlink_to(REPO / "stages" / "demo_data")
+    (root / "configs").symlink_to(REPO / "configs")
+    (root / "cache" / "models").mkdir(parents=True)
+    (root / "cache" / "models" / "smollm2-135m-instruct").symlink_to(model)
+    return root
 
 
-def test_the_readme_tour_runs(tour):
-    root, swaps = tour
-    runner = CliRunner()
-    order = ["precompute-ref", "cache info", "cache verify", "cache export-trl", "train", "sweep", "compare", "plan"]
-    commands = [dpo_args(line) for line in bash_lines() if line.startswith("dpo ")]
-    commands = [c for c in commands if c and "--config" not in c]
-    ran = []
-    for name in order:
-        for args in [c for c in commands if parse(c)[0] == name]:
-            res = runner.invoke(main, [swap(a, swaps) for a in args], catch_exceptions=False)
-            assert res.exit_code == 0, f"dpo {' '.join(args)}\n{res.output[-3000:]}"
-            ran.append(name)
-    assert ran == order
+def run_tour(root: Path, monkeypatch) -> list[str]:
+    """Run every tour command verbatim (paths as printed, relative to `root`); returns the command names run."""
+    monkeypatch.chdir(root)
+    runner, ran = CliRunner(), []
+    for line in tour_lines():
+        args = dpo_args(line)
+        res = runner.invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, f"{line}\n{res.output[-3000:]}"
+        ran.append(parse(args)[0])
+    return ran
+
+
+TOUR = ["precompute-ref", "cache info", "cache verify", "cache export-trl", "train", "sample", "compare", "sweep",
+        "compare", "config from-trl"]
+
+
+def check_tour_outputs(root: Path, ran: list[str]) -> None:
+    assert ran == TOUR
     assert (root / "runs" / "beta0.1" / "adapter" / "adapter_config.json").is_file()
+    assert list((root / "runs" / "beta0.1" / "tensorboard").glob("events.out.tfevents.*"))  # --report-to
+    assert len((root / "runs" / "beta0.1" / "samples.jsonl").read_text().splitlines()) == 4
     assert (root / "runs" / "sweep" / "compare.png").is_file()
 
 
-def test_the_readme_python_snippet_loads_the_adapter(tour):
-    root, swaps = tour
-    if not (root / "runs" / "beta0.1" / "adapter").is_dir():
-        pytest.skip("needs the tour's trained run (test_the_readme_tour_runs)")
+@pytest.fixture(scope="module")
+def tour(tiny_llama, tmp_path_factory):
+    """The tour, run verbatim in a repository-like folder whose model is the tiny random one (fast)."""
+    root = workdir(tmp_path_factory.mktemp("readme"), tiny_llama)
+    with pytest.MonkeyPatch.context() as mp:
+        ran = run_tour(root, mp)
+    return root, ran
+
+
+def test_the_readme_tour_runs_verbatim(tour):
+    root, ran = tour
+    check_tour_outputs(root, ran)
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_verbatim_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
+    """The same commands on the real SmolLM2-135M-Instruct, as a newcomer runs them after `make demo`."""
+    root = workdir(tmp_path, smollm2_dir)
+    check_tour_outputs(root, run_tour(root, monkeypatch))
+
+
+def test_the_readme_python_snippet_loads_the_adapter(tour, monkeypatch):
+    root, _ = tour
+    monkeypatch.chdir(root)
     snippet = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
     scope: dict = {}
-    exec(compile(swap(snippet, swaps), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README, run verbatim
     assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
