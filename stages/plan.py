@@ -238,14 +238,25 @@ def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int
             "log-prob head": head}
 
 
+def inference_layer_bytes_per_token(s: Shape) -> int:
+    """Bytes alive at once inside one decoder layer's no-grad forward (nothing is saved for a backward, so
+    tensors die as soon as they are used): the larger of the attention phase (2h: normed input + attention
+    out; 3·q_d + 3·kv_d: q, k, v and their rotated copies) and the MLP phase (h + 3i: normed input, gate, up,
+    act(gate) - then gate dies and act·up takes its place), in bf16, plus the RMSNorm's fp32 input and output
+    (4·2h). Measured at Qwen2.5-72B widths (bench/bench_72b.py): the training figure
+    layer_activation_bytes_per_token() overstated stage one's transient 1.7x."""
+    q_d, kv_d = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return BF16 * max(2 * s.hidden + 3 * q_d + 3 * kv_d, s.hidden + 3 * s.intermediate) + FP32 * 2 * s.hidden
+
+
 def inference_activations(s: Shape, cfg: PlanConfig) -> dict[str, int]:
     """Stage-one forward (no grad) over T1 = max_tokens_per_batch tokens:
-    hidden states 2·T1·h·2 (residual stream into and out of a layer) + T1·a (one layer's intermediates)
+    hidden states 2·T1·h·2 (residual stream into and out of a layer) + T1·inference_layer_bytes_per_token
     + C·V·(2+4) + T1·h·2 (one chunk of bf16 logits and its fp32 copy; the gathered completion positions)."""
     T1 = cfg.max_tokens_per_batch
     C = min(LOGITS_CHUNK_TOKENS, T1)
     return {"activations: hidden states": 2 * T1 * s.hidden * BF16,
-            "activations: one layer": T1 * layer_activation_bytes_per_token(s),
+            "activations: one layer": T1 * inference_layer_bytes_per_token(s),
             "log-prob head": C * s.vocab * (BF16 + FP32) + T1 * s.hidden * BF16}
 
 
