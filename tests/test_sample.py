@@ -116,3 +116,30 @@ def test_sample_without_adapter_and_errors(tiny_llama, run_with_adapter, tmp_pat
     assert row["policy"] is None and row["policy_reward"] is None and row["reference"] is not None
     res = CliRunner().invoke(main, ["sample", "--model", str(tiny_llama), "--data", str(data), "-n", "0"])
     assert res.exit_code == 2 and "error: -n and --max-new-tokens must be >= 1" in res.output
+
+
+def test_compare_plot_labels_and_coinciding_runs(tmp_path, monkeypatch):
+    """compare.png: y-axis labels on every panel, '1 run' in the title, and a run whose lines coincide with
+    another's drawn with larger hollow markers and dashes so both stay visible."""
+    from matplotlib.figure import Figure
+
+    from stages import compare
+
+    records = [{"step": s, "loss": 0.7 - s / 100, "eval/rewards/accuracies": 0.5, "eval/rewards/margins": s / 10}
+               for s in (1, 2, 3)]
+    for name in ("a", "b"):  # two runs with identical metrics
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("beta: 0.1\nloss: sigmoid\n")
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    compare.compare([tmp_path / "a"], tmp_path / "one")
+    compare.compare([tmp_path / "a", tmp_path / "b"], tmp_path / "two")
+    one, two = figures
+    assert one._suptitle.get_text() == "dpo compare: 1 run" and two._suptitle.get_text() == "dpo compare: 2 runs"
+    for ax in two.axes:
+        assert ax.get_ylabel()
+        first, second = ax.get_lines()
+        assert second.get_marker() not in (None, "None", "") and second.get_markerfacecolor() == "none"
+        assert second.get_markersize() > first.get_markersize() and second.get_linestyle() != first.get_linestyle()
