@@ -561,3 +561,24 @@ def test_dataset_source_errors(tmp_path):
         load_examples(["rows.csv"])  # not a Hub id, even though it does not exist
     with pytest.raises(UserError, match=r"no such file or folder, and not a Hub dataset id"):
         load_examples([str(tmp_path / "missing" / "folder")])
+
+
+def test_a_cache_made_from_jsonl_is_hit_by_the_same_rows_as_a_saved_dataset(tmp_path, tiny_llama):
+    """Same cache hits whatever the source: stage one over JSONL, `dpo cache verify` over save_to_disk output
+    (a DatasetDict, split chosen with FOLDER:SPLIT) finds every example."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    datasets = pytest.importorskip("datasets")
+    rows = _rows_for_sources("chat")
+    jsonl = write_rows(tmp_path / "rows.jsonl", rows)
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    cache = tmp_path / "ref.parquet"
+    runner = CliRunner()
+    res = runner.invoke(main, ["precompute-ref", "--model", str(tiny_llama), "--data", str(jsonl), "--out", str(cache),
+                               "--max-length", "64", "--max-prompt-length", "32"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["cache", "verify", str(cache), "--data", f"{tmp_path / 'saved'}:validation"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and res.output.startswith("ok: "), res.output
