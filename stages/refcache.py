@@ -130,7 +130,7 @@ def table_problem(df: pl.DataFrame, store_token_logps: bool) -> str | None:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:60]
 
 
 # -------------------------------------------------------------------------------------------------- parts

@@ -442,7 +442,7 @@ def test_bad_data_file_is_one_line(tiny_llama, tmp_path):
     bad.write_text(json.dumps(CHAT_ROWS[0]) + "\n{not json\n")
     res = run_cli("precompute-ref", "--model", str(tiny_llama), "--data", str(bad), "--out", str(tmp_path / "r.parquet"))
     assert res.returncode == 2
-    line = assert_one_line_error(res.stderr, str(bad))
+    line = assert_one_line_error(res.stderr, "/".join(bad.parts[-2:]))  # long absolute paths keep their tail
     assert "row 2" in line or "line 2" in line, line
     assert not (tmp_path / "r.parquet").exists()
 
@@ -529,7 +529,7 @@ def test_cache_info_on_a_non_cache_is_one_line(tmp_path):
     junk.write_bytes(b"not parquet")
     res = invoke("cache", "info", str(junk))
     assert res.exit_code == 2
-    assert_one_line_error(res.stderr, str(junk))
+    assert_one_line_error(res.stderr, "/".join(junk.parts[-2:]), "not a cache")
     res = invoke("cache", "info", str(tmp_path / "missing.parquet"))
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "missing.parquet")

@@ -83,7 +83,7 @@ def swept(cache: dict, tmp_path_factory) -> dict:
     mp.setattr(refcache, "read_cache", counters["read_cache"])
     mp.setattr(prepare, "load_examples", counters["load_examples"])
     mp.setattr(prepare, "prepare", counters["prepare"])
-    for name in ("run", "score_batches", "open_parts_everywhere"):
+    for name in ("run", "score_batches", "open_cache_everywhere", "reference_pass"):
         mp.setattr(precompute, name, no_stage_one)
     loads = LOAD_COUNT["models"]
     cfg = sweep_config(cache, tmp_path_factory.mktemp("sweep") / "sweep-tiny")
