@@ -31,6 +31,7 @@ def user_errors(fn):
                 from .distributed import end_process_group
 
                 end_process_group()
+    wrapper.one_line_errors = True  # tests/test_faults.py checks that every command has it
     return wrapper
 
 

@@ -554,3 +554,18 @@ def test_the_cli_keeps_tracebacks_for_bugs(monkeypatch):
         raise KeyError("bug")
     with pytest.raises(KeyError):
         buggy()
+
+
+def test_every_command_goes_through_the_one_error_path():
+    """The property, not a promise: every leaf command's callback is wrapped by cli.user_errors."""
+    import click
+
+    def leaves(group, prefix=""):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from leaves(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd
+    found = dict(leaves(cli_main))
+    assert {"precompute-ref", "train", "sweep", "cache info", "cache verify", "cache export-trl"} <= set(found)
+    assert [n for n, c in found.items() if not getattr(c.callback, "one_line_errors", False)] == []
