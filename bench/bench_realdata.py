@@ -37,7 +37,7 @@ EVAL_ROWS = 160          # fixed random subset of the held-out rows scored every
 SAMPLES = 5
 SETTINGS = {  # one place: every phase reads its flags from here
     "max_length": 96, "max_prompt_length": 48, "beta": 0.1, "learning_rate": 5e-4, "batch_size": 4,
-    "max_steps": 200, "eval_steps": 25, "logging_steps": 25, "warmup_ratio": 0.05, "lora_r": 16,
+    "max_steps": 100, "eval_steps": 25, "logging_steps": 25, "warmup_ratio": 0.05, "lora_r": 16,
     "lora_alpha": 32, "lora_dropout": 0.0, "seed": 0,
 }
 MARK = "\n\nAssistant:"
