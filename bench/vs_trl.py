@@ -8,7 +8,9 @@
   (iii) sweep: four β runs of N steps from ONE cache (`precompute-ref` + `dpo sweep`) against four TRL runs that
         each precompute, same LoRA, rows, batch size, steps, optimizer;
   (iv)  stage two: step time of `dpo train` against TRL with precompute_ref_log_probs and with the reference
-        computed online (adapter disabled, TRL's default for PEFT), on one fixed batch.
+        computed online (adapter disabled, TRL's default for PEFT), on one fixed batch;
+  (v)   (--curves) training curves: 30 steps on 64 HH pairs from the same LoRA adapter, data order, optimizer and
+        schedule, per-step loss / grad norm / rewards side by side, and 3 steps per loss type (issue 14).
 Everything runs in ONE process with one torch thread, variants interleaved; medians of repeats; ratios, not absolute
 times, are the result (the 2 cores are shared). Writes the `vs_trl` section of bench/RESULTS.md (between the
 `<!-- vs_trl start -->` / `<!-- vs_trl end -->` markers) and the raw numbers to bench/out/vs_trl.json.
@@ -16,6 +18,9 @@ times, are the result (the 2 cores are shared). Writes the `vs_trl` section of b
   .venv/bin/python bench/vs_trl.py --quick     # < 3 min: smoke test, tiny workloads (not written to RESULTS.md)
   .venv/bin/python bench/vs_trl.py             # < 20 min (13.6 min measured): the recorded numbers
   .venv/bin/python bench/vs_trl.py --render bench/out/vs_trl.json   # rewrite the section from saved numbers
+  nice -n 5 .venv/bin/python bench/vs_trl.py --curves   # (v) only, ~20 min: 30-step curves + 3 steps per loss type
+                                                       # vs TRL (own RESULTS.md section, bench/vs_trl_curves.png)
+  .venv/bin/python bench/vs_trl.py --render-curves bench/out/vs_trl_curves.json   # re-render (v) from its numbers
 """
 
 from __future__ import annotations
@@ -890,13 +895,15 @@ def plot_curves(ours: list[dict], trl: list[dict], path: Path) -> None:
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)
         for k in keys:
-            ax.plot([r["step"] for r in ours], [r[k] for r in ours], "-", lw=2, label=f"dpo-stages {k}")
-            ax.plot([r["step"] for r in ours], [t[k] for t in trl], "o", ms=3, mfc="none", label=f"TRL 1.16 {k}")
+            line, = ax.plot([r["step"] for r in ours], [r[k] for r in ours], "-", lw=2, label=f"dpo-stages {k}")
+            ax.plot([r["step"] for r in ours], [t[k] for t in trl], "o", ms=5, mfc="none", color=line.get_color(),
+                    label=f"TRL 1.16 {k}")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("30 steps on 64 HH-RLHF pairs, SmolLM2-135M fp32 LoRA r16: dpo-stages (lines) vs TRL 1.16 (circles)")
+    fig.suptitle(f"{len(ours)} steps on 64 HH-RLHF pairs, SmolLM2-135M fp32 LoRA r16: dpo-stages (lines) vs TRL 1.16 "
+                 "(circles)")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -941,7 +948,16 @@ def render_curves(r: dict) -> str:
     lines += ["", "Max differences over the 30 steps (relative: |ours − TRL| / max(|TRL|, 1e-3)):", ""]
     lines.append(table(["metric", "max abs", "max rel"],
                        [[k, f"{v['abs']:.2e}", f"{v['rel']:.2e}"] for k, v in r["diffs"].items()]))
-    lines += ["", f"![dpo-stages vs TRL 1.16, 30 steps]({CURVES_PNG.name})", "",
+    d = r["diffs"]
+    worst = max(max(x["diffs"]["loss"]["rel"], x["diffs"]["grad_norm"]["rel"]) for x in r["short"])
+    ok = max(d["loss"]["rel"], d["grad_norm"]["rel"], d["logps/chosen"]["rel"], worst) <= 1e-4
+    lines += ["", f"Target ≤ 1e-4 relative per step (loss, grad norm, log-probs): {verdict(ok)} — 30-step loss "
+              f"{d['loss']['rel']:.1e}, grad norm {d['grad_norm']['rel']:.1e}, logps {d['logps/chosen']['rel']:.1e}; "
+              f"worst loss/grad-norm line of the per-type runs {worst:.1e}. Rewards start at 0 and stay near it, so they "
+              f"are compared in absolute terms: ≤ {max(d['rewards/chosen']['abs'], d['rewards/rejected']['abs']):.1e} "
+              "(TRL sums per-token log-probs in float32, ~1e-5 at these sizes, times β; at step 1 TRL's rewards are "
+              "already ~1e-6 off 0 for that reason). Step 1 runs at lr 0 (warmup), so step 2 repeats its loss.",
+              "", f"![dpo-stages vs TRL 1.16, 30 steps]({CURVES_PNG.name})", "",
               f"One line per loss type, {s['short_steps']} steps each (same data, adapter and settings):", ""]
     lines.append(table(["loss", "loss max rel", "grad_norm max rel", "rewards/chosen max abs", "logps/chosen max rel"],
                        [[x["label"], f"{x['diffs']['loss']['rel']:.2e}", f"{x['diffs']['grad_norm']['rel']:.2e}",
@@ -973,6 +989,7 @@ def parse() -> argparse.Namespace:
                    help="write RESULTS.md (default unless --quick)")
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--render", default=None, help="only re-render (and write) the section from a saved results JSON")
+    p.add_argument("--render-curves", default=None, help="only re-render the curves section and plot from its JSON")
     p.add_argument("--curves", action="store_true", help="only (v): 30-step training curves vs TRL + 3 steps per "
                                                          "loss type; writes its own RESULTS.md section and PNG")
     return p.parse_args()
@@ -983,6 +1000,11 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's and datasets' bars (ours print their own summary lines)
     if args.render:
         publish(json.loads(Path(args.render).read_text()), args.write is not False)
+        return
+    if args.render_curves:
+        res = json.loads(Path(args.render_curves).read_text())
+        plot_curves(res["ours"], res["trl"], CURVES_PNG)
+        write_curves_section(render_curves(res))
         return
     import torch
 
