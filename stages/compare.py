@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .loss import LossSettings
 from .metrics import read_metrics
 
 ACC, MARGIN, CHOSEN, REJECTED, EVAL_LOSS = (
@@ -58,6 +59,7 @@ class Row:
     best_step: int | None
     final_margin: float | None
     final_eval_loss: float | None
+    final_train_loss: float | None  # the last logged train loss (its meaning depends on the loss column)
     reward_drift: float | None   # final eval: (|rewards/chosen| + |rewards/rejected|) / 2, how far the policy moved
     wall_seconds: float | None
     best: bool
@@ -104,6 +106,11 @@ def load_run(path: Path) -> Run:
         raise UserError(f"{path / 'metrics.jsonl'}: not JSON lines ({e})") from None
     beta = cfg.get("beta", (summary or {}).get("beta"))
     loss = cfg.get("loss", (summary or {}).get("loss_type"))
+    if "loss" in cfg:  # the whole loss: mixture, ε, f-divergence, LD, WPO ("sigmoid*0.8+sft ld=0.5 wpo")
+        try:
+            loss = LossSettings.from_saved(cfg).describe()
+        except (UserError, TypeError, ValueError):
+            loss = str(cfg["loss"])
     return Run(path, float(beta) if beta is not None else None, loss, summary, records)
 
 
@@ -127,7 +134,8 @@ def summarize(run: Run, name: str, label: str) -> Row:
     drift = (abs(last[CHOSEN]) + abs(last[REJECTED])) / 2 if CHOSEN in last and REJECTED in last else None
     return Row(run=str(run.path), name=name, label=label, beta=run.beta, loss=run.loss, steps=steps,
                final_accuracy=last.get(ACC), best_accuracy=best.get(ACC), best_step=best.get("step"),
-               final_margin=last.get(MARGIN), final_eval_loss=last.get(EVAL_LOSS), reward_drift=drift,
+               final_margin=last.get(MARGIN), final_eval_loss=last.get(EVAL_LOSS),
+               final_train_loss=train[-1]["loss"] if train else None, reward_drift=drift,
                wall_seconds=s.get("seconds") if s else None, best=False, missing=tuple(missing))
 
 
@@ -157,11 +165,12 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """Aligned text table, one line per run, then one note per missing part."""
-    head = ["", "β", "loss", "steps", "acc final", "acc best", "margin final", "eval loss", "|reward| drift",
-            "wall s", "run"]
+    head = ["", "β", "loss", "steps", "acc final", "acc best", "margin final", "eval loss", "train loss",
+            "|reward| drift", "wall s", "run"]
     body = [["*" if r.best else "", _fmt(r.beta, "g"), r.loss or "-", _fmt(r.steps, "d"),
              _fmt(r.final_accuracy, ".3f"), _fmt(r.best_accuracy, ".3f") + (f" @{r.best_step}" if r.best_step else ""),
-             _fmt(r.final_margin, ".4g"), _fmt(r.final_eval_loss, ".4f"), _fmt(r.reward_drift, ".4g"),
+             _fmt(r.final_margin, ".4g"), _fmt(r.final_eval_loss, ".4f"), _fmt(r.final_train_loss, ".4f"),
+             _fmt(r.reward_drift, ".4g"),
              _fmt(r.wall_seconds, ".1f"), r.name] for r in rows]
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body]
