@@ -130,8 +130,6 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
         refcache.open_parts(out, meta["manifest"], False)
     barrier(env)
     batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
-    mine = batches[env.rank::env.world_size]
-    steps = math.ceil(len(batches) / env.world_size)  # every rank runs this many forwards (dummies pad)
     model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), env.device)
     model.eval()
     share = cfg.share_prompt and supports_prompt_sharing(model)
@@ -139,7 +137,7 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
     shard_model(model, env, replicas=cfg.replicas)
     start = time.perf_counter()
     with StopSignal() as stop:
-        stats = score_batches(model, pad_id, mine, steps, parts, share, cfg, env, len(todo), stop)
+        stats = score_batches(model, pad_id, batches, parts, share, cfg, env, stop)
     stats = all_reduce_sum(stats, env)
     barrier(env)
     if stop.signum is not None:
@@ -207,13 +205,16 @@ def plan_batches(todo: list[Encoded], budget: int, shared: bool, sort: bool) -> 
     return batches
 
 
-def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total, stop) -> torch.Tensor:
-    """Forward every batch of this rank under inference_mode; a part file every `batches_per_part` batches or
-    `part_seconds`, whichever comes first, and at a stop signal. Returns [examples, real tokens, padded tokens]."""
+def score_batches(model, pad_id, batches, parts, share, cfg, env, stop) -> torch.Tensor:
+    """Forward this rank's batches (batches[rank::world]) under inference_mode; a part file every
+    `batches_per_part` batches or `part_seconds`, whichever comes first, and at a stop signal.
+    Returns [examples, real tokens, padded tokens] of this rank."""
+    mine, world = batches[env.rank::env.world_size], env.world_size
+    steps = math.ceil(len(batches) / world)  # every rank runs this many forwards (dummies pad)
     stats = torch.zeros(3, dtype=torch.float64)
     rows: list[dict] = []
     part_index, last_part = refcache.next_part_index(parts, env.rank), time.monotonic()
-    progress = Progress(env, total=total, unit="ex", desc="reference")
+    progress = Progress(env, total=sum(map(len, batches)), unit="ex", desc="reference")
     dummy = mine[-1][:1] if mine else None  # the shortest example: the cheapest forward
     with torch.inference_mode():
         for step in range(steps):
@@ -224,6 +225,8 @@ def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total, sto
                 out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size, cfg.store_token_logps)
             else:
                 out = sequence_logps(model, collate_pairs(batch, pad_id), cfg.chunk_size, cfg.store_token_logps)
+            done_now = batches[step * world:(step + 1) * world]  # what all ranks finished in this step
+            progress.update(sum(map(len, done_now)), tokens=sum(batch_tokens(b, share)[0] for b in done_now))
             if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded
                 if stop.requested(env):
                     break
@@ -231,7 +234,6 @@ def score_batches(model, pad_id, mine, steps, parts, share, cfg, env, total, sto
             rows += result_rows(batch, out, cfg.store_token_logps)
             real, padded = batch_tokens(batch, share)
             stats += torch.tensor([len(batch), real, padded], dtype=torch.float64)
-            progress.update(len(batch) * env.world_size, tokens=real * env.world_size)
             if (step + 1) % cfg.batches_per_part == 0 or time.monotonic() - last_part >= cfg.part_seconds:
                 refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
                 part_index, rows, last_part = part_index + 1, [], time.monotonic()

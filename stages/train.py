@@ -310,7 +310,8 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
                       "tokens_per_second": window_tokens * world / max(elapsed, 1e-9)}
             writer.write(record)
             progress.update(cfg.logging_steps if done % cfg.logging_steps == 0 else done % cfg.logging_steps,
-                            loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+                            tokens=window_tokens * world, loss=f"{record['loss']:.4f}",
+                            acc=f"{record['rewards/accuracies']:.2f}")
             say(env, readable(record))
             acc, window_tokens, window_start = Accumulator(), 0, time.perf_counter()
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done < total_steps and prep.eval:
