@@ -60,8 +60,10 @@ def pair_sequences(encoded) -> list[list[int]]:
     return [list(e.prompt_ids) + list(c) for e in encoded for c in (e.chosen_ids, e.rejected_ids)]
 
 
-def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=None, adapter=None) -> float:
-    """logit_scale of the fp32 model folder (+ adapter) over the encoded pairs of the data files."""
+def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=None, adapter=None,
+                         load_in_4bit=False) -> float:
+    """logit_scale of the fp32 model folder (+ adapter; NF4-quantized as stage one/two load it if load_in_4bit)
+    over the encoded pairs of the data files."""
     from pathlib import Path
 
     from stages.data import load_examples
@@ -71,7 +73,8 @@ def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=Non
     tok = load_tokenizer(str(model_dir))
     examples, _ = load_examples([Path(d) for d in data])
     encoded, _ = encode_examples(tok, examples, TokenizeSettings(max_length, max_prompt_length))
-    model = load_model(ModelSpec(str(model_dir), adapter=adapter), torch.device("cpu")).eval()
+    spec = ModelSpec(str(model_dir), load_in_4bit=load_in_4bit, adapter=adapter)
+    model = load_model(spec, torch.device("cpu")).eval()
     return logit_scale(model, pair_sequences(encoded))
 
 
@@ -94,3 +97,21 @@ def min_token_nats(vocab_size: int, logit_scale: float) -> float:
     import math
 
     return math.log(vocab_size) - 2 * logit_scale
+
+
+# ------------------------------------------------------------ the same training in another rank split (torchrun)
+def grad_norm_tol(grad_norm: float, n_params: int) -> float:
+    """|difference| of two fp32 gradient norms sqrt(sum of n_params squares) of gradients that differ by rounding
+    only, the squares added in another order (one process, or FSDP2's per-shard partial sums + an all-reduce).
+    torch sums by cascade (pairwise) summation: on non-negative terms its relative error is at most
+    ceil(log2 n) * EPS32 <= ULPS * EPS32 (n <= 2**16); the sqrt halves that, two runs double it; the gradients'
+    own rounding difference (ULPS ulps, as a token's log-prob) adds as much again."""
+    assert n_params <= 2**16, "more squares than the cascade bound above covers"
+    return 2 * ULPS * EPS32 * grad_norm
+
+
+def weight_tol(max_weight: float, learning_rate: float, steps: int) -> float:
+    """|difference| of a trained fp32 weight between two runs whose gradients differ by rounding only: each of
+    `steps` optimizer steps (bias-corrected Adam moves a weight by <= learning_rate in its first steps) may round
+    differently by ULPS ulps of the step and of the weight it is added to."""
+    return steps * ULPS * EPS32 * (max_weight + learning_rate)
