@@ -243,7 +243,7 @@ def ours_precompute(model_dir: Path, data: Path, out: Path, max_length: int, bud
     PROFILE["ours_head"].reset()
     try:
         with Clock() as c:
-            pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(data),), out=str(out), max_length=max_length,
+            pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
                                        max_prompt_length=max_length, max_tokens_per_batch=budget, overwrite=True))
     finally:
         pc.score_batches = original
@@ -810,7 +810,7 @@ def curve_data(tok, model_dir: Path) -> dict:
     cache = OUT / "curves-ref.parquet"
     import stages.precompute as pc
 
-    pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), out=str(cache), dtype="fp32", max_length=L,
+    pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
                                max_prompt_length=L - 1, overwrite=True))
     exported = OUT / "curves-trl.jsonl"
     export_trl(str(cache), [str(path)], str(exported))

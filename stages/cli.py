@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 
 import click
 
-from . import config as cfgmod
+from . import config as cfgmod, settings
 from .errors import Interrupted, UserError, one_line, os_error_line
 
 
@@ -48,53 +49,64 @@ def _close_progress_bars() -> None:
 @click.version_option(package_name="dpo-stages")
 def main():
     """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress
 
 
-def data_options(fn):
-    for opt in reversed([
-        click.option("--data", multiple=True, help="Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, "
-                     "a save_to_disk folder, or a Hub dataset id owner/name[@config][:split]."),
-        click.option("--data-split", default=None, help="Split of a saved DatasetDict / Hub dataset [train]."),
-        click.option("--prompt-field", default=None, help="Column holding the prompt [prompt]."),
-        click.option("--chosen-field", default=None, help="Column holding the chosen reply [chosen]."),
-        click.option("--rejected-field", default=None, help="Column holding the rejected reply [rejected]."),
-        click.option("--strict/--no-strict", default=None, help="Rows with chosen == rejected are errors, not skipped."),
-        click.option("--max-length", type=int, default=None, help="Prompt + reply tokens [1024]."),
-        click.option("--max-prompt-length", type=int, default=None, help="Prompt tokens, keeping the end [512]."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Run model code from the folder."),
-        click.option("--config", "config_path", type=click.Path(), default=None, help="YAML config; flags override."),
-    ]):
-        fn = opt(fn)
-    return fn
+def options_from(cls, skip=()):
+    """Click options generated from a config dataclass (stages/settings.py): --field-name (+ older aliases), bools
+    as --x/--no-x, Literal as a choice, tuples repeatable; help and the real default from the field. Click's own
+    defaults are None, so that only flags actually given override the YAML config."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name not in skip:
+                fn = _option(f, hints[f.name])(fn)
+        return click.option("--config", "config_path", type=click.Path(), default=None,
+                            help="YAML config (flat, or sectioned: shared + one block per command); flags override.")(fn)
+    return decorate
 
 
-@main.command("precompute-ref")
-@click.option("--model", default=None, help="Reference model: a local HF folder (safetensors).")
-@click.option("--out", default=None, help="Cache file [cache/ref.parquet].")
-@click.option("--adapter", default=None, help="PEFT adapter on top of the base (e.g. the SFT adapter).")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
-@click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="NF4 base, exactly as `dpo train` loads it.")
-@click.option("--max-tokens-per-batch", type=int, default=None, help="Padded tokens per forward [8192].")
-@click.option("--share-prompt/--no-share-prompt", default=None, help="Run each prompt once for both replies [on].")
-@click.option("--sort-by-length/--no-sort-by-length", default=None, help="Length-sorted batches [on].")
-@click.option("--store-token-logps/--no-store-token-logps", default=None, help="Also store per-token log-probs.")
-@click.option("--batches-per-part", type=int, default=None, help="Resume granularity [8].")
-@click.option("--chunk-size", type=int, default=None, help="Positions per LM-head chunk [256].")
-@click.option("--overwrite", is_flag=True, default=None, help="Discard unfinished parts made with other settings.")
-@click.option("--full-hash", is_flag=True, default=None, help="SHA-256 every weight byte in the fingerprint.")
-@click.option("--num-shards", type=int, default=None, help="Split the examples into N independent jobs [1].")
-@click.option("--shard-index", default=None, help="This job's shard, 0..N-1, or auto (Slurm array / k8s index) [0].")
-@click.option("--replicas", type=int, default=None, help="HSDP: replica groups (e.g. nodes); weights sharded within one [1].")
-@data_options
+def _option(f, hint):
+    import dataclasses
+    import typing
+
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) \
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    names = [f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()))]
+    text = f.metadata.get("help", "") + _shown_default(f.default, base)
+    if f.default is dataclasses.MISSING:
+        text += " (required)"
+    if base is bool:
+        return click.option(f"{names[0]}/--no-{names[0][2:]}", f.name, default=None, help=text)
+    if typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)[0]
+        return click.option(*names, f.name, multiple=True, type=inner if inner in (int, float) else str, help=text)
+    if typing.get_origin(base) is typing.Literal:
+        return click.option(*names, f.name, type=click.Choice(typing.get_args(base)), default=None, help=text)
+    return click.option(*names, f.name, type=base if base in (int, float) else str, default=None, help=text)
+
+
+def _shown_default(default, base) -> str:
+    import dataclasses
+
+    if default is dataclasses.MISSING or default is None or default == ():
+        return ""
+    if base is bool:
+        return f"  [default: {'on' if default else 'off'}]"
+    return f"  [default: {', '.join(map(str, default)) if isinstance(default, tuple) else default}]"
+
+
+@main.command("precompute-ref", context_settings={"show_default": False})
+@options_from(settings.PrecomputeConfig)
 @user_errors
 def precompute_ref(config_path, **flags):
     """Stage one: reference log-probs of every chosen/rejected reply, written once to Parquet."""
-    from .precompute import PrecomputeConfig, run
+    from .precompute import run
 
-    run(cfgmod.build(PrecomputeConfig, config_path, flags, section="precompute-ref"))
+    run(cfgmod.build(settings.PrecomputeConfig, config_path, flags, section="precompute-ref"))
 
 
 @main.group()
@@ -191,104 +203,24 @@ def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field
     click.echo(report.summary())
 
 
-HELP = {
-    "model": "Local HF model folder (safetensors): the policy's base.",
-    "data": "Training data: files, a save_to_disk folder or a Hub id owner/name[@config][:split].",
-    "eval_data": "Held-out data (same forms; e.g. owner/name:test).",
-    "ref_cache": "Reference cache from `dpo precompute-ref`.", "output": "Run folder (resumes if it has checkpoints).",
-    "adapter": "Continue training this PEFT adapter instead of a new LoRA.",
-    "load_in_4bit": "NF4 base (QLoRA).", "dtype": "auto | fp32 | bf16 | fp16 (auto: fp32 CPU, bf16 GPU).",
-    "target_modules": "LoRA targets (repeatable); all-linear = every linear layer but the LM head.",
-    "loss": "A TRL loss type (sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
-            "apo_down discopop sft sigmoid_norm) or a mixture: 'sigmoid*0.8+bco_pair*0.2+sft'.",
-    "beta": "DPO beta (multiplies the log-ratio difference).",
-    "label_smoothing": "Epsilon of robust, exo_pair, aot*; with sigmoid it makes cDPO (TRL 1.16 ignores it there).",
-    "sft_weight": "Adds w x per-token NLL of each chosen reply, averaged over pairs (the 'sft' loss type is TRL's: "
-                  "mean over all chosen tokens of the batch).",
-    "f_divergence": "reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO scores, TRL's f_divergence_type).",
-    "f_alpha": "Alpha of alpha_divergence.", "discopop_tau": "Tau of the discopop loss.",
-    "use_weighting": "WPO: weight each pair by the policy's length-normalised probabilities (TRL's use_weighting).",
-    "ld_alpha": "LD-DPO alpha in [0, 1]: weight of reply tokens beyond the pair's shared length (needs a cache made "
-                "with --store-token-logps).",
-    "optimizer": "adamw | adamw_8bit | paged_adamw_8bit (GPU).", "lr_scheduler": "cosine | linear | constant_with_warmup.",
-    "batch_size": "Pairs per micro-batch per process.", "max_steps": "Optimizer steps (overrides --epochs).",
-    "eval_steps": "Eval every N steps (0: only at the end).", "save_steps": "Checkpoint every N steps (0: only at the end).",
-    "allow_cache_mismatch": "Accept a cache made with another tokenizer/chat-template hash.",
-    "max_length": "Prompt + reply tokens (default: the cache's).", "max_prompt_length": "Prompt tokens (default: the cache's).",
-    "chunk_size": "Positions per LM-head chunk.", "share_prompt": "Prompt runs once per pair (same numbers).",
-    "strict": "Rows with chosen == rejected or empty replies are errors.", "resume": "Resume from the newest checkpoint.",
-    "report_to": "Trackers: none, tensorboard, wandb, mlflow, trackio, all (comma-separated or repeated).",
-    "tensorboard": "Same as --report-to tensorboard.",
-    "data_split": "Split of a saved DatasetDict / Hub dataset given without :split.",
-    "ref_adapter": "Reference = base + this adapter (default: the base, adapters off).",
-    "max_new_tokens": "Tokens generated per reply.", "temperature": "Sampling temperature (with --seed).",
-    "top_p": "Nucleus sampling (with --seed).",
-    "replicas": "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.",
-}
-
-
-def options_from(cls, skip=()):
-    """Click options generated from a config dataclass: --field-name, bools as --x/--no-x, tuples repeatable.
-    Defaults are None so that only flags actually given override the YAML config."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-
-    def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in skip:
-                continue
-            name, hint = f.name.replace("_", "-"), hints[f.name]
-            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            shown = f" [{default}]" if default not in (None, ()) else ""
-            text = HELP.get(f.name, "") + shown
-            if base is bool:
-                opt = click.option(f"--{name}/--no-{name}", f.name, default=None, help=text)
-            elif typing.get_origin(base) is tuple:
-                opt = click.option(f"--{name}", f.name, multiple=True, help=text)
-            else:
-                opt = click.option(f"--{name}", f.name, type=base, default=None, help=text)
-            fn = opt(fn)
-        return click.option("--config", "config_path", type=click.Path(), default=None,
-                            help="YAML config; flags override.")(fn)
-    return decorate
-
-
-def _train_config_cls():
-    from .train import TrainConfig
-
-    return TrainConfig
-
-
 @main.command(context_settings={"show_default": False})
-@options_from(_train_config_cls())
+@options_from(settings.TrainConfig)
 @user_errors
 def train(config_path, **flags):
     """Stage two: train a (Q)LoRA policy against a reference cache; no reference model is loaded."""
-    from .train import TrainConfig, run
+    from .train import run
 
-    run(cfgmod.build(TrainConfig, config_path, flags, section="train"))
-
-
-def _sweep_config_cls():
-    from .sweep import SweepConfig
-
-    return SweepConfig
+    run(cfgmod.build(settings.TrainConfig, config_path, flags, section="train"))
 
 
 @main.command(context_settings={"show_default": False})
-@options_from(_sweep_config_cls(), skip=("betas", "losses"))
-@click.option("--beta", "betas", type=float, multiple=True, help="β of one run; repeat for more (required).")
-@click.option("--loss", "losses", multiple=True,
-              help="Loss type or mixture ('sigmoid*0.8+bco_pair*0.2+sft') of one run; repeat for more [sigmoid].")
+@options_from(settings.SweepConfig)
 @user_errors
 def sweep(config_path, **flags):
     """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
-    from .sweep import SweepConfig, run_sweep
+    from .sweep import run_sweep
 
-    run_sweep(cfgmod.build(SweepConfig, config_path, flags, section="sweep"))
+    run_sweep(cfgmod.build(settings.SweepConfig, config_path, flags, section="sweep"))
 
 
 @main.command("compare")
@@ -308,24 +240,17 @@ def compare_cmd(run_dirs, out, samples):
         click.echo(samples_tables(run_dirs))
 
 
-@main.command()
-@click.option("--model", required=True, help="Model folder with config.json, or a config JSON file (no weights needed).")
-@click.option("--gpus", type=int, default=8, show_default=True)
-@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory per GPU, e.g. 80GB, 24GB.")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Prompt + reply tokens per sequence.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Pairs per GPU per micro-batch (stage two).")
-@click.option("--lora-r", type=int, default=16, show_default=True)
-@click.option("--max-tokens-per-batch", type=int, default=16384, show_default=True, help="Stage-one token budget.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
-@click.option("--layers", type=int, default=None, help="Count the model with this many decoder layers (same widths).")
-@click.option("--cpu", is_flag=True, help="One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
+@main.command(context_settings={"show_default": False})
+@options_from(settings.PlanConfig)
 @user_errors
-def plan(model, gpus, gpu_memory, seq_len, batch, lora_r, max_tokens_per_batch, gradient_checkpointing, layers, cpu):
-    """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config."""
+def plan(config_path, **flags):
+    """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config.
+    --config takes the stages' own YAML (shared, precompute-ref, train and plan sections)."""
     from .plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
 
-    cfg = PlanConfig(model, gpus, parse_gpu_memory(gpu_memory), seq_len, batch, lora_r, max_tokens_per_batch,
-                     gradient_checkpointing, layers, cpu)
+    c = cfgmod.build(settings.PlanConfig, config_path, flags, section="plan")
+    cfg = PlanConfig(c.model, c.gpus, parse_gpu_memory(c.gpu_memory), c.max_length, c.batch_size, c.lora_r,
+                     c.max_tokens_per_batch, c.gradient_checkpointing, c.layers, c.cpu)
     click.echo(format_plan(plan_memory(cfg)))
 
 
@@ -355,27 +280,15 @@ def config_from_trl(path):
     click.echo(from_trl(path), nl=False)
 
 
-def _sample_config_cls():
-    from .sample import SampleConfig
-
-    return SampleConfig
-
-
 @main.command("sample", context_settings={"show_default": False})
-@options_from(_sample_config_cls(), skip=("n", "model", "data", "adapter", "out", "seed"))
-@click.option("--model", default=None, help="Base model folder (the cache's model).")
-@click.option("--data", multiple=True, help="Held-out data (files, a save_to_disk folder or a Hub id).")
-@click.option("--adapter", default=None, help="The trained policy: RUN/adapter (absent: the base's replies only).")
-@click.option("-n", "n", type=int, default=None, help="Held-out prompts to sample [8].")
-@click.option("--seed", type=int, default=None, help="Sample with this seed (default: greedy).")
-@click.option("--out", default=None, help="Folder for samples.md / samples.jsonl [the adapter's run folder].")
+@options_from(settings.SampleConfig)
 @user_errors
 def sample_cmd(config_path, **flags):
     """Reference and policy replies side by side for held-out prompts, with each reply's implicit reward
     β·log π/π_ref; greedy unless --seed. Writes samples.md / samples.jsonl (into the run folder of --adapter)."""
-    from .sample import SampleConfig, run
+    from .sample import run
 
-    run(cfgmod.build(SampleConfig, config_path, flags, section="sample"))
+    run(cfgmod.build(settings.SampleConfig, config_path, flags, section="sample"))
 
 
 if __name__ == "__main__":

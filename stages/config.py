@@ -18,6 +18,11 @@ def _check_type(name: str, value, hint, where: str):
     """Accept value for a field typed int/float/bool/str/tuple[...]/X | None; lists become tuples."""
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, args))}, got {value!r}"
+                            + nearest(str(value), map(str, args)).replace("; see `dpo COMMAND --help` for the options", ""))
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -39,7 +44,9 @@ def _check_type(name: str, value, hint, where: str):
     return value
 
 
-SECTIONS = ("shared", "precompute-ref", "train", "sweep")
+SECTIONS = ("shared", "precompute-ref", "train", "sweep", "plan", "sample")
+# `dpo plan` reads the stages' own file: these sections in this order (later wins), keeping the keys it knows
+PLAN_SECTIONS = ("shared", "precompute-ref", "train", "plan")
 
 
 def nearest(name: str, known) -> str:
@@ -62,18 +69,24 @@ def read_yaml(config_path: str, section: str | None) -> dict:
         stray = sorted(set(loaded) - set(SECTIONS))
         if stray:
             raise UserError(f"--config {config_path}: unknown section {stray[0]!r}{nearest(stray[0], SECTIONS)}")
-        if section not in loaded:
+        if section == "plan":
+            loaded = {k: v for s in PLAN_SECTIONS for k, v in (loaded.get(s) or {}).items()}
+        elif section not in loaded:
             raise UserError(f"--config {config_path}: no `{section}:` section (it has {', '.join(loaded)})")
-        loaded = {**(loaded.get("shared") or {}), **(loaded[section] or {})}
+        else:
+            loaded = {**(loaded.get("shared") or {}), **(loaded[section] or {})}
     return {k.replace("-", "_"): v for k, v in loaded.items()}
 
 
 def build(cls, config_path: str | None, overrides: dict, section: str | None = None):
     """cls from YAML (optional) then overrides (None means 'not given'). Unknown or ill-typed keys are errors."""
-    values: dict = read_yaml(config_path, section) if config_path else {}
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {aliases.get(k, k): v for k, v in (read_yaml(config_path, section) if config_path else {}).items()}
+    if section == "plan":  # the stages' file: plan takes what it knows from it
+        values = {k: v for k, v in values.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"--config {config_path}" if config_path else "options"

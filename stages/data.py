@@ -46,7 +46,7 @@ Text = str | tuple  # a string (text rows) or a tuple of messages (chat rows)
 ASSISTANT_MARK = "\n\nAssistant:"  # HH-RLHF turn marker; implicit prompts end with the last shared one
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 DEFAULT_PROMPT_FIELD = "prompt"
-DEFAULT_SPLIT = "train"  # split of a saved DatasetDict or a Hub dataset when the source names none (--data-split)
+from .settings import DEFAULT_SPLIT  # noqa: E402,F401  (declared once, there)
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict / Dataset)
 OTHER_FILE_TYPES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".gz", ".zip", ".yaml", ".yml")  # not Hub ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or owner/name

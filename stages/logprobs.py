@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from .encode import Encoded
 from .loss import ld_token_weights
 
-DEFAULT_CHUNK = 256  # positions per head chunk: 256 x vocab fp32 logits (48 MiB at 49k, 150 MiB at 152k)
+from .settings import DEFAULT_CHUNK  # noqa: E402,F401  (declared once, there)
 
 
 @dataclass

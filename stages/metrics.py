@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from .distributed import DistEnv, all_reduce_sum
-from .errors import UserError
 from .loss import LOSS_TYPES
 
 # Sums kept per batch; means are taken over examples (tokens for logits/*), after the all-reduce.

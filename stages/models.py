@@ -91,7 +91,9 @@ def _quant_config(compute_dtype: torch.dtype):
 def load_model(spec: ModelSpec, device: torch.device, trainable_adapter: bool = False):
     """Causal LM from a local safetensors folder, frozen; adapter on top if given (trainable if asked)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress
     check_model_dir(spec.path)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True)

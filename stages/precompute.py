@@ -9,56 +9,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__, config, refcache, shards
-from .data import DEFAULT_SPLIT, FieldMap, ids_digest, load_examples
+from .data import FieldMap, ids_digest, load_examples
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import Interrupted, UserError
-from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
 from .models import DTYPES, ModelSpec, check_model_dir, config_hash, dtype_name, folder_fingerprint, load_model, load_tokenizer, quantization_name, resolve_dtype
 from .progress import Progress, say
+from .settings import PrecomputeConfig
 from .runguard import StopSignal, guarded_output, rerun_hint
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    model: str
-    data: tuple[str, ...]
-    out: str = "cache/ref.parquet"
-    adapter: str | None = None
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
-    max_tokens_per_batch: int = 8192
-    share_prompt: bool = True
-    sort_by_length: bool = True
-    store_token_logps: bool = False
-    batches_per_part: int = 8
-    part_seconds: float = 60.0   # also save a part at least this often (a kill loses at most this much work)
-    chunk_size: int = DEFAULT_CHUNK
-    overwrite: bool = False
-    full_hash: bool = False
-    strict: bool = False
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    data_split: str = DEFAULT_SPLIT  # split of a saved DatasetDict / Hub dataset given without ":split"
-    num_shards: int = 1          # split the examples into N independent jobs (see stages/shards.py)
-    shard_index: str = "0"       # this job's shard: 0..N-1, or auto (SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)
-    replicas: int = 1            # HSDP: R replica groups x world/R shards (weights sharded within a group)
 
 
 def run(cfg: PrecomputeConfig) -> Path:
     validate(cfg)
     env = init_distributed()
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     check_model_dir(cfg.model)
     examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict,
                                      split=cfg.data_split)
@@ -72,7 +42,7 @@ def run(cfg: PrecomputeConfig) -> Path:
         raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
     meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
     encoded, out = shards.take_shard(encoded, cfg, meta, out)  # --num-shards: this shard's examples, own file
-    with guarded_output(out.with_name(f".{out.name}.lock"), out, "--out", env):
+    with guarded_output(out.with_name(f".{out.name}.lock"), out, "--output", env):
         base, have = open_cache_everywhere(out, meta["manifest"], cfg.overwrite, env)
         todo = [e for e in encoded if e.example_id not in have]
         say(env, f"cache: {len(encoded) - len(todo)} of {len(encoded)} examples already in {out}; {len(todo)} to go")
@@ -97,8 +67,8 @@ def validate(cfg: PrecomputeConfig) -> None:
         raise UserError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if not cfg.data:
         raise UserError("give the preference file(s) with --data (repeatable)")
-    if Path(cfg.out).suffix != ".parquet":
-        raise UserError(f"--out {cfg.out}: the cache is a Parquet file; name it *.parquet")
+    if Path(cfg.output).suffix != ".parquet":
+        raise UserError(f"--output {cfg.output}: the cache is a Parquet file; name it *.parquet")
 
 
 def open_cache_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> tuple:

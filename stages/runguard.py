@@ -70,7 +70,6 @@ class StopSignal:
         """True on every rank once any rank got a signal (one tiny all-reduce per call under torchrun)."""
         if not env.enabled:
             return self.signum is not None
-        import torch
 
         from .distributed import all_reduce_max
 

@@ -24,31 +24,9 @@ from .encode import Encoded, tokenize_example
 from .errors import UserError
 from .logprobs import collate_pairs, sequence_logps
 from .models import ModelSpec, load_model, load_tokenizer
+from .settings import SampleConfig
 
 DEFAULT_BETA = 0.1  # when neither --beta nor the run's config.yaml says
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    model: str
-    data: tuple[str, ...]
-    adapter: str | None = None
-    ref_adapter: str | None = None
-    n: int = 8
-    max_new_tokens: int = 128
-    seed: int | None = None          # None: greedy decoding; a seed: sampling with --temperature / --top-p
-    temperature: float = 0.7
-    top_p: float = 0.95
-    beta: float | None = None        # None: the run's β (RUN/config.yaml), else DEFAULT_BETA
-    out: str | None = None           # None: the run folder holding --adapter, else ./samples
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    max_prompt_length: int | None = 512
-    data_split: str = DEFAULT_SPLIT
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
 
 
 @dataclass
@@ -231,7 +209,7 @@ def run(cfg: SampleConfig) -> tuple[list[Sample], Path]:
     from .progress import say
 
     samples = sample(cfg)
-    folder = Path(cfg.out) if cfg.out else (run_folder(cfg.adapter) or Path("samples"))
+    folder = Path(cfg.output) if cfg.output else (run_folder(cfg.adapter) or Path("samples"))
     _atomic_write(folder / "samples.jsonl", "".join(json.dumps(s.__dict__, ensure_ascii=False) + "\n" for s in samples))
     mode = "greedy" if cfg.seed is None else f"sampled, seed {cfg.seed}"
     _atomic_write(folder / "samples.md", markdown(samples, f"Samples ({mode}, β={resolve_beta(cfg):g})"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,37 +23,11 @@ from .distributed import barrier, init_distributed
 from .errors import UserError
 from .progress import say
 from .runguard import guarded_output
-from .loss import LossSpec, canonical_loss, loss_slug
-from .train import TrainConfig
+from .loss import loss_slug
+from .settings import VARIED, SweepConfig, TrainConfig, resume_free
 
-VARIED = ("beta", "loss")             # TrainConfig fields the sweep varies
-FREE_ON_RESUME = ("betas", "losses", "resume", "output")  # may change between reruns of one sweep folder
+FREE_ON_RESUME = resume_free(SweepConfig)  # may change between reruns of one sweep folder
 
-
-def _sweep_config_class():
-    """TrainConfig's fields minus beta/loss, plus betas/losses (kept in sync with `dpo train` automatically)."""
-    hints = typing.get_type_hints(TrainConfig)
-    fields = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in VARIED:
-            continue
-        default = {} if f.default is dataclasses.MISSING else {"default": f.default}
-        fields.append((f.name, hints[f.name], dataclasses.field(**default)))
-        if f.name == "output":  # right after the required fields, so the saved YAML reads naturally
-            fields += [("betas", tuple[float, ...], dataclasses.field(default=())),
-                       ("losses", tuple[LossSpec, ...], dataclasses.field(default=("sigmoid",)))]
-
-    def __post_init__(self):  # each loss in its canonical spelling, so "a*1" and "a" are one run (YAML mappings too)
-        object.__setattr__(self, "losses", tuple(canonical_loss(v) for v in self.losses))
-
-    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True, namespace={"__post_init__": __post_init__})
-    cls.__module__ = __name__
-    cls.__doc__ = ("`dpo sweep` options: every `dpo train` option except beta/loss, plus betas (--beta, repeatable) "
-                   "and losses (--loss, repeatable, default sigmoid).")
-    return cls
-
-
-SweepConfig = _sweep_config_class()
 
 
 @dataclass(frozen=True)

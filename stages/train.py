@@ -14,86 +14,25 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, config, fsio
-from .data import DEFAULT_SPLIT
 from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, barrier, init_distributed, shard_model
 from .errors import Interrupted, UserError
-from .logprobs import DEFAULT_CHUNK, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
-from .loss import LossSettings, LossSpec, canonical_loss, dpo_loss
+from .logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .loss import LossSettings, dpo_loss
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
-from .models import LoraSettings, ModelSpec, load_policy
+from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dtype
 from .prepare import Item, Prepared, prepare
 from .progress import Progress, say
+from .settings import TrainConfig, resume_free
 from .runguard import StopSignal, guarded_output, rerun_hint
 from .trainutil import OPTIMIZERS, SCHEDULERS, batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
 
 DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    data: tuple[str, ...]
-    ref_cache: str
-    output: str
-    eval_data: tuple[str, ...] = ()
-    adapter: str | None = None
-    load_in_4bit: bool = True
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("all-linear",)
-    gradient_checkpointing: bool = True
-    loss: LossSpec = "sigmoid"  # a type or a mixture "sigmoid*0.8+bco_pair*0.2+sft" (YAML: also a mapping)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5
-    discopop_tau: float = 0.05
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-    learning_rate: float = 5e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    max_steps: int = -1
-    epochs: float = 1.0
-    seed: int = 42
-    logging_steps: int = 1
-    eval_steps: int = 0
-    save_steps: int = 0
-    save_total_limit: int = 2
-    resume: bool = True
-    report_to: tuple[str, ...] = ()  # trackers: none | tensorboard | wandb | mlflow | trackio | all (stages/trackers.py)
-    tensorboard: bool = False  # the older flag: same as --report-to tensorboard
-    allow_cache_mismatch: bool = False
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    chunk_size: int = DEFAULT_CHUNK
-    share_prompt: bool = True  # one [prompt|chosen|rejected] row per pair: the prompt runs once (same gradients)
-    strict: bool = False
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    data_split: str = DEFAULT_SPLIT  # split of a saved DatasetDict / Hub dataset given without ":split"
-    replicas: int = 1  # HSDP: R replica groups x world/R shards (weights sharded within a group, e.g. a node)
-
-    def __post_init__(self):  # the canonical loss string: one spelling per mixture (YAML mappings included)
-        object.__setattr__(self, "loss", canonical_loss(self.loss))
 
 
 def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
@@ -119,7 +58,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
         say(env, note)
     seed_everything(cfg.seed)
     total_steps, steps_per_epoch = plan_steps(cfg, len(prep.train), env)
-    model = load_policy(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code),
+    model = load_policy(policy_spec(cfg, prep.cache_meta, env),
                         LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
                         env.device, cfg.gradient_checkpointing)
     shard_model(model, env, replicas=cfg.replicas)
@@ -177,9 +116,27 @@ def check_numbers(cfg) -> None:
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
         raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
-                                 ("dtype", cfg.dtype, ("auto", "fp32", "bf16", "fp16"))):
+                                 ("dtype", cfg.dtype, (None, "auto", "fp32", "bf16", "fp16"))):
         if value not in allowed:
             raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+def policy_spec(cfg: TrainConfig, meta: dict, env: DistEnv) -> ModelSpec:
+    """The policy's base loaded as the cache's reference was (quantization, dtype, SFT adapter) unless a flag says
+    otherwise: then the policy at step 0 is not the reference and rewards do not start at 0 (said in one line)."""
+    cached = {"load_in_4bit": meta["quantization"] != "none", "dtype": meta["dtype"],
+              "adapter": (meta.get("adapter") or {}).get("path")}
+    given = {"load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype, "adapter": cfg.adapter}
+    spec = {k: cached[k] if v is None else v for k, v in given.items()}
+    now = {**spec, "dtype": dtype_name(resolve_dtype(spec["dtype"], env.device)),
+           "adapter": str(Path(spec["adapter"]).resolve()) if spec["adapter"] else None}
+    contrary = [k for k in given if given[k] is not None and now[k] != cached[k]]
+    say(env, f"model: {'NF4' if now['load_in_4bit'] else now['dtype']} base, adapter {spec['adapter'] or 'none'} "
+             f"({'as the cache' if not contrary else 'cache differs in ' + ', '.join(contrary)})")
+    if contrary:
+        say(env, f"note: --{contrary[0].replace('_', '-')} {given[contrary[0]]} differs from the cache's reference "
+                 f"({cached[contrary[0]]}): the policy starts away from it and rewards will not start at 0")
+    return ModelSpec(cfg.model, spec["dtype"], spec["load_in_4bit"], spec["adapter"], cfg.trust_remote_code)
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
@@ -218,8 +175,7 @@ def resume(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float
     return state["step"], state.get("seconds", 0.0), state.get("rank_state", {}).get("window", {})
 
 
-RESUME_FREE = ("resume", "output", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "tensorboard",
-               "report_to")
+RESUME_FREE = resume_free(TrainConfig)  # declared on the fields (stages/settings.py)
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:

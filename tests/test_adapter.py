@@ -42,7 +42,7 @@ def sft(tiny_llama, hh_path, tmp_path_factory):
 
 def test_precompute_with_adapter_equals_base_plus_adapter(tiny_llama, sft):
     out = sft / "ref.parquet"
-    precompute(PrecomputeConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), out=str(out),
+    precompute(PrecomputeConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), output=str(out),
                                 adapter=str(sft / "sft"), max_length=256, max_prompt_length=128))
     df, meta = refcache.read_cache(out)
     assert meta["adapter"] and meta["manifest"]["adapter"] == meta["adapter"]["hash"]

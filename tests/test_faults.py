@@ -59,7 +59,7 @@ def one_line(result, *needles: str, code: int = 2) -> str:
 
 def pc(model, data, out, **kw) -> PrecomputeConfig:
     kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, "max_tokens_per_batch": 1, **kw}
-    return PrecomputeConfig(model=str(model), data=tuple(map(str, data)), out=str(out), **kw)
+    return PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out), **kw)
 
 
 def pc_args(model, data, out, *extra) -> list[str]:

@@ -31,7 +31,7 @@ def data(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     out = {"model": tiny_llama, "train": train_file}
     for name, tokens in (("plain", False), ("tokens", True)):
         out[name] = d / f"ref-{name}.parquet"
-        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_file),), out=str(out[name]),
+        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_file),), output=str(out[name]),
                                         max_length=MAXLEN, max_prompt_length=MAXPROMPT, store_token_logps=tokens))
     return out
 

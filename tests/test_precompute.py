@@ -77,7 +77,7 @@ def invoke(*args: str):
 
 def run_inproc(model: Path, data: list[Path], out: Path, **kw) -> pl.DataFrame:
     kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, **kw}
-    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), out=str(out), **kw))
+    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out), **kw))
     return pl.read_parquet(out).sort("example_id")
 
 

@@ -98,7 +98,7 @@ def sharded(tiny_llama, hh_path, tmp_path_factory):
     data = [write_jsonl(d / "train.jsonl", hh_rows(hh_path, 0, 25)), write_jsonl(d / "chat.jsonl", CHAT_ROWS)]
     single = run_inproc(tiny_llama, data, d / "single" / "ref.parquet", max_tokens_per_batch=2048)
     files = [precompute.run(PrecomputeConfig(model=str(tiny_llama), data=tuple(map(str, data)),
-                                             out=str(d / "sh" / "ref.parquet"), max_length=MAXLEN,
+                                             output=str(d / "sh" / "ref.parquet"), max_length=MAXLEN,
                                              max_prompt_length=MAXPROMPT, max_tokens_per_batch=2048, num_shards=N,
                                              shard_index=str(i)))
              for i in range(N)]
@@ -248,4 +248,4 @@ def test_one_shard_settings_are_checked(sharded, tiny_llama, tmp_path):
         run_inproc(tiny_llama, sharded["data"], tmp_path / "x.parquet", shard_index="2")
     with pytest.raises(UserError, match="no examples"):
         precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(sharded["data"][1]),),
-                                        out=str(tmp_path / "y.parquet"), num_shards=6, shard_index="5"))
+                                        output=str(tmp_path / "y.parquet"), num_shards=6, shard_index="5"))

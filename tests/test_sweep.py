@@ -50,7 +50,7 @@ def cache(tiny_llama: Path, hh_path: Path, tmp_path_factory) -> dict:
     files = {"train": write_jsonl(d / "train.jsonl", rows[:16]), "eval": write_jsonl(d / "eval.jsonl", rows[16:])}
     out = d / "ref.parquet"
     precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(files["train"]), str(files["eval"])),
-                                    out=str(out), max_length=128, max_prompt_length=64))
+                                    output=str(out), max_length=128, max_prompt_length=64))
     return {"model": str(tiny_llama), "cache": str(out), **{k: str(v) for k, v in files.items()}}
 
 

@@ -60,7 +60,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def make_cache(model: Path, data: list[Path], out: Path, load_in_4bit: bool) -> Path:
-    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), out=str(out),
+    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out),
                                     load_in_4bit=load_in_4bit, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
     return out
 
@@ -403,13 +403,30 @@ def test_drift_zero_for_matching_nf4_cache(sharp, tmp_path, capsys):
 
 
 def test_drift_warns_for_fp32_cache_against_nf4_policy(sharp, tmp_path, capsys):
-    summary = train.run(tcfg(sharp, tmp_path / "run", ref_cache=str(sharp["fp32"]), max_steps=1))
+    """An explicit contrary flag is allowed: one note says rewards will not start at 0, the drift check warns."""
+    summary = train.run(tcfg(sharp, tmp_path / "run", ref_cache=str(sharp["fp32"]), max_steps=1, load_in_4bit=True))
     out = capsys.readouterr().out
+    assert "note: --load-in-4bit True differs from the cache's reference" in out, out
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert summary["ref_drift"] > 1.0, summary["ref_drift"]
     assert first["ref_drift_per_token"] > train.DRIFT_WARN
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "--load-in-4bit" in warnings[0], out
+
+
+def test_no_model_flags_inherit_the_caches_model_settings(sharp, tmp_path, capsys):
+    """Issue 12: precompute-ref (fp32 here, or NF4), then train with NO model flags: the policy is loaded as the
+    reference was, so at step 0 it equals the reference (drift at fp32 rounding, far below the warning)."""
+    for cache, label in (("fp32", "fp32 base"), ("nf4", "NF4 base")):
+        cfg = TrainConfig(model=str(sharp["model"]), data=(str(sharp["train"]),), ref_cache=str(sharp[cache]),
+                          output=str(tmp_path / cache), max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)
+        assert cfg.load_in_4bit is None and cfg.dtype is None and cfg.adapter is None
+        train.run(cfg)
+        out = capsys.readouterr().out
+        assert f"model: {label}, adapter none (as the cache)" in out, out
+        first = read_jsonl(tmp_path / cache / "metrics.jsonl")[0]
+        assert first["step"] == 0 and first["ref_drift_per_token"] < train.DRIFT_WARN / 100, first
+        assert "WARNING" not in out
 
 
 # ------------------------------------------------------------------------------ 5. bitsandbytes CPU fix
