@@ -45,7 +45,24 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Click's own usage errors (a bad choice, a number that is not one, an unknown option) in the same one-line
+    shape as ours, instead of click's Usage/Try/Error block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:  # Ctrl-C outside a run (a run stops itself and says what it saved)
+            click.echo("stopped: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+            click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dpo-stages")
 def main():
     """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""

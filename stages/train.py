@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, config, fsio
 from .trackers import check_installed, parse_report_to
-from .distributed import DistEnv, barrier, init_distributed, shard_model
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model
 from .errors import Interrupted, UserError
 from .logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
 from .loss import LossSettings, dpo_loss
@@ -58,7 +58,8 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
         say(env, note)
     seed_everything(cfg.seed)
     total_steps, steps_per_epoch = plan_steps(cfg, len(prep.train), env)
-    model = load_policy(policy_spec(cfg, prep.cache_meta, env),
+    spec = policy_spec(cfg, prep.cache_meta, env)
+    model = load_policy(spec,
                         LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
                         env.device, cfg.gradient_checkpointing)
     shard_model(model, env, replicas=cfg.replicas)
@@ -69,12 +70,12 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
         config.save(cfg, out / "config.yaml")
     writer = MetricsWriter(out / "metrics.jsonl", env, parse_report_to(cfg.report_to, cfg.tensorboard),
                            config=config.to_dict(cfg))
-    if start_step == 0:
+    if start_step == 0 and spec.adapter is not None:  # from an adapter: its dropout would perturb step 1
         drift_check(model, prep, cfg, env, writer)
     started = time.perf_counter()
     clock = lambda: prior_seconds + time.perf_counter() - started  # noqa: E731  (wall time across resumes)
     train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
-               window, stop)
+               window, stop, drift_from_step_one=start_step == 0 and spec.adapter is None)
     logged = any("eval/loss" in r and r["step"] == total_steps for r in read_metrics(out / "metrics.jsonl"))
     final = evaluate(model, prep.eval, prep.tokenizer.pad_token_id, cfg, env) if prep.eval and not logged else {}
     if final:
@@ -215,16 +216,25 @@ def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
 
 
 def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
-    """Before any update the policy should equal the reference: log mean |pi - ref| on the first batch."""
+    """An extra no-grad eval-mode pass on the first batch, only when the policy starts from a trained adapter (its
+    LoRA dropout would add noise to the first step's own forward); a fresh LoRA reads the drift from step 1."""
     items = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, 0)[env.rank]
     model.eval()
     with torch.no_grad():
         losses, lp, out, ref_c, ref_r = policy_forward(model, items, prep.tokenizer.pad_token_id, cfg)
     acc = Accumulator()
     acc.add(losses, lp, out, ref_c, ref_r)
+    report_drift(acc, env, writer)
+    model.train()
+
+
+def report_drift(acc: Accumulator, env, writer) -> None:
+    """Step 0: before any update the policy should equal the reference. acc holds forwards made before the first
+    optimizer step (step 1's own, or drift_check's); logs mean |policy - reference| of summed log-probs."""
     m = acc.reduce(env)
-    tokens = (lp.chosen_tokens + lp.rejected_tokens).double().mean().item() / 2
-    per_token = m["ref_drift"] / max(tokens, 1)
+    counts = all_reduce_sum(torch.tensor([acc.chosen_tokens + acc.rejected_tokens, 2 * acc.examples],
+                                         dtype=torch.float64), env)
+    per_token = m["ref_drift"] / max(float(counts[0] / counts[1]), 1.0)
     writer.write({"step": 0, "ref_drift": m["ref_drift"], "ref_drift_per_token": per_token})
     say(env, f"step 0: ref_drift {m['ref_drift']:.4g} (mean |policy - reference| of summed log-probs, "
              f"{per_token:.3g} per token)")
@@ -232,11 +242,10 @@ def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
         say(env, f"WARNING: the policy differs from the cached reference before training (ref_drift {per_token:.3g} "
                  "per token). Rewards will not start at 0. Was the cache made with another base, quantization "
                  "or adapter? For NF4 training, cache with `dpo precompute-ref --load-in-4bit`.")
-    model.train()
 
 
 def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, total_steps, steps_per_epoch, clock,
-               window: dict, stop: StopSignal):
+               window: dict, stop: StopSignal, drift_from_step_one: bool):
     pad_id, accum, world = prep.tokenizer.pad_token_id, cfg.gradient_accumulation_steps, env.world_size
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(env, total=total_steps, unit="step", desc="train")
@@ -248,12 +257,16 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         batches = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, epoch)
+        first = Accumulator() if step == 0 and drift_from_step_one else None  # step 1's forwards = the reference
         for micro in range(accum):
             items = batches[(in_epoch * accum + micro) * world + env.rank]
             losses, lp, out, ref_c, ref_r = policy_forward(model, items, pad_id, cfg)
             (losses.mean() / accum).backward()
-            acc.add(losses, lp, out, ref_c, ref_r)
+            for a in (acc, first) if first is not None else (acc,):
+                a.add(losses, lp, out, ref_c, ref_r)
             window_tokens += sum(i.enc.length * 2 for i in items)
+        if first is not None:
+            report_drift(first, env, writer)
         grad_norm = clip(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -321,7 +334,8 @@ def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
         "beta": cfg.beta, "loss_type": cfg.loss, "final_train": train[-1] if train else None,
         "final_eval": evals[-1] if evals else None,
         "best_eval": max(evals, key=lambda r: r["eval/rewards/accuracies"]) if evals else None,
-        "ref_drift": next((r["ref_drift"] for r in records if r.get("step") == 0 and "ref_drift" in r), None),
+        # before any update (step 0); final_train.ref_drift is the last logging window's: how far the policy moved
+        "ref_drift_step0": next((r["ref_drift"] for r in records if r.get("step") == 0 and "ref_drift" in r), None),
     }
     if env.is_main:
         fsio.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))

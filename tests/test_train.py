@@ -222,7 +222,7 @@ def test_e2e_config_and_summary(e2e):
     assert summary["final_eval"] == evals[-1]
     assert summary["best_eval"]["eval/rewards/accuracies"] == max(r["eval/rewards/accuracies"] for r in evals)
     assert summary["final_train"]["step"] == 5
-    assert summary["ref_drift"] == e2e["records"][0]["ref_drift"]
+    assert summary["ref_drift_step0"] == e2e["records"][0]["ref_drift"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert not list(out.glob(".*")), "temporary files left behind"
 
@@ -273,7 +273,7 @@ def test_exactly_one_model_load_and_no_reference_anywhere(files, tmp_path, monke
     # an NF4 cache of the same weights, though its source folder is gone: rounding only (tests/bounds.py)
     z = logit_scale_of_files(files["model"], [files["train"]], MAXLEN, MAXPROMPT, load_in_4bit=True)
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
-    assert first["ref_drift"] == summary["ref_drift"] and first["ref_drift_per_token"] <= token_tol(z), first
+    assert first["ref_drift"] == summary["ref_drift_step0"] and first["ref_drift_per_token"] <= token_tol(z), first
 
 
 def test_stage_two_never_imports_stage_one():
@@ -408,7 +408,7 @@ def test_drift_warns_for_fp32_cache_against_nf4_policy(sharp, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "note: --load-in-4bit True differs from the cache's reference" in out, out
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
-    assert summary["ref_drift"] > 1.0, summary["ref_drift"]
+    assert summary["ref_drift_step0"] > 1.0, summary["ref_drift_step0"]
     assert first["ref_drift_per_token"] > train.DRIFT_WARN
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "--load-in-4bit" in warnings[0], out
