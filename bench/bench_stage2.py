@@ -335,7 +335,7 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
 
     def loss_fn(refs):
         items = [Item(e, c, r) for e, c, r in zip(rows, *refs)]
-        losses = policy_forward(policy, items, pad_id, cfg)[0]
+        losses = policy_forward(policy, items, pad_id, cfg).losses
         return losses.mean()
 
     return ref_fn, loss_fn

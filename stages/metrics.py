@@ -27,8 +27,10 @@ class Accumulator:
         self.chosen_tokens = 0
         self.rejected_tokens = 0
 
-    def add(self, losses, lp, loss_out, ref_chosen, ref_rejected) -> None:
-        """losses [B], lp: LogpOutput (policy), loss_out: LossOutput, ref_*: [B] cached values."""
+    def add(self, result) -> None:
+        """result: stages.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B] cached)."""
+        losses, lp, loss_out = result.losses, result.logps, result.loss
+        ref_chosen, ref_rejected = result.ref_chosen, result.ref_rejected
         c, r = loss_out.chosen_rewards.detach().double().cpu(), loss_out.rejected_rewards.detach().double().cpu()
         pc, pr = lp.chosen_logps.detach().double().cpu(), lp.rejected_logps.detach().double().cpu()
         drift = ((pc - ref_chosen).abs() + (pr - ref_rejected).abs()) / 2

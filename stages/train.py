@@ -22,8 +22,8 @@ from . import checkpoint, config, fsio
 from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model
 from .errors import Interrupted, UserError
-from .logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
-from .loss import LossSettings, dpo_loss
+from .logprobs import LogpOutput, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .loss import LossOutput, LossSettings, dpo_loss
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dtype
 from .prepare import Item, Prepared, prepare
@@ -194,7 +194,19 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
                         "use another --output, the same settings, or --no-resume to start again")
 
 
-def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
+@dataclasses.dataclass(frozen=True)
+class PolicyPass:
+    """What one policy forward gives the metrics: losses [B], the policy's log-probs (LD-DPO sums in chosen/rejected
+    with --ld-alpha), the loss head's output and the cached reference values [B] (float64, CPU)."""
+
+    losses: torch.Tensor
+    logps: LogpOutput
+    loss: LossOutput
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+
+def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig) -> PolicyPass:
     """One forward (chosen + rejected) -> per-example DPO losses against the cached reference.
     With --ld-alpha the loss, rewards, logps/* and drift use the LD-DPO sums on both sides (as TRL logs them);
     the sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
@@ -212,7 +224,7 @@ def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig):
     out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, **LossSettings.of(cfg).loss_kwargs(),
                    chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens, chosen_sft_logps=plain_chosen,
                    chosen_wpo_logps=lp.chosen_wpo_logps, rejected_wpo_logps=lp.rejected_wpo_logps)
-    return out.losses, lp, out, ref_c.cpu(), ref_r.cpu()
+    return PolicyPass(out.losses, lp, out, ref_c.cpu(), ref_r.cpu())
 
 
 def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
@@ -221,9 +233,9 @@ def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
     items = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, 0)[env.rank]
     model.eval()
     with torch.no_grad():
-        losses, lp, out, ref_c, ref_r = policy_forward(model, items, prep.tokenizer.pad_token_id, cfg)
+        result = policy_forward(model, items, prep.tokenizer.pad_token_id, cfg)
     acc = Accumulator()
-    acc.add(losses, lp, out, ref_c, ref_r)
+    acc.add(result)
     report_drift(acc, env, writer)
     model.train()
 
@@ -260,10 +272,10 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
         first = Accumulator() if step == 0 and drift_from_step_one else None  # step 1's forwards = the reference
         for micro in range(accum):
             items = batches[(in_epoch * accum + micro) * world + env.rank]
-            losses, lp, out, ref_c, ref_r = policy_forward(model, items, pad_id, cfg)
-            (losses.mean() / accum).backward()
+            result = policy_forward(model, items, pad_id, cfg)
+            (result.losses.mean() / accum).backward()
             for a in (acc, first) if first is not None else (acc,):
-                a.add(losses, lp, out, ref_c, ref_r)
+                a.add(result)
             window_tokens += sum(i.enc.length * 2 for i in items)
         if first is not None:
             report_drift(first, env, writer)
@@ -316,9 +328,9 @@ def evaluate(model, items: list[Item], pad_id: int, cfg, env) -> dict:
         for k in range(steps):
             index = k * env.world_size + env.rank
             batch = batches[index] if index < len(batches) else batches[0]
-            losses, lp, out, ref_c, ref_r = policy_forward(model, batch, pad_id, cfg)
+            result = policy_forward(model, batch, pad_id, cfg)
             if index < len(batches):
-                acc.add(losses, lp, out, ref_c, ref_r)
+                acc.add(result)
     model.train()
     m = acc.reduce(env, prefix="eval/")
     m.pop("eval/ref_drift", None)
