@@ -68,7 +68,7 @@ def main():
     """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""
 
 
-def options_from(cls, skip=()):
+def options_from(cls, skip=(), config=True):
     """Click options generated from a config dataclass (stages/settings.py): --field-name (+ older aliases), bools
     as --x/--no-x, Literal as a choice, tuples repeatable; help and the real default from the field. Click's own
     defaults are None, so that only flags actually given override the YAML config."""
@@ -81,6 +81,8 @@ def options_from(cls, skip=()):
         for f in reversed(dataclasses.fields(cls)):
             if f.name not in skip:
                 fn = _option(f, hints[f.name])(fn)
+        if not config:
+            return fn
         return click.option("--config", "config_path", type=click.Path(), default=None,
                             help="YAML config (flat, or sectioned: shared + one block per command); flags override.")(fn)
     return decorate
@@ -92,7 +94,11 @@ def _option(f, hint):
 
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) \
         if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-    names = [f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()))]
+    if f.metadata.get("argument"):  # positional; its help is in the command's docstring
+        tuple_ = typing.get_origin(base) is tuple
+        return click.argument(f.name, nargs=-1 if tuple_ else 1, required=True,
+                              metavar=f.name.upper() + ("..." if tuple_ else ""))
+    names = [f"-{n}" if len(n) == 1 else f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()))]
     text = f.metadata.get("help", "") + _shown_default(f.default, base)
     if f.default is dataclasses.MISSING:
         text += " (required)"
@@ -131,73 +137,57 @@ def cache():
     """Inspect and check a reference cache."""
 
 
-@cache.command("info")
-@click.argument("path")
+@cache.command("info", context_settings={"show_default": False})
+@options_from(settings.CacheInfoConfig, config=False)
 @user_errors
-def cache_info(path):
+def cache_info(**flags):
     """Print a cache's metadata and statistics."""
     from .refcache import info_text
 
-    click.echo(info_text(path))
+    click.echo(info_text(cfgmod.build(settings.CacheInfoConfig, None, flags).path))
 
 
-@cache.command("merge")
-@click.argument("shard_files", nargs=-1, required=True, metavar="SHARD_FILE...")
-@click.option("--out", required=True, help="The merged cache (written atomically).")
+@cache.command("merge", context_settings={"show_default": False})
+@options_from(settings.CacheMergeConfig, config=False)
 @user_errors
-def cache_merge(shard_files, out):
-    """Join the caches of `precompute-ref --num-shards N` jobs into one cache for `dpo train`."""
+def cache_merge(**flags):
+    """Join the caches of `precompute-ref --num-shards N` jobs (SHARD_FILES) into one cache for `dpo train`."""
     from .shards import merge_shards
 
-    meta = merge_shards(list(shard_files), out)
+    cfg = cfgmod.build(settings.CacheMergeConfig, None, flags)
+    meta = merge_shards(list(cfg.shard_files), cfg.output)
     n = sum(s["examples"] for s in meta["merged_from"]["shards"])
-    click.echo(f"merged {meta['merged_from']['num_shards']} shards, {n} examples -> {out}")
+    click.echo(f"merged {meta['merged_from']['num_shards']} shards, {n} examples -> {cfg.output}")
 
 
-@cache.command("verify")
-@click.argument("path")
-@click.option("--model", default=None, help="Also check the tokenizer and weights fingerprints against this model.")
-@click.option("--max-length", type=int, default=None)
-@click.option("--max-prompt-length", type=int, default=None)
-@click.option("--data", multiple=True, required=True)
-@click.option("--prompt-field", default="prompt")
-@click.option("--chosen-field", default="chosen")
-@click.option("--rejected-field", default="rejected")
+@cache.command("verify", context_settings={"show_default": False})
+@options_from(settings.CacheVerifyConfig, config=False)
 @user_errors
-def cache_verify(path, model, max_length, max_prompt_length, data, prompt_field, chosen_field, rejected_field):
-    """Check that every example of DATA has a finite entry and the fingerprints match; list what differs."""
+def cache_verify(**flags):
+    """Check that every example of DATA has a finite entry in the cache (PATH) and the fingerprints match."""
     from .verify import verify_cache
 
-    problems = verify_cache(path, data, (prompt_field, chosen_field, rejected_field), model, max_length, max_prompt_length)
+    c = cfgmod.build(settings.CacheVerifyConfig, None, flags)
+    problems = verify_cache(c.path, c.data, (c.prompt_field, c.chosen_field, c.rejected_field), c.model, c.max_length,
+                            c.max_prompt_length)
     for p in problems:
         click.echo(f"MISMATCH {p}")
     if problems:
         sys.exit(1)
-    click.echo(f"ok: {path} covers every example of {', '.join(data)}")
+    click.echo(f"ok: {c.path} covers every example of {', '.join(c.data)}")
 
 
-@cache.command("export-trl")
-@click.argument("path", metavar="CACHE")
-@click.option("--data", multiple=True, required=True, help="Preference file(s) the cache was made from (repeatable).")
-@click.option("--out", required=True, help="Output dataset: *.parquet, *.jsonl or *.jsonl.gz.")
-@click.option("--prompt-field", default="prompt")
-@click.option("--chosen-field", default="chosen")
-@click.option("--rejected-field", default="rejected")
-@click.option("--strict/--no-strict", default=False, help="Rows with chosen == rejected are errors, not skipped.")
-@click.option("--trl-chat-convention", is_flag=True, default=False,
-              help="Conversational rows: also score the template's text after the end-of-turn token, as TRL does "
-                   "(loads the cache's reference model).")
-@click.option("--model", default=None, help="With --trl-chat-convention: the reference model's folder, if it moved "
-                                            "(same weights) [the path the cache records].")
+@cache.command("export-trl", context_settings={"show_default": False})
+@options_from(settings.ExportTrlConfig, config=False)
 @user_errors
-def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field, strict, trl_chat_convention, model):
-    """Write DATA's rows with CACHE's values as TRL's ref_chosen_logps / ref_rejected_logps columns.
+def cache_export_trl(**flags):
+    """Write DATA's rows with the cache's (PATH) values as TRL's ref_chosen_logps / ref_rejected_logps columns.
 
     \b
     Rows are in TRL's formats: prompt/chosen/rejected as plain strings, or as
     lists of {role, content} messages for conversational data (as stage one
-    scored them), plus example_id. Every row must be in CACHE, else nothing is
-    written. Train with TRL 1.16 without any reference pass:
+    scored them), plus example_id. Every row must be in the cache, else nothing
+    is written. Train with TRL 1.16 without any reference pass:
       from datasets import load_dataset
       from stages.export_trl import dpo_trainer_class
       ds = load_dataset("parquet", data_files="OUT.parquet")["train"]
@@ -213,8 +203,9 @@ def cache_export_trl(path, data, out, prompt_field, chosen_field, rejected_field
     from .data import FieldMap
     from .export_trl import export_trl
 
-    report = export_trl(path, data, out, FieldMap(prompt_field, chosen_field, rejected_field), strict,
-                        trl_chat_convention, model)
+    c = cfgmod.build(settings.ExportTrlConfig, None, flags)
+    report = export_trl(c.path, c.data, c.output, FieldMap(c.prompt_field, c.chosen_field, c.rejected_field),
+                        c.strict, c.trl_chat_convention, c.model)
     for note in report.notes:
         click.echo(note)
     click.echo(report.summary())
@@ -240,21 +231,19 @@ def sweep(config_path, **flags):
     run_sweep(cfgmod.build(settings.SweepConfig, config_path, flags, section="sweep"))
 
 
-@main.command("compare")
-@click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--out", default=None, help="Folder for compare.png / compare.csv [the folder holding the runs].")
-@click.option("--samples", is_flag=True, default=False, help="Also one table of samples per run (RUN/samples.jsonl "
-              "from `dpo sample`).")
+@main.command("compare", context_settings={"show_default": False})
+@options_from(settings.CompareConfig, config=False)
 @user_errors
-def compare_cmd(run_dirs, out, samples):
-    """Table, CSV and plot of training runs (RUN_DIR: a `dpo train` output or a whole `dpo sweep` folder)."""
+def compare_cmd(**flags):
+    """Table, CSV and plot of training runs (RUN_DIRS: `dpo train` outputs or whole `dpo sweep` folders)."""
     from .compare import compare, format_table, samples_tables
 
-    rows, png, csv_path = compare(run_dirs, out)
+    c = cfgmod.build(settings.CompareConfig, None, flags)
+    rows, png, csv_path = compare(c.run_dirs, c.output)
     click.echo(format_table(rows))
     click.echo(f"plot: {png}\ntable: {csv_path}")
-    if samples:
-        click.echo(samples_tables(run_dirs))
+    if c.samples:
+        click.echo(samples_tables(c.run_dirs))
 
 
 @main.command(context_settings={"show_default": False})
@@ -271,14 +260,14 @@ def plan(config_path, **flags):
     click.echo(format_plan(plan_memory(cfg)))
 
 
-@main.command()
-@click.option("--quick", is_flag=True, help="A smoke test of every stage in about two minutes.")
+@main.command(context_settings={"show_default": False})
+@options_from(settings.DemoConfig, config=False)
 @user_errors
-def demo(quick):
+def demo(**flags):
     """The whole pipeline on SmolLM2-135M-Instruct and the shipped demo data: precompute, sweep, compare."""
     from .demo import run_demo
 
-    run_demo(quick=quick)
+    run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).quick)
 
 
 @main.group("config")
@@ -286,15 +275,15 @@ def config_group():
     """Configs from elsewhere."""
 
 
-@config_group.command("from-trl")
-@click.argument("path", metavar="DPOConfig.yaml")
+@config_group.command("from-trl", context_settings={"show_default": False})
+@options_from(settings.FromTrlConfig, config=False)
 @user_errors
-def config_from_trl(path):
-    """Print our YAML (shared / precompute-ref / train) for a TRL DPOConfig YAML; unmapped keys are listed, with
-    why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
+def config_from_trl(**flags):
+    """Print our YAML (shared / precompute-ref / train) for a TRL DPOConfig YAML (PATH); unmapped keys are listed,
+    with why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
     from .trlconfig import from_trl
 
-    click.echo(from_trl(path), nl=False)
+    click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).path), nl=False)
 
 
 @main.command("sample", context_settings={"show_default": False})

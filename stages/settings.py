@@ -223,6 +223,79 @@ class SampleConfig:
     rejected_field: str = _data_fields()["rejected_field"][1]
 
 
+_FIELDS = _data_fields()
+
+
+@dataclass(frozen=True)
+class CacheInfoConfig:
+    """`dpo cache info CACHE`."""
+
+    path: str = opt(help="The cache file.", argument=True)
+
+
+@dataclass(frozen=True)
+class CacheVerifyConfig:
+    """`dpo cache verify CACHE --data ...`."""
+
+    path: str = opt(help="The cache file.", argument=True)
+    data: tuple[str, ...] = opt(help="The data the cache should cover (repeatable).")
+    model: str | None = opt(None, "Also check the tokenizer and weights fingerprints against this model.")
+    max_length: int | None = opt(None, "Prompt + reply tokens (default: the cache's).")
+    max_prompt_length: int | None = opt(None, "Prompt tokens (default: the cache's).")
+    prompt_field: str = _FIELDS["prompt_field"][1]
+    chosen_field: str = _FIELDS["chosen_field"][1]
+    rejected_field: str = _FIELDS["rejected_field"][1]
+
+
+@dataclass(frozen=True)
+class ExportTrlConfig:
+    """`dpo cache export-trl CACHE --data ... --output ...`."""
+
+    path: str = opt(help="The cache file.", argument=True)
+    data: tuple[str, ...] = opt(help="Preference file(s) the cache was made from (repeatable).")
+    output: str = opt(help="Output dataset: *.parquet, *.jsonl or *.jsonl.gz.", aliases=("out",))
+    trl_chat_convention: bool = opt(False, "Conversational rows: also score the template's text after the "
+                                           "end-of-turn token, as TRL does (loads the cache's reference model).")
+    model: str | None = opt(None, "With --trl-chat-convention: the reference model's folder, if it moved (same "
+                                  "weights; default: the path the cache records).")
+    strict: bool = _FIELDS["strict"][1]
+    prompt_field: str = _FIELDS["prompt_field"][1]
+    chosen_field: str = _FIELDS["chosen_field"][1]
+    rejected_field: str = _FIELDS["rejected_field"][1]
+
+
+@dataclass(frozen=True)
+class CacheMergeConfig:
+    """`dpo cache merge SHARD_FILE... --output FILE`."""
+
+    shard_files: tuple[str, ...] = opt(help="The shard caches of `precompute-ref --num-shards N`.", argument=True)
+    output: str = opt(help="The merged cache (written atomically).", aliases=("out",))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`dpo compare RUN_DIR...`."""
+
+    run_dirs: tuple[str, ...] = opt(help="`dpo train` outputs or whole `dpo sweep` folders.", argument=True)
+    output: str | None = opt(None, "Folder for compare.png / compare.csv (default: the folder holding the runs).",
+                             aliases=("out",))
+    samples: bool = opt(False, "Also one table of samples per run (RUN/samples.jsonl from `dpo sample`).")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`dpo demo`."""
+
+    quick: bool = opt(False, "A smoke test of every stage in about two minutes.")
+
+
+@dataclass(frozen=True)
+class FromTrlConfig:
+    """`dpo config from-trl DPOConfig.yaml`."""
+
+    path: str = opt(help="A TRL DPOConfig / TrainingArguments YAML file.", argument=True)
+
+
 def fields_with_aliases(cls) -> dict[str, str]:
     """{alias: field name} for the older spellings a config class still accepts."""
     return {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}

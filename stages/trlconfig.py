@@ -128,7 +128,7 @@ def convert(trl: dict, source: str = "DPOConfig.yaml") -> tuple[dict, dict[str, 
         unmapped["precompute_ref_log_probs"] = "the reference is always precomputed (stage one)"
     train.setdefault("ref_cache", DEFAULT_CACHE)
     train.setdefault("output", "runs/dpo")
-    out["precompute-ref"].setdefault("out", train["ref_cache"])
+    out["precompute-ref"].setdefault("output", train["ref_cache"])
     if train.get("load_in_4bit"):
         out["precompute-ref"]["load_in_4bit"] = True  # the reference as the policy's base sees it (no drift)
     if "model" not in shared:

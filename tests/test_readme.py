@@ -96,7 +96,7 @@ def test_multi_node_recipes_parse_with_shards_and_replicas():
     assert len(shard_jobs) >= 2 and all(p["num_shards"] == 4 and p["shard_index"] == "auto" for p in shard_jobs)
     assert any(name == "train" and p.get("replicas") == 4 for name, p in parsed)
     merges = [p for name, p in parsed if name == "cache merge"]
-    assert merges and all(p["out"].endswith(".parquet") for p in merges)
+    assert merges and all(p["output"].endswith(".parquet") for p in merges)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

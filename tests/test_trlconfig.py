@@ -88,7 +88,7 @@ def test_a_trl_config_becomes_ours_and_builds(tmp_path):
     t = cfgmod.build(TrainConfig, str(out), {}, section="train")
     p = cfgmod.build(PrecomputeConfig, str(out), {}, section="precompute-ref")
     assert t.loss == "sigmoid*0.8+bco_pair*0.2+sft" and t.report_to == ("wandb", "trackio") and t.dtype == "bf16"
-    assert p.data == t.data + t.eval_data and p.out == t.ref_cache
+    assert p.data == t.data + t.eval_data and p.output == t.ref_cache
 
 
 def test_every_dpoconfig_key_is_mapped_or_listed():
