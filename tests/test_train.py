@@ -663,7 +663,7 @@ def test_smollm2_slice_learns(smollm2_slice: Path, hh_path: Path, tmp_path):
     acc = [r["rewards/accuracies"] for r in records]
     print(f"\nSmolLM2 slice: cache {t1 - t0:.1f}s, train {SLOW_STEPS} steps {t2 - t1:.1f}s; "
           f"accuracy first 10 {sum(acc[:10]) / 10:.2f}, last 10 {sum(acc[-10:]) / 10:.2f}; "
-          f"drift {summary['ref_drift']:.3g}")
+          f"drift {summary['ref_drift_step0']:.3g}")
     z = logit_scale_of_files(smollm2_slice, [data], MAXLEN, MAXPROMPT, load_in_4bit=True)  # tests/bounds.py
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["ref_drift_per_token"] <= token_tol(z), (first, token_tol(z))  # NF4 cache == NF4 policy at step 0
