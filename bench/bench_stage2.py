@@ -304,21 +304,18 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
     """Returns ref_fn(): (ref_c, ref_r) lists, and loss_fn(refs) -> scalar loss, for variants (a)-(c)."""
     import torch
 
-    from stages.logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+    from stages.logprobs import pair_logps
     from stages.models import load_model
     from stages.prepare import Item
     from stages.train import policy_forward
 
-    batch = collate_pairs(rows, pad_id)
     reference = None
     if variant == "two-model":
         reference = load_model(spec, device)  # the naive setup: a second, frozen copy in memory
         reference.eval()
 
     def logps(model):  # the reference pass takes the same path as stage one / the policy forward
-        if cfg.share_prompt and supports_prompt_sharing(model):
-            return shared_prompt_logps(model, rows, pad_id, cfg.chunk_size)
-        return sequence_logps(model, batch, cfg.chunk_size)
+        return pair_logps(model, rows, pad_id, cfg.chunk_size, share=cfg.share_prompt)
 
     def ref_fn():
         if variant == "cache":

@@ -273,3 +273,14 @@ def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: 
         model, rows, cols, targets, chunk_size, wpo, input_ids=ids, attention_mask=mask, position_ids=pos,
         use_cache=False)
     return _split_pairs(seqs, logps, means, 2 * len(encoded), token_logps, ld_alpha, log_sum_sq)
+
+
+# ---------------------------------------------------------------------------------------- the one entry point
+def pair_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK, share: bool = True,
+               token_logps: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
+    """What both stages call: each prompt run once (`shared_prompt_logps`) when `share` is asked and the model's
+    attention takes the custom mask (`supports_prompt_sharing`), else the plain 2B-row forward (`sequence_logps`).
+    The numbers are the same either way (tests/test_logprobs.py)."""
+    if share and supports_prompt_sharing(model):
+        return shared_prompt_logps(model, encoded, pad_id, chunk_size, token_logps, ld_alpha, wpo)
+    return sequence_logps(model, collate_pairs(encoded, pad_id), chunk_size, token_logps, ld_alpha, wpo)

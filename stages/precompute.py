@@ -18,7 +18,7 @@ from .data import FieldMap, ids_digest, load_examples
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import Interrupted, UserError
-from .logprobs import collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .logprobs import pair_logps, supports_prompt_sharing
 from .models import DTYPES, ModelSpec, check_model_dir, config_hash, dtype_name, folder_fingerprint, load_model, load_tokenizer, quantization_name, resolve_dtype
 from .progress import Progress, say
 from .settings import PrecomputeConfig
@@ -191,10 +191,7 @@ def score_batches(model, pad_id, batches, parts, share, cfg, env, stop) -> torch
             batch = mine[step] if step < len(mine) else (dummy or [])
             if not batch:  # a rank with no examples at all still has to join the collectives
                 batch = [Encoded("dummy", (pad_id,), (pad_id,), (pad_id,))]
-            if share:
-                out = shared_prompt_logps(model, batch, pad_id, cfg.chunk_size, cfg.store_token_logps)
-            else:
-                out = sequence_logps(model, collate_pairs(batch, pad_id), cfg.chunk_size, cfg.store_token_logps)
+            out = pair_logps(model, batch, pad_id, cfg.chunk_size, share=share, token_logps=cfg.store_token_logps)
             done_now = batches[step * world:(step + 1) * world]  # what all ranks finished in this step
             progress.update(sum(map(len, done_now)), tokens=sum(batch_tokens(b, share)[0] for b in done_now))
             if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded

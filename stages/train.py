@@ -22,7 +22,7 @@ from . import checkpoint, config, fsio
 from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model
 from .errors import Interrupted, UserError
-from .logprobs import LogpOutput, collate_pairs, sequence_logps, shared_prompt_logps, supports_prompt_sharing
+from .logprobs import LogpOutput, pair_logps
 from .loss import LossOutput, LossSettings, dpo_loss
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dtype
@@ -210,12 +210,8 @@ def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig) -> P
     """One forward (chosen + rejected) -> per-example DPO losses against the cached reference.
     With --ld-alpha the loss, rewards, logps/* and drift use the LD-DPO sums on both sides (as TRL logs them);
     the sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
-    encoded = [i.enc for i in items]
-    extra = {"ld_alpha": cfg.ld_alpha, "wpo": cfg.use_weighting}
-    if cfg.share_prompt and supports_prompt_sharing(model):
-        lp = shared_prompt_logps(model, encoded, pad_id, cfg.chunk_size, **extra)
-    else:
-        lp = sequence_logps(model, collate_pairs(encoded, pad_id), cfg.chunk_size, **extra)
+    lp = pair_logps(model, [i.enc for i in items], pad_id, cfg.chunk_size, share=cfg.share_prompt,
+                    ld_alpha=cfg.ld_alpha, wpo=cfg.use_weighting)
     plain_chosen = lp.chosen_logps
     if cfg.ld_alpha is not None:
         lp = dataclasses.replace(lp, chosen_logps=lp.chosen_ld_logps, rejected_logps=lp.rejected_ld_logps)

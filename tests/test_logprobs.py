@@ -371,6 +371,22 @@ def test_shared_prompt_equals_sequence_logps(tiny_paths, arch, chunk):
     assert any(len(e.chosen_ids) < len(e.rejected_ids) for e in encoded)
 
 
+@pytest.mark.parametrize("impl, share, path", [("sdpa", True, "shared"), ("eager", True, "shared"),
+                                               ("sdpa", False, "plain"), ("flash_attention_2", True, "plain")])
+def test_pair_logps_shares_the_prompt_only_when_asked_and_supported(monkeypatch, impl, share, path):
+    """The one entry point of both stages: the shared path needs --share-prompt AND an attention taking a 4D mask."""
+    import types
+
+    from stages import logprobs
+
+    taken = []
+    monkeypatch.setattr(logprobs, "shared_prompt_logps", lambda *a, **k: taken.append("shared"))
+    monkeypatch.setattr(logprobs, "sequence_logps", lambda model, batch, *a, **k: taken.append("plain"))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=impl))
+    logprobs.pair_logps(model, [Encoded("a", (1, 2), (3,), (4, 5))], 0, 8, share=share)
+    assert taken == [path]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_shared_prompt_eager_attention(tiny_paths, arch):
     """The float (additive) mask variant used with eager attention gives the same numbers."""

@@ -26,7 +26,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from stages import precompute, refcache
+from stages import logprobs, precompute, refcache
 from stages.cli import main as cli_main
 from stages.data import ids_digest, load_examples
 from stages.encode import TokenizeSettings, encode_examples
@@ -273,13 +273,13 @@ def test_share_prompt_and_sorting_do_not_change_values(arch, request, files, tmp
     model = request.getfixturevalue(arch)
     data = [files["train"], files["eval"]]
     calls = {"shared": 0}
-    real = precompute.shared_prompt_logps
+    real = logprobs.shared_prompt_logps  # what precompute's pair_logps calls when it shares the prompt
 
     def spy(*a, **k):
         calls["shared"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(precompute, "shared_prompt_logps", spy)
+    monkeypatch.setattr(logprobs, "shared_prompt_logps", spy)
     shared = run_inproc(model, data, tmp_path / "s.parquet", max_tokens_per_batch=1500)
     assert calls["shared"] > 0, "--share-prompt did not take the shared path on an sdpa model"
     calls["shared"] = 0
@@ -414,7 +414,7 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
     monkeypatch.undo()
     assert parts.is_dir() and len(list(parts.glob("part-*.parquet"))) == 5 and not out.exists()
     calls = []
-    monkeypatch.setattr(precompute, "shared_prompt_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(precompute, "pair_logps", lambda *a, **k: calls.append(1))
     again = run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)
     assert calls == [] and again.equals(full)
 
@@ -459,7 +459,7 @@ def test_non_finite_logps_is_an_error_naming_the_example(share, tiny_llama, file
     examples, _ = load_examples([files["eval"]])
     victim = examples[2].example_id
     name = "shared_prompt_logps" if share else "sequence_logps"
-    real = getattr(precompute, name)
+    real = getattr(logprobs, name)  # the path precompute's pair_logps takes
 
     def poisoned(model, batch, *a, **k):
         out = real(model, batch, *a, **k)
@@ -468,7 +468,7 @@ def test_non_finite_logps_is_an_error_naming_the_example(share, tiny_llama, file
             out.rejected_logps[ids.index(victim)] = float("nan")
         return out
 
-    monkeypatch.setattr(precompute, name, poisoned)
+    monkeypatch.setattr(logprobs, name, poisoned)
     out = tmp_path / "r.parquet"
     with pytest.raises(UserError) as err:
         run_inproc(tiny_llama, [files["eval"]], out, share_prompt=share, batches_per_part=1, max_tokens_per_batch=1)
