@@ -15,7 +15,9 @@
 #   4. stage two (bench_stage2.py --synthetic --dtype bf16): (a) cache, (b) online reference, (c) two-model,
 #      each in its own process; step time and torch.cuda.max_memory_allocated; then the same with the NF4 base
 #      if bitsandbytes imports;
-#   5. copies logs, JSON and the GPU sections of bench/RESULTS.md to $OUT (or bench/out/gpu).
+#   5. issue 13: stage one as 2 shard jobs (--shard-index auto via SLURM_ARRAY_TASK_ID) + `dpo cache merge`,
+#      compared with one job; with 2+ GPUs, HSDP (--replicas 2) stage one and 3 training steps vs one GPU;
+#   6. copies logs, JSON and the GPU sections of bench/RESULTS.md to $OUT (or bench/out/gpu).
 #
 # Before calling the device tool, here in the repo root (the image has no polars; nothing can be fetched there):
 #   echo /.whl/ >> .git/info/exclude
@@ -106,6 +108,48 @@ if [ "$DRY" != 1 ] && $PY -c "import bitsandbytes" 2>/dev/null && [ $(( $(date +
     --max-length 1024 --steps $STEPS --threads 8 $W || echo "NF4 run failed"
 else
   stamp "skipping the NF4 run (bitsandbytes not importable here, or too little time left)"
+fi
+
+stamp "stage one as 2 shard jobs (--shard-index auto) + dpo cache merge vs one job (issue 13)"
+$PY -c "from tests.tiny import build_tokenizer; build_tokenizer('$MODEL')"  # ids < 512: fine for any vocab
+SH="$DEST/shards"; rm -rf "$SH"; mkdir -p "$SH"
+S1=(--model "$MODEL" --data stages/demo_data/train.jsonl --dtype bf16 --max-tokens-per-batch $BUDGET --max-length 512 --max-prompt-length 256)
+$PY -m stages.cli precompute-ref "${S1[@]}" --out "$SH/single.parquet"
+for i in 0 1; do
+  SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_COUNT=2 $PY -m stages.cli precompute-ref "${S1[@]}" --out "$SH/ref.parquet" \
+    --num-shards 2 --shard-index auto
+done
+$PY -m stages.cli cache merge "$SH"/ref.shard-*-of-2.parquet --out "$SH/merged.parquet"
+$PY -m stages.cli cache info "$SH/merged.parquet" | head -3
+$PY - "$SH" <<'EOF2'
+import sys, polars as pl
+d = sys.argv[1]
+a, b = pl.read_parquet(f"{d}/single.parquet"), pl.read_parquet(f"{d}/merged.parquet")
+assert a["example_id"].to_list() == b["example_id"].to_list(), "merged ids differ from the single job"
+diff = max(float((a[c] - b[c]).abs().max()) for c in ("ref_chosen_logps", "ref_rejected_logps"))
+scale = float(a["ref_chosen_logps"].abs().max())
+print(f"SHARDS merged vs single job: {a.height} ids equal, max |diff| {diff:.3e} (bf16 on GPU; sums up to {scale:.0f} nats)")
+EOF2
+
+NGPU=$( (nvidia-smi -L 2>/dev/null || true) | wc -l )
+if [ "$NGPU" -ge 2 ]; then
+  R=2; W=$(( NGPU >= 4 ? 4 : 2 ))
+  stamp "HSDP: $W GPUs as $R x $(( W / R )) (--replicas $R), stage one and three training steps (issue 13)"
+  $PY -m torch.distributed.run --nproc-per-node $W -m stages.cli precompute-ref "${S1[@]}" --out "$SH/hsdp.parquet" --replicas $R
+  $PY - "$SH" <<'EOF2'
+import sys, polars as pl
+d = sys.argv[1]
+a, b = pl.read_parquet(f"{d}/single.parquet"), pl.read_parquet(f"{d}/hsdp.parquet")
+diff = max(float((a[c] - b[c]).abs().max()) for c in ("ref_chosen_logps", "ref_rejected_logps"))
+print(f"HSDP stage one vs one GPU: ids equal {a['example_id'].to_list() == b['example_id'].to_list()}, max |diff| {diff:.3e}")
+EOF2
+  T2=(--model "$MODEL" --data stages/demo_data/train.jsonl --ref-cache "$SH/single.parquet" --dtype bf16 --no-load-in-4bit
+      --max-steps 3 --batch-size 2 --lora-dropout 0 --seed 3 --learning-rate 1e-3)
+  $PY -m torch.distributed.run --nproc-per-node $W -m stages.cli train "${T2[@]}" --output "$SH/run-hsdp" --replicas $R
+  $PY -m stages.cli train "${T2[@]}" --output "$SH/run-one" --gradient-accumulation-steps $W
+  grep -h '"loss"' "$SH/run-hsdp/metrics.jsonl" "$SH/run-one/metrics.jsonl" | cut -c1-160 || true
+else
+  stamp "skipping HSDP: $NGPU GPU(s) here; it needs 2+ (tests/test_hsdp_dist.py covers it on CPU)"
 fi
 
 stamp "collect"
