@@ -143,7 +143,8 @@ def write_rows(rows: list[dict], out: Path) -> None:
 
 def _reference_spec(meta: dict, model: str | None):
     """The cache's reference model as stage one loaded it; `model` overrides its path (same weights required)."""
-    from .models import ModelSpec, folder_fingerprint
+    from .fingerprint import folder_fingerprint
+    from .models import ModelSpec
 
     path = model or meta["model"]["path"]
     full = bool(meta["model"].get("weights", {}).get("full_hash"))

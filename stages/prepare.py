@@ -16,7 +16,8 @@ from .data import DEFAULT_SPLIT, FieldMap, load_examples
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
 from .loss import ld_token_weights
-from .models import check_model_dir, folder_fingerprint, load_tokenizer
+from .fingerprint import folder_fingerprint
+from .models import check_model_dir, load_tokenizer
 from .verify import token_count_problems
 
 

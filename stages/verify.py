@@ -7,7 +7,8 @@ import polars as pl
 from . import refcache
 from .data import FieldMap, load_examples
 from .encode import TokenizeSettings, encode_examples, tokenizer_fingerprint
-from .models import check_model_dir, folder_fingerprint, load_tokenizer
+from .fingerprint import folder_fingerprint
+from .models import check_model_dir, load_tokenizer
 
 
 def token_count_problems(df: pl.DataFrame, encoded) -> list[str]:
