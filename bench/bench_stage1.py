@@ -90,6 +90,7 @@ def score(model, pad_id, batches, shared: bool):
 
     from stages.distributed import DistEnv
     from stages.precompute import PrecomputeConfig, score_batches
+    from stages.runguard import StopSignal
 
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
@@ -97,10 +98,8 @@ def score(model, pad_id, batches, shared: bool):
     cfg = PrecomputeConfig(model="", data=(), batches_per_part=8)  # the command's default chunk size
     device = next(model.parameters()).device
     env = DistEnv(0, 1, 0, device if device.type == "cuda" else torch.device("cpu"))
-    # the lead's signature gained `total` (progress bar size); pass it when present
-    extra = [sum(len(b) for b in batches)] if "total" in inspect.signature(score_batches).parameters else []
-    with C.Timer() as timer:
-        score_batches(model, pad_id, batches, len(batches), parts, shared, cfg, env, *extra)
+    with C.Timer() as timer, StopSignal() as stop:
+        score_batches(model, pad_id, batches, parts, shared, cfg, env, stop)
     values = {}
     for f in sorted(parts.glob("*.parquet")):
         t = pq.read_table(f).to_pydict()

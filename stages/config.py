@@ -34,6 +34,8 @@ def _check_type(name: str, value, hint, where: str):
         return tuple(_check_type(name, v, inner, where) for v in items)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):  # `shard_index: 3` in YAML
+        return str(value)
     if hint is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; HF/TRL users write it
         try:
             return float(value)
