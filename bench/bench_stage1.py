@@ -26,7 +26,6 @@ CUDA synchronisation. `--fsdp1` wraps the model with FSDP2 `fully_shard` per dec
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
