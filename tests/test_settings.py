@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages import config as cfgmod, settings, train
+from stages import config as cfgmod, resume, settings, train
 from stages.cli import main as cli_main
 from tests.hhrows import hh_rows, write_jsonl
 
@@ -88,18 +88,19 @@ def test_literal_fields_are_choices_and_one_line_errors():
 def test_resume_free_fields_are_declared_once_and_agree():
     free_train, free_sweep = settings.resume_free(settings.TrainConfig), settings.resume_free(settings.SweepConfig)
     assert set(free_train) <= set(free_sweep) and {"betas", "losses"} <= set(free_sweep)
-    assert "logging_steps" in free_train and train.RESUME_FREE == free_train
+    assert "logging_steps" in free_train and resume.RESUME_FREE == free_train
 
 
 def test_yaml_numbers_in_any_spelling_and_old_option_names(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  learning_rate: 1e-4\n  warmup_ratio: 2.0e-2\n  beta: 1\n"
-                   "precompute-ref:\n  out: x/ref.parquet\n")
+                   "precompute-ref:\n  out: x/ref.parquet\n  shard_index: 3\n  num_shards: 4\n")
     t = cfgmod.build(settings.TrainConfig, str(cfg), {"model": "m", "data": ("d",), "ref_cache": "r", "output": "o"},
                      section="train")
     assert (t.learning_rate, t.warmup_ratio, t.beta) == (1e-4, 0.02, 1.0)
     p = cfgmod.build(settings.PrecomputeConfig, str(cfg), {"model": "m", "data": ("d",)}, section="precompute-ref")
     assert p.output == "x/ref.parquet"  # `out:` still read as `output`
+    assert p.shard_index == "3"  # a YAML integer for a string field (which also takes `auto`)
     parsed = cli_main.commands["precompute-ref"].make_context("precompute-ref", ["--out", "y.parquet"])
     assert parsed.params["output"] == "y.parquet"
     parsed = cli_main.commands["plan"].make_context("plan", ["--seq-len", "512", "--batch", "2"])
