@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from . import checkpoint, config, fsio
 from .trackers import check_installed, parse_report_to
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model
+from .distributed import DistEnv, all_reduce_sum, init_distributed, shard_model
 from .errors import Interrupted, UserError
 from .logprobs import LogpOutput, pair_logps
 from .loss import LossOutput, LossSettings, dpo_loss
@@ -28,7 +27,8 @@ from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dtype
 from .prepare import Item, Prepared, prepare
 from .progress import Progress, say
-from .settings import TrainConfig, resume_free
+from .resume import check_resumable, resume_or_start
+from .settings import TrainConfig
 from .runguard import StopSignal, guarded_output, rerun_hint
 from .trainutil import OPTIMIZERS, SCHEDULERS, batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
 
@@ -51,8 +51,7 @@ def run(cfg: TrainConfig, prepared: Prepared | None = None) -> dict:
 
 def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Path, stop: StopSignal) -> dict:
     """The run itself, holding the output folder's lock."""
-    if cfg.resume and checkpoint.list_checkpoints(out):
-        check_resumable(cfg, out)  # before any model loads
+    check_resumable(cfg, out)  # before any model loads
     prep = prepared or prepare(cfg)
     for note in prep.notes:
         say(env, note)
@@ -65,7 +64,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     shard_model(model, env, replicas=cfg.replicas)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    start_step, prior_seconds, window = resume(cfg, out, model, optimizer, scheduler, env)
+    start_step, prior_seconds, window = resume_or_start(cfg, out, model, optimizer, scheduler, env)
     if env.is_main:
         config.save(cfg, out / "config.yaml")
     writer = MetricsWriter(out / "metrics.jsonl", env, parse_report_to(cfg.report_to, cfg.tensorboard),
@@ -149,49 +148,6 @@ def plan_steps(cfg: TrainConfig, n_train: int, env: DistEnv) -> tuple[int, int]:
                         "batch size x accumulation x processes); lower --batch-size")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return total, steps_per_epoch
-
-
-def fresh_start(out: Path, env) -> None:
-    """A new run in a used folder: nothing of the old run may survive to be resumed or reported."""
-    if env.is_main:
-        for old in checkpoint.list_checkpoints(out):
-            checkpoint.remove(old)
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    barrier(env)
-
-
-def resume(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float, dict]:
-    """(step, wall seconds so far, this rank's metrics window) from the newest checkpoint, or a fresh start."""
-    found = checkpoint.list_checkpoints(out) if cfg.resume else []
-    if not found:
-        fresh_start(out, env)
-        return 0, 0.0, {}
-    state = checkpoint.load(found[-1], model, optimizer, scheduler, env)
-    if env.is_main:  # drop records logged after the checkpoint: they will be logged again
-        kept = read_metrics(out / "metrics.jsonl", upto_step=state["step"])
-        fsio.write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    say(env, f"resumed from {found[-1]} (step {state['step']})")
-    return state["step"], state.get("seconds", 0.0), state.get("rank_state", {}).get("window", {})
-
-
-RESUME_FREE = resume_free(TrainConfig)  # declared on the fields (stages/settings.py)
-
-
-def check_resumable(cfg: TrainConfig, out: Path) -> None:
-    """A checkpoint continues only the run that made it: other settings would silently mix two runs."""
-    import yaml
-
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved, now = yaml.safe_load(saved_path.read_text()) or {}, config.to_dict(cfg)
-    diff = [k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(f"{out}: has checkpoints of a run with {k}={saved[k]!r}, this run has {k}={now[k]!r}; "
-                        "use another --output, the same settings, or --no-resume to start again")
 
 
 @dataclasses.dataclass(frozen=True)
