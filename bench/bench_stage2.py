@@ -395,9 +395,9 @@ def memory_record(device, runtime: float, loaded: float, load_peak: float | None
 def worker(a, factory=None) -> None:
     """One variant in this fresh process; prints one tagged JSON line."""
     C.set_threads(a.threads)
+    import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    import peft  # noqa: F401
 
     from stages.models import resolve_dtype
 

@@ -47,6 +47,7 @@ ASSISTANT_MARK = "\n\nAssistant:"  # HH-RLHF turn marker; implicit prompts end w
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 DEFAULT_PROMPT_FIELD = "prompt"
 from .settings import DEFAULT_SPLIT  # noqa: E402,F401  (declared once, there)
+
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict / Dataset)
 OTHER_FILE_TYPES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".gz", ".zip", ".yaml", ".yml")  # not Hub ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or owner/name

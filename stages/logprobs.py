@@ -12,13 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .errors import UserError
 from torch.utils.checkpoint import checkpoint
 
 from .encode import Encoded
+from .errors import UserError
 from .loss import ld_token_weights
-
 from .settings import DEFAULT_CHUNK  # noqa: E402,F401  (declared once, there)
 
 

@@ -31,8 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lossspec import (  # noqa: F401  (re-exported: the loss names and settings live there, without torch)
-    LOSS_TYPES, SMOOTHED, BATCH_LEVEL, F_DIVERGENCES, F_DIVERGENCE_LOSSES, LossSpec_, LossSettingsError,
-    LossSpec, parse_loss_spec, format_loss_spec, canonical_loss, loss_slug, LossSettings,
+    BATCH_LEVEL,
+    F_DIVERGENCE_LOSSES,
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    SMOOTHED,
+    LossSettings,
+    LossSettingsError,
+    LossSpec,
+    LossSpec_,
+    canonical_loss,
+    format_loss_spec,
+    loss_slug,
+    parse_loss_spec,
 )
 
 

@@ -577,7 +577,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(cap.ljust(width) + "".join(("yes" if sc.fits else "NO").rjust(col) for sc in plan.scenarios))
     lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
     lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [
-        f"  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
+        "  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
         "  - --cpu: one CPU process per 'GPU', no CUDA overhead; weights counted whole as a GPU holds them (the "
         "process's Python/torch runtime is not counted)" if plan.config.cpu else
         f"  - every column includes a fixed {OVERHEAD_BYTES / GIB:.0f} GiB per GPU for the CUDA context, "

@@ -18,12 +18,21 @@ from .data import FieldMap, ids_digest, load_examples
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import Interrupted, UserError
-from .logprobs import pair_logps, supports_prompt_sharing
 from .fingerprint import config_hash, folder_fingerprint
-from .models import DTYPES, ModelSpec, check_model_dir, dtype_name, load_model, load_tokenizer, quantization_name, resolve_dtype
+from .logprobs import pair_logps, supports_prompt_sharing
+from .models import (
+    DTYPES,
+    ModelSpec,
+    check_model_dir,
+    dtype_name,
+    load_model,
+    load_tokenizer,
+    quantization_name,
+    resolve_dtype,
+)
 from .progress import Progress, say
-from .settings import PrecomputeConfig
 from .runguard import StopSignal, guarded_output, rerun_hint
+from .settings import PrecomputeConfig
 
 
 def run(cfg: PrecomputeConfig) -> Path:

@@ -15,8 +15,8 @@ from . import refcache
 from .data import DEFAULT_SPLIT, FieldMap, load_examples
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import UserError
-from .loss import ld_token_weights
 from .fingerprint import folder_fingerprint
+from .loss import ld_token_weights
 from .models import check_model_dir, load_tokenizer
 from .verify import token_count_problems
 

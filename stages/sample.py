@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import DEFAULT_SPLIT, FieldMap, load_examples
+from .data import FieldMap, load_examples
 from .encode import Encoded, tokenize_example
 from .errors import UserError
 from .logprobs import collate_pairs, sequence_logps

@@ -21,9 +21,9 @@ from . import config, prepare as prepare_mod, refcache, train
 from .compare import Row, compare, format_table
 from .distributed import barrier, init_distributed
 from .errors import UserError
+from .loss import loss_slug
 from .progress import say
 from .runguard import guarded_output
-from .loss import loss_slug
 from .settings import VARIED, SweepConfig, TrainConfig, resume_free
 
 FREE_ON_RESUME = resume_free(SweepConfig)  # may change between reruns of one sweep folder

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config, fsio
-from .trackers import check_installed, parse_report_to
 from .distributed import DistEnv, all_reduce_sum, init_distributed, shard_model
 from .errors import Interrupted, UserError
 from .logprobs import LogpOutput, pair_logps
@@ -28,9 +27,18 @@ from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dt
 from .prepare import Item, Prepared, prepare
 from .progress import Progress, say
 from .resume import check_resumable, resume_or_start
-from .settings import TrainConfig
 from .runguard import StopSignal, guarded_output, rerun_hint
-from .trainutil import OPTIMIZERS, SCHEDULERS, batches_for_epoch, build_optimizer, build_scheduler, peak_memory_gb, seed_everything
+from .settings import TrainConfig
+from .trackers import check_installed, parse_report_to
+from .trainutil import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    batches_for_epoch,
+    build_optimizer,
+    build_scheduler,
+    peak_memory_gb,
+    seed_everything,
+)
 
 DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
 

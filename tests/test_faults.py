@@ -25,8 +25,7 @@ from click.testing import CliRunner
 
 from stages import checkpoint, fsio, models, precompute, refcache, train
 from stages.cli import main as cli_main
-from stages.errors import Interrupted, MAX_CHARS, UserError
-from stages.fsio import OutputLock
+from stages.errors import MAX_CHARS, Interrupted, UserError
 from stages.precompute import PrecomputeConfig
 from stages.train import TrainConfig
 from tests.hhrows import hh_rows, write_jsonl

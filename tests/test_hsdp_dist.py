@@ -23,7 +23,7 @@ from stages import train
 from stages.distributed import DistEnv, check_replicas
 from stages.errors import UserError
 from stages.train import TrainConfig
-from tests.test_precompute import MAXLEN, MAXPROMPT, SHORT, VALUE_COLS, run_inproc
+from tests.test_precompute import SHORT, VALUE_COLS, run_inproc
 from tests.test_train_dist import COMPARED, STEPS, common, free_port, read_jsonl, rel, setup  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.dist

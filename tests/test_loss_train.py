@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import config as cfgmod
-from stages import precompute, sweep, train
+from stages import config as cfgmod, precompute, sweep, train
 from stages.compare import compare, format_table
 from stages.precompute import PrecomputeConfig
 from stages.train import TrainConfig

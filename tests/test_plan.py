@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from stages.errors import UserError
-from stages.plan import (GIB, OVERHEAD_BYTES, PlanConfig, count_parameters, format_plan, lora_parameters,
-                         parse_gpu_memory, plan_memory)
+from stages.plan import (
+    GIB,
+    OVERHEAD_BYTES,
+    PlanConfig,
+    count_parameters,
+    format_plan,
+    lora_parameters,
+    parse_gpu_memory,
+    plan_memory,
+)
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,6 @@ refuses (exit 2, one line) until --overwrite; user errors are one line; `dpo cac
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -55,8 +54,8 @@ CHAT_ROWS = [
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-from tests.hhrows import hh_rows, write_jsonl  # noqa: E402  (shared with the other stage tests)
 from tests.bounds import leaky_triple_mask, logit_scale_of_files, min_token_nats, sum_tol, token_tol  # noqa: E402
+from tests.hhrows import hh_rows, write_jsonl  # noqa: E402  (shared with the other stage tests)
 from tests.tiny import VOCAB_SIZE  # noqa: E402
 
 

@@ -21,8 +21,17 @@ from stages.encode import TokenizeSettings, encode_examples
 from stages.models import load_tokenizer
 from stages.precompute import plan_batches
 from tests.bounds import logit_scale_of_files, min_token_nats, sum_tol
+from tests.test_precompute import (  # noqa: F401
+    MAXLEN,
+    MAXPROMPT,
+    SHORT,
+    VALUE_COLS,
+    files,
+    hh_rows,
+    run_inproc,
+    write_jsonl,
+)
 from tests.tiny import VOCAB_SIZE
-from tests.test_precompute import MAXLEN, MAXPROMPT, SHORT, VALUE_COLS, files, hh_rows, run_inproc, write_jsonl  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.dist

@@ -4,7 +4,6 @@ forward, files written, and `dpo compare --samples`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

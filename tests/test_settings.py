@@ -4,7 +4,6 @@ the drift from the first step's own forward, progress bars with real tokens/s.""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys

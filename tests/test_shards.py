@@ -9,9 +9,7 @@ the merge refuses, with one line, every inconsistent set of shards.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -24,8 +22,16 @@ from stages.encode import Encoded, TokenizeSettings, encode_examples
 from stages.errors import UserError
 from stages.models import load_tokenizer
 from stages.precompute import PrecomputeConfig
-from tests.test_precompute import (CHAT_ROWS, MAXLEN, MAXPROMPT, hh_rows, invoke, max_abs_diff, run_inproc,  # noqa: F401
-                                   write_jsonl)
+from tests.test_precompute import (  # noqa: F401
+    CHAT_ROWS,
+    MAXLEN,
+    MAXPROMPT,
+    hh_rows,
+    invoke,
+    max_abs_diff,
+    run_inproc,
+    write_jsonl,
+)
 
 N = 3
 

@@ -11,7 +11,6 @@ every loss type; and (slow) a short real SmolLM2 run that learns.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -32,8 +31,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from stages import config as cfgmod
-from stages import models, precompute, train
+from stages import config as cfgmod, models, precompute, train
 from stages.cli import main as cli_main
 from stages.logprobs import collate_pairs, sequence_logps
 from stages.precompute import PrecomputeConfig
