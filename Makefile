@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(VENV)/bin/ruff check stages tests bench
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: setup

@@ -58,7 +58,8 @@ def save_adapter(model, path: Path, env: DistEnv) -> None:
     """Gather the (possibly sharded) LoRA weights and write a normal PEFT adapter folder on rank 0."""
     from peft import get_peft_model_state_dict
 
-    full, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    full, _ = get_state_dict(model, [], options=options)
     if env.is_main:
         lora = get_peft_model_state_dict(model, state_dict=full)
         model.save_pretrained(str(path), state_dict=lora, safe_serialization=True)
@@ -81,7 +82,8 @@ def save(output: Path, step: int, model, optimizer, scheduler, env: DistEnv, ext
     torch.save({**_rng_state(), "rank_state": rank_state or {}}, tmp / f"rng-rank{env.rank}.pt")
     barrier(env)  # every rank's file is in the folder before rank 0 renames it
     if env.is_main:
-        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()},
+                   tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": env.world_size, **extra}, indent=1))
         if final.exists():  # the same step saved again (a resumed final save): move the old one away first
             remove(final)

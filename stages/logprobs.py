@@ -229,13 +229,15 @@ def _triple_mask(seg: torch.Tensor, implementation: str, dtype: torch.dtype) -> 
     allowed = causal & ((sq == sk) | ((sk == 0) & (sq != 3)))
     if implementation == "sdpa":
         return allowed[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def pack_triples(encoded: list[Encoded], pad_id: int):
     """One row per example: prompt, chosen, rejected. Positions restart after the prompt for the rejected reply, so
     it is exactly the sequence prompt+rejected. Returns ids, positions, segments [B, W] and scored
-    (row, position, target, sequence) index tensors, sequence in the PairBatch layout (chosen i -> i, rejected -> B+i)."""
+    (row, position, target, sequence) index tensors, sequence in the PairBatch layout
+    (chosen i -> i, rejected -> B+i)."""
     b, w = len(encoded), max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
     ids = torch.full((b, w), pad_id, dtype=torch.long)
     pos = torch.zeros((b, w), dtype=torch.long)

@@ -111,7 +111,8 @@ def readable(record: dict) -> str:
     keys = ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
             "grad_norm", "learning_rate", "tokens_per_second")
     parts = []
-    for k in keys + tuple(k for k in record if k.startswith("eval/") and k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")):
+    evals = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+    for k in keys + tuple(k for k in record if k.startswith("eval/") and k in evals):
         if k in record:
             v = record[k]
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")

@@ -41,7 +41,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def check_model_dir(path: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise UserError(f"--model {path}: no such folder; pass a local Hugging Face model folder (nothing is downloaded)")
+        raise UserError(f"--model {path}: no such folder; pass a local Hugging Face model folder "
+                        "(nothing is downloaded)")
     if not p.is_dir():
         raise UserError(f"--model {path}: a file, not a folder; pass the model folder that holds config.json")
     if not (p / "config.json").is_file():

@@ -40,7 +40,8 @@ def run(cfg: PrecomputeConfig) -> Path:
     env = init_distributed()
     out = Path(cfg.output)
     check_model_dir(cfg.model)
-    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.strict,
+    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+                                     cfg.strict,
                                      split=cfg.data_split)
     say(env, f"data: {report.summary()}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -110,7 +111,8 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
         refcache.open_parts(out, meta["manifest"], False)
     barrier(env)
     batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
-    model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), env.device)
+    spec = ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code)
+    model = load_model(spec, env.device)
     model.eval()
     share = cfg.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
@@ -121,7 +123,8 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
     stats = all_reduce_sum(stats, env)
     barrier(env)
     if stop.signum is not None:
-        raise Interrupted(f"{len(refcache.done_ids(parts))} examples are safe in {parts} ({int(stats[0])} computed now, "
+        raise Interrupted(f"{len(refcache.done_ids(parts))} examples are safe in {parts} "
+                          f"({int(stats[0])} computed now, "
                           f"{len(todo) - int(stats[0])} left); {rerun_hint()} to continue", stop.signum)
     return stats, time.perf_counter() - start
 

@@ -95,7 +95,8 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
         _ld_values(df.head(0), cfg.ref_cache, cfg.ld_alpha)  # no per-token values: one line now, not after tokenizing
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)
-    problems = refcache.tokenization_problems(meta, tokenizer_fingerprint(tokenizer, settings), cfg.allow_cache_mismatch)
+    fingerprint = tokenizer_fingerprint(tokenizer, settings)
+    problems = refcache.tokenization_problems(meta, fingerprint, cfg.allow_cache_mismatch)
     if problems:
         waiver = "" if cfg.allow_cache_mismatch else " (a hash only: --allow-cache-mismatch)"
         raise UserError(f"{cfg.ref_cache}: other tokenization ({problems[0]}); rerun precompute-ref with this model "
@@ -113,7 +114,8 @@ def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
             continue
         examples, report = load_examples(paths, fields, cfg.strict, split=getattr(cfg, "data_split", DEFAULT_SPLIT))
         encoded, too_long = encode_examples(tokenizer, examples, settings)
-        notes.append(f"{what} data: {report.summary()}" + (f"; {too_long} too long for --max-length" if too_long else ""))
+        notes.append(f"{what} data: {report.summary()}"
+                     + (f"; {too_long} too long for --max-length" if too_long else ""))
         sets.append(_join(encoded, df, cfg.ref_cache, what, getattr(cfg, "ld_alpha", None)))
     if not sets[0]:
         raise UserError(f"{', '.join(cfg.data)}: no training examples left after validation and truncation")

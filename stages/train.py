@@ -123,7 +123,8 @@ def check_numbers(cfg) -> None:
         raise UserError("--lora-dropout must be below 1 and --warmup-ratio at most 1")
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
         raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
-    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
+    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS),
+                                 ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
                                  ("dtype", cfg.dtype, (None, "auto", "fp32", "bf16", "fp16"))):
         if value not in allowed:
             raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
@@ -311,7 +312,8 @@ def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
     }
     if env.is_main:
         fsio.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
-        say(env, f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, summary in {out / 'summary.json'}")
+        say(env, f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, "
+                 f"summary in {out / 'summary.json'}")
     return summary
 
 
