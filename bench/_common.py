@@ -12,8 +12,8 @@ import json
 import os
 import platform
 import random
-import resource
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -43,9 +43,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def versions() -> str:
+def versions(names=("torch", "transformers", "peft", "bitsandbytes", "trl")) -> str:
     out = [f"python {platform.python_version()}"]
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
+    for name in names:
         try:
             mod = __import__(name)
             out.append(f"{name} {mod.__version__}")
@@ -91,18 +91,20 @@ def set_threads(n: int) -> None:
 class Timer:
     """Wall-clock and process CPU seconds (user and system separately). With one torch thread, user CPU seconds
     measure the work done and barely move when other jobs steal the cores; system seconds are mostly page faults
-    (they grow when the allocator hands memory back to the OS); wall seconds are what a user waits (noisy here)."""
+    (they grow when the allocator hands memory back to the OS); wall seconds are what a user waits (noisy here).
+    getrusage, not os.times: its microseconds, not 10 ms ticks, so sums over many short calls (vs_trl's profiles)
+    stay right."""
 
     def __enter__(self):
         _sync()
-        self.w0, self.t0 = time.perf_counter(), os.times()
+        self.w0, self.t0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         return self
 
     def __exit__(self, *exc):
         _sync()
-        t = os.times()
+        t = resource.getrusage(resource.RUSAGE_SELF)
         self.wall = time.perf_counter() - self.w0
-        self.user, self.sys = t.user - self.t0.user, t.system - self.t0.system
+        self.user, self.sys = t.ru_utime - self.t0.ru_utime, t.ru_stime - self.t0.ru_stime
         self.cpu = self.user + self.sys
         return False
 
@@ -212,6 +214,8 @@ def ensure_model() -> Path:
 
 # ------------------------------------------------------------------------------------------------ stats
 def median(xs):
+    """Median of the values that exist (None and NaN, e.g. a variant that failed, are left out); NaN if none."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and x != x)]
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -266,7 +270,12 @@ measured side by side in the same invocation and compared by ratios of medians.
 
 def update_results(name: str, body: str) -> None:
     """Replace (or append) the section between `<!-- name:begin -->` and `<!-- name:end -->`."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    replace_section(f"<!-- {name}:begin -->", f"<!-- {name}:end -->", body)
+
+
+def replace_section(begin: str, end: str, body: str) -> None:
+    """Replace (or append) the text between two marker lines of RESULTS.md, re-read right before writing (other
+    scripts write their own sections)."""
     text = RESULTS.read_text() if RESULTS.is_file() else HEADER
     block = f"{begin}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)

@@ -31,11 +31,10 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: _common, also when imported as bench.vs_trl
+import _common as C  # noqa: E402
+from _common import HH_PATH, REPO, RESULTS  # noqa: E402  (_common puts REPO on sys.path)
 
-HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test" / "test.jsonl.gz"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -109,19 +108,15 @@ def trl_tokenize(tokenizer, rows: list[dict], max_length: int | None, output_dir
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import datetime as _dt  # noqa: E402
-import math  # noqa: E402
+import functools  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "vs_trl"
-RESULTS = REPO / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- vs_trl start -->", "<!-- vs_trl end -->"
 BETAS = (0.01, 0.05, 0.1, 0.5)
 
@@ -153,18 +148,6 @@ FULL = Plan(tok_rows=None, eq_rows=24, repeats=3, chat_rows=8, scan_rows=6, trl_
             sweep_repeats=1, iv_rows=2, iv_steps=5)
 
 
-class Clock:
-    """Wall and process-CPU seconds (one torch thread: CPU seconds are the work done, barely moved by other jobs)."""
-
-    def __enter__(self):
-        self.w0, self.c0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
-        return False
-
-
 class Accum:
     """Wraps a function; sums wall/CPU seconds over its calls (used for phase profiles)."""
 
@@ -172,7 +155,7 @@ class Accum:
         self.fn, self.wall, self.cpu, self.calls = fn, 0.0, 0.0, 0
 
     def __call__(self, *a, **k):
-        with Clock() as c:
+        with C.Timer() as c:
             out = self.fn(*a, **k)
         self.wall, self.cpu, self.calls = self.wall + c.wall, self.cpu + c.cpu, self.calls + 1
         return out
@@ -183,15 +166,6 @@ class Accum:
 
     def __get__(self, obj, objtype=None):  # set on a class it wraps a method: bind `self` like a function would
         return self if obj is None else functools.partial(self, obj)
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def f(x, nd=1):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def log(msg: str) -> None:
@@ -205,8 +179,9 @@ PROFILE = {}
 def install_profiles() -> None:
     """Time the LM-head part of each side: our chunked head (`stages.logprobs._chunk_logps`) and TRL's fused
     chunked log-prob kernel (torch fallback on CPU), to explain where the time goes."""
-    import stages.logprobs as lp
     from trl.kernels import chunked_logprob as ck
+
+    import stages.logprobs as lp
 
     PROFILE["ours_head"] = Accum(lp._chunk_logps)
     lp._chunk_logps = PROFILE["ours_head"]
@@ -242,7 +217,7 @@ def ours_precompute(model_dir: Path, data: Path, out: Path, max_length: int, bud
     pc.score_batches, original = score, pc.score_batches
     PROFILE["ours_head"].reset()
     try:
-        with Clock() as c:
+        with C.Timer() as c:
             pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
                                        max_prompt_length=max_length, max_tokens_per_batch=budget, overwrite=True))
     finally:
@@ -267,7 +242,7 @@ def trl_precompute(model_dir: Path, rows: list[dict], out: Path, max_length: int
     DPOTrainer._precompute_ref_logps, original = score, DPOTrainer._precompute_ref_logps
     PROFILE["trl_head"].reset()
     try:
-        with Clock() as c:
+        with C.Timer() as c:
             model, tok = load_hf(model_dir)
             trainer = DPOTrainer(model=model, args=trl_config(out, precompute_ref_log_probs=True, max_length=max_length,
                                                               precompute_ref_batch_size=batch_size),
@@ -450,7 +425,7 @@ def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
                         **settings)
     profiled = ((T, "load_policy"), (T, "drift_check"), (ckpt, "save"), (ckpt, "save_adapter"), (S, "compare"),
                 (S.prepare_mod, "prepare"))
-    with optimizer_stamps() as stamps, timed(*profiled) as acc, Clock() as total:
+    with optimizer_stamps() as stamps, timed(*profiled) as acc, C.Timer() as total:
         pre = ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
         S.run_sweep(cfg)
     steps = [intervals(s) for s in stamps]
@@ -483,17 +458,17 @@ def trl_train(model_dir, rows, beta: float, precompute: bool, trl_bs: int, out: 
                       per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
                       lr_scheduler_type="cosine", warmup_steps=0.1, max_length=max_length)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    with timed((DPOTrainer, "_precompute_ref_logps")) as acc, Clock() as c:
-        with Clock() as load:
+    with timed((DPOTrainer, "_precompute_ref_logps")) as acc, C.Timer() as c:
+        with C.Timer() as load:
             model, tok = load_hf(model_dir)
-        with Clock() as init:
+        with C.Timer() as init:
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                  peft_config=lora, callbacks=[cb])
         PROFILE["trl_head"].reset()
         PROFILE["trl_head_bwd"].reset()
-        with Clock() as train:
+        with C.Timer() as train:
             trainer.train()
-        with Clock() as save:
+        with C.Timer() as save:
             trainer.save_model(str(out / "adapter"))
     first = next((h for h in trainer.state.log_history if "rewards/chosen" in h), {})
     pre = acc["_precompute_ref_logps"].wall
@@ -515,7 +490,7 @@ def phase_sweep(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> 
                 log(f"sweep rep {rep + 1} ours: {ours[-1]['wall']:.1f}s wall / {ours[-1]['cpu']:.1f}s CPU "
                     f"(precompute {ours[-1]['pre_wall']:.1f}s), steps {steps}, profile {ours[-1]['profile']}")
                 continue
-            with Clock() as c:
+            with C.Timer() as c:
                 runs = [trl_train(model_dir, rows, b, True, trl_bs, OUT / f"sweep-trl-{rep}-{b}", plan.sweep_batch,
                                   plan.sweep_steps, plan.sweep_max_length) for b in BETAS]
             trl.append({"wall": c.wall, "cpu": c.cpu, "runs": runs})
@@ -555,30 +530,7 @@ def phase_stage_two(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int)
 
 
 # ================================================================================================ report
-def versions() -> str:
-    out = [f"python {platform.python_version()}"]
-    for name in ("torch", "transformers", "trl", "datasets", "peft", "accelerate"):
-        try:
-            out.append(f"{name} {__import__(name).__version__}")
-        except Exception:  # noqa: BLE001
-            out.append(f"{name} -")
-    return ", ".join(out)
-
-
-def machine(threads: int) -> str:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({cpu}), torch threads {threads}, load average at start {load} "
-            "(cores shared with other jobs)")
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+VERSIONS = ("torch", "transformers", "trl", "datasets", "peft", "accelerate")  # the packages both sides run on
 
 
 def verdict(ok: bool) -> str:
@@ -586,7 +538,7 @@ def verdict(ok: bool) -> str:
 
 
 def side_stats(runs: list[dict]) -> dict:
-    return {k: med([r[k] for r in runs]) for k in ("wall", "cpu", "score_wall", "score_cpu", "head_cpu")}
+    return {k: C.median([r[k] for r in runs]) for k in ("wall", "cpu", "score_wall", "score_cpu", "head_cpu")}
 
 
 def render(r: dict) -> str:
@@ -604,16 +556,16 @@ def render(r: dict) -> str:
              f"- model: SmolLM2-135M-Instruct (`{m['model']}`, fp32, sdpa) for both sides; data: HH-RLHF "
              f"harmless-base test, rows turned into explicit prompt/chosen/rejected text (our loader's split of the "
              f"implicit prompt) and, for the conversational variant, transcripts split into user/assistant messages",
-             f"- our equivalent commands: " + "; ".join(f"`{c}`" for c in r["cmds"]),
-             f"- TRL: `DPOTrainer(model, args=DPOConfig(precompute_ref_log_probs=True, precompute_ref_batch_size=B, "
-             f"max_length=L, ...), train_dataset=Dataset.from_list(rows))`, no ref_model (TRL's default: the untouched "
+             "- our equivalent commands: " + "; ".join(f"`{c}`" for c in r["cmds"]),
+             "- TRL: `DPOTrainer(model, args=DPOConfig(precompute_ref_log_probs=True, precompute_ref_batch_size=B, "
+             "max_length=L, ...), train_dataset=Dataset.from_list(rows))`, no ref_model (TRL's default: the untouched "
              "policy is the reference); sweep runs add `peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0, "
              "target_modules='all-linear')`, `trainer.train()`, `trainer.save_model()`", ""]
     lines += ["### (i) Equality of reference log-probs", "",
               f"Token ids (no model): text rows identical in {tok['text']['same']} of {tok['text']['rows']} HH rows; "
               f"conversational rows: TRL's completion = ours + the template's newline after `<|im_end|>` in "
               f"{tok['chat']['plus_newline']} of {tok['chat']['rows']} (identical in {tok['chat']['same']}).", "",
-              table(["rows", "compared", "max abs diff", "mean abs diff", "max rel diff", "target", ""], [
+              C.table(["rows", "compared", "max abs diff", "mean abs diff", "max rel diff", "target", ""], [
                   [f"plain text ({plan.max_length} max length)", eq["n"], f"{eq['max']:.2e}", f"{eq['mean']:.2e}",
                    f"{eq['max_rel']:.1e}", "≤ 1e-3", verdict(eq["max"] <= 1e-3)],
                   ["conversational, ours vs TRL", ch["eq"]["n"], f"{ch['eq']['max']:.2e}", f"{ch['eq']['mean']:.2e}",
@@ -636,12 +588,12 @@ def render(r: dict) -> str:
               f"the work of the unshared layout, same for both), {plan.repeats} interleaved repeat(s), medians. "
               f"Settings: ours `--max-tokens-per-batch {r['budget']}`, TRL `precompute_ref_batch_size={r['trl_bs']}` "
               f"(each side's fastest in the scan below" + ("" if plan.scan_rows else "; --quick: no scan") + ").", "",
-              table(["", "scoring wall s", "scoring CPU s", "pair tokens / scoring CPU s", "LM head CPU s",
+              C.table(["", "scoring wall s", "scoring CPU s", "pair tokens / scoring CPU s", "LM head CPU s",
                      "end-to-end wall s (load, tokenize, score, write)", "end-to-end CPU s"], [
-                  ["ours `precompute-ref`", f(o["score_wall"]), f(o["score_cpu"]), f(pt / o["score_cpu"], 0),
-                   f(o["head_cpu"]), f(o["wall"]), f(o["cpu"])],
-                  ["TRL precompute", f(t["score_wall"]), f(t["score_cpu"]), f(pt / t["score_cpu"], 0),
-                   f(t["head_cpu"]), f(t["wall"]), f(t["cpu"])],
+                  ["ours `precompute-ref`", C.fmt(o["score_wall"], 1), C.fmt(o["score_cpu"], 1),
+                   C.fmt(pt / o["score_cpu"], 0), C.fmt(o["head_cpu"], 1), C.fmt(o["wall"], 1), C.fmt(o["cpu"], 1)],
+                  ["TRL precompute", C.fmt(t["score_wall"], 1), C.fmt(t["score_cpu"], 1),
+                   C.fmt(pt / t["score_cpu"], 0), C.fmt(t["head_cpu"], 1), C.fmt(t["wall"], 1), C.fmt(t["cpu"], 1)],
                   ["**speed-up (TRL / ours)**", f"**{ratio_score_wall:.2f}x**", f"**{ratio_score_cpu:.2f}x**",
                    f"{ratio_score_cpu:.2f}x", f"{t['head_cpu'] / max(o['head_cpu'], 1e-9):.2f}x",
                    f"{t['wall'] / o['wall']:.2f}x", f"{t['cpu'] / o['cpu']:.2f}x"]]), "",
@@ -670,8 +622,8 @@ def stage_one_estimates(r: dict) -> tuple[float, float]:
 
 
 def sweep_lines(sw: dict, plan: Plan) -> list[str]:
-    ours_wall, ours_cpu = med([x["wall"] for x in sw["ours"]]), med([x["cpu"] for x in sw["ours"]])
-    trl_wall, trl_cpu = med([x["wall"] for x in sw["trl"]]), med([x["cpu"] for x in sw["trl"]])
+    ours_wall, ours_cpu = C.median([x["wall"] for x in sw["ours"]]), C.median([x["cpu"] for x in sw["ours"]])
+    trl_wall, trl_cpu = C.median([x["wall"] for x in sw["trl"]]), C.median([x["cpu"] for x in sw["trl"]])
     rew = [r["first_rewards"] for x in sw["trl"] for r in x["runs"]]
     ratio = ours_wall / trl_wall
     return [
@@ -683,14 +635,14 @@ def sweep_lines(sw: dict, plan: Plan) -> list[str]:
         f"{plan.sweep_repeats} repeat(s) of 4 runs per side. Ours: `precompute-ref` once, then `dpo sweep` "
         "(4 × (load, step-0 drift check, train, checkpoint + adapter), then `dpo compare`'s table and plot). "
         "TRL: 4 × (load, DPOTrainer init with its precompute, train, save adapter).", "",
-        table(["", "wall s", "CPU s"], [
-            ["ours: precompute-ref + dpo sweep", f(ours_wall), f(ours_cpu)],
-            ["TRL: 4 runs, each precomputing", f(trl_wall), f(trl_cpu)],
+        C.table(["", "wall s", "CPU s"], [
+            ["ours: precompute-ref + dpo sweep", C.fmt(ours_wall, 1), C.fmt(ours_cpu, 1)],
+            ["TRL: 4 runs, each precomputing", C.fmt(trl_wall, 1), C.fmt(trl_cpu, 1)],
             ["**ours / TRL**", f"**{ratio:.2f}x**", f"**{ours_cpu / trl_cpu:.2f}x**"]]), "",
         f"Target ≤ 0.75x: {verdict(ratio <= 0.75)} ({ratio:.2f}x wall, {ours_cpu / trl_cpu:.2f}x CPU). TRL's first "
         f"logged rewards (chosen, rejected) per run: {[(round(a, 4), round(b, 4)) for a, b in rew]} (≈ 0: its "
         "precompute is right).", "", "Where the time goes (wall s, summed over the four runs, first repeat):", "",
-        table(["phase", "ours", "TRL"], sweep_profile(sw["ours"][0], sw["trl"][0]))]
+        C.table(["phase", "ours", "TRL"], sweep_profile(sw["ours"][0], sw["trl"][0]))]
 
 
 def sweep_profile(ours: dict, trl: dict) -> list[list]:
@@ -699,29 +651,29 @@ def sweep_profile(ours: dict, trl: dict) -> list[list]:
     t_steps = sum(sum(r["steps"]) for r in runs)
     t = {k: sum(r["profile"][k] for r in runs) for k in runs[0]["profile"]}
     t_pre = sum(r["pre_wall"] for r in runs)
-    rows = [["reference pass (precompute)", f(ours["pre_wall"]), f(t_pre)],
-            ["model loads", f(p["load_policy"]), f(t["load"])],
-            ["data read + tokenize + join (ours once) / DPOTrainer init without precompute (TRL)", f(p["prepare"]),
-             f(t["init without precompute"])],
-            ["step-0 drift check (one no-grad forward per run)", f(p["drift_check"]), "-"],
-            ["training steps", f(o_steps), f(t_steps)],
-            ["checkpoint + adapter saves", f(p["save"] + p["save_adapter"]), f(t["save"])],
-            ["compare table + plot", f(p["compare"]), "-"]]
+    rows = [["reference pass (precompute)", C.fmt(ours["pre_wall"], 1), C.fmt(t_pre, 1)],
+            ["model loads", C.fmt(p["load_policy"], 1), C.fmt(t["load"], 1)],
+            ["data read + tokenize + join (ours once) / DPOTrainer init without precompute (TRL)",
+             C.fmt(p["prepare"], 1), C.fmt(t["init without precompute"], 1)],
+            ["step-0 drift check (one no-grad forward per run)", C.fmt(p["drift_check"], 1), "-"],
+            ["training steps", C.fmt(o_steps, 1), C.fmt(t_steps, 1)],
+            ["checkpoint + adapter saves", C.fmt(p["save"] + p["save_adapter"], 1), C.fmt(t["save"], 1)],
+            ["compare table + plot", C.fmt(p["compare"], 1), "-"]]
     o_known = ours["pre_wall"] + o_steps + sum(p[k] for k in p)
     t_known = t_pre + t_steps + t["load"] + t["init without precompute"] + t["save"]
-    rows += [["rest (metrics, optimizer set-up, trainer bookkeeping)", f(ours["wall"] - o_known),
-              f(trl["wall"] - t_known)], ["**total**", f(ours["wall"]), f(trl["wall"])]]
+    rows += [["rest (metrics, optimizer set-up, trainer bookkeeping)", C.fmt(ours["wall"] - o_known, 1),
+              C.fmt(trl["wall"] - t_known, 1)], ["**total**", C.fmt(ours["wall"], 1), C.fmt(trl["wall"], 1)]]
     return rows
 
 
 def stage_two_lines(st: dict, plan: Plan) -> list[str]:
-    o = med(st["ours"][1:])
+    o = C.median(st["ours"][1:])
     rows = []
     for name, label in (("ours", "ours (`dpo train`, cached reference)"),
                         ("trl_precompute", "TRL, precompute_ref_log_probs=True"),
                         ("trl_online", "TRL, reference online (adapter disabled)")):
-        m = med(st[name][1:])
-        rows.append([label, f(m, 2), f(min(st[name][1:]), 2), f(st[name][0], 2), f"{m / o:.2f}x"])
+        m = C.median(st[name][1:])
+        rows.append([label, C.fmt(m, 2), C.fmt(min(st[name][1:]), 2), C.fmt(st[name][0], 2), f"{m / o:.2f}x"])
     return [
         "### (iv) Stage two: step time", "",
         f"One fixed batch of {plan.iv_rows} pairs (rows that fit {plan.sweep_max_length} tokens; the train set is "
@@ -730,19 +682,7 @@ def stage_two_lines(st: dict, plan: Plan) -> list[str]:
         "sharing (one [prompt|chosen|rejected] row per pair" + (f": {st['positions']['ours']} positions per forward "
         f"against TRL's {st['positions']['trl']}" if st.get("positions") else "") + "). Step = time between "
         "optimizer steps (ours: optimizer post-step hook; TRL: `on_step_end`).", "",
-        table(["", "median step s", "fastest step s", "first step s", "median vs ours"], rows)]
-
-
-def write_section(body: str) -> None:
-    """Replace (or append) only our section; the file is re-read right before writing (others edit it too)."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+        C.table(["", "median step s", "fastest step s", "first step s", "median vs ours"], rows)]
 
 
 # ================================================================================================ main
@@ -783,11 +723,13 @@ COMPARED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/
 CURVE_LOSSES = [(n, {"loss": n}, {"loss_type": [n]}) for n in
                 ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
                  "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")] + [
-    ("exo_pair ε=1e-3", {"loss": "exo_pair", "label_smoothing": 1e-3}, {"loss_type": ["exo_pair"], "label_smoothing": 1e-3}),
+    ("exo_pair ε=1e-3", {"loss": "exo_pair", "label_smoothing": 1e-3},
+     {"loss_type": ["exo_pair"], "label_smoothing": 1e-3}),
     ("robust ε=0.1", {"loss": "robust", "label_smoothing": 0.1}, {"loss_type": ["robust"], "label_smoothing": 0.1}),
     ("MPO sigmoid*0.8+bco_pair*0.2+sft", {"loss": "sigmoid*0.8+bco_pair*0.2+sft"},
      {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
-    ("sigmoid, WPO weighting", {"loss": "sigmoid", "use_weighting": True}, {"loss_type": ["sigmoid"], "use_weighting": True}),
+    ("sigmoid, WPO weighting", {"loss": "sigmoid", "use_weighting": True},
+     {"loss_type": ["sigmoid"], "use_weighting": True}),
     ("sigmoid, js_divergence", {"loss": "sigmoid", "f_divergence": "js_divergence"},
      {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"}),
 ]
@@ -861,8 +803,9 @@ def trl_curve(model_dir: Path, data: dict, order: list[str], steps: int, loss: d
     from stages.export_trl import dpo_trainer_class
 
     shutil.rmtree(out, ignore_errors=True)
-    args = trl_config(out, beta=CURVE["beta"], precompute_ref_log_probs=True, per_device_train_batch_size=CURVE["batch"],
-                      max_steps=steps, learning_rate=CURVE["lr"], lr_scheduler_type="cosine",
+    args = trl_config(out, beta=CURVE["beta"], precompute_ref_log_probs=True,
+                      per_device_train_batch_size=CURVE["batch"], max_steps=steps, learning_rate=CURVE["lr"],
+                      lr_scheduler_type="cosine",
                       warmup_steps=int(round(0.1 * steps)), max_length=CURVE["max_length"], optim="adamw_torch",
                       train_sampling_strategy="sequential", max_grad_norm=1.0, weight_decay=0.0, **loss)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -913,7 +856,7 @@ def run_curves(model_dir: Path, tok, quick: bool = False) -> dict:
     steps, losses = (3, CURVE_LOSSES[:2]) if quick else (CURVE["steps"], CURVE_LOSSES)
     data = curve_data(tok, model_dir)
     log(f"curves: {data['n']} pairs, cache {rel(data['cache'])}")
-    with Clock() as c:
+    with C.Timer() as c:
         ours, order = ours_curve(model_dir, data, steps, {}, OUT / "curves-ours")
         trl = trl_curve(model_dir, data, order, steps, {}, OUT / "curves-trl")
     log(f"curves: {steps} steps each side in {c.wall:.0f}s; diffs {curve_diffs(ours, trl)}")
@@ -925,15 +868,17 @@ def run_curves(model_dir: Path, tok, quick: bool = False) -> dict:
         short.append({"label": label, "ours": o, "trl": t, "diffs": curve_diffs(o, t)})
         log(f"curves: {label}: {short[-1]['diffs']['loss']}")
     return {"ours": ours, "trl": trl, "diffs": curve_diffs(ours, trl), "short": short, "n": data["n"],
-            "settings": CURVE, "versions": versions(), "machine": machine(1)}
+            "settings": CURVE, "versions": C.versions(VERSIONS), "machine": C.machine_line(1)}
 
 
 def render_curves(r: dict) -> str:
     s = r["settings"]
     lines = ["## Training curves equal to TRL 1.16 (`bench/vs_trl.py --curves`)", "",
-             f"- command: `nice -n 5 .venv/bin/python bench/vs_trl.py --curves` ({r['machine']}; {r['versions']})",
-             f"- {r['n']} plain-text HH-RLHF pairs that fit {s['max_length']} tokens untruncated, SmolLM2-135M-Instruct "
-             f"fp32, LoRA r16 α32 dropout 0 on all linear layers, both sides starting from the SAME saved adapter "
+             "- command: `nice -n 5 .venv/bin/python bench/vs_trl.py --curves` "
+             f"({r['machine']}; {r['versions']})",
+             f"- {r['n']} plain-text HH-RLHF pairs that fit {s['max_length']} tokens untruncated, "
+             f"SmolLM2-135M-Instruct fp32, LoRA r16 α32 dropout 0 on all linear layers, both sides starting from the "
+             "SAME saved adapter "
              f"(B = 0, so the reference is the base model); batch {s['batch']}, {s['steps']} steps, AdamW "
              f"(torch, `optim=adamw_torch` for TRL) lr {s['lr']} cosine with 3 warmup steps, clip 1.0, β {s['beta']}, "
              "sigmoid. Reference log-probs: our cache, exported with `dpo cache export-trl` and read by TRL "
@@ -944,38 +889,28 @@ def render_curves(r: dict) -> str:
     rows = [[o["step"]] + [f"{o[k]:.6g} / {t[k]:.6g}" for k in ("loss", "grad_norm", "rewards/chosen",
                                                                    "rewards/rejected", "logps/chosen")]
             for o, t in zip(r["ours"], r["trl"])]
-    lines.append(table(["step", "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen"], rows))
+    lines.append(C.table(["step", "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen"], rows))
     lines += ["", "Max differences over the 30 steps (relative: |ours − TRL| / max(|TRL|, 1e-3)):", ""]
-    lines.append(table(["metric", "max abs", "max rel"],
+    lines.append(C.table(["metric", "max abs", "max rel"],
                        [[k, f"{v['abs']:.2e}", f"{v['rel']:.2e}"] for k, v in r["diffs"].items()]))
     d = r["diffs"]
     worst = max(max(x["diffs"]["loss"]["rel"], x["diffs"]["grad_norm"]["rel"]) for x in r["short"])
     ok = max(d["loss"]["rel"], d["grad_norm"]["rel"], d["logps/chosen"]["rel"], worst) <= 1e-4
     lines += ["", f"Target ≤ 1e-4 relative per step (loss, grad norm, log-probs): {verdict(ok)} — 30-step loss "
               f"{d['loss']['rel']:.1e}, grad norm {d['grad_norm']['rel']:.1e}, logps {d['logps/chosen']['rel']:.1e}; "
-              f"worst loss/grad-norm line of the per-type runs {worst:.1e}. Rewards start at 0 and stay near it, so they "
-              f"are compared in absolute terms: ≤ {max(d['rewards/chosen']['abs'], d['rewards/rejected']['abs']):.1e} "
+              f"worst loss/grad-norm line of the per-type runs {worst:.1e}. Rewards start at 0 and stay near it, so "
+              "they are compared in absolute terms: "
+              f"≤ {max(d['rewards/chosen']['abs'], d['rewards/rejected']['abs']):.1e} "
               "(TRL sums per-token log-probs in float32, ~1e-5 at these sizes, times β; at step 1 TRL's rewards are "
               "already ~1e-6 off 0 for that reason). Step 1 runs at lr 0 (warmup), so step 2 repeats its loss.",
               "", f"![dpo-stages vs TRL 1.16, 30 steps]({CURVES_PNG.name})", "",
               f"One line per loss type, {s['short_steps']} steps each (same data, adapter and settings):", ""]
-    lines.append(table(["loss", "loss max rel", "grad_norm max rel", "rewards/chosen max abs", "logps/chosen max rel"],
-                       [[x["label"], f"{x['diffs']['loss']['rel']:.2e}", f"{x['diffs']['grad_norm']['rel']:.2e}",
-                         f"{x['diffs']['rewards/chosen']['abs']:.2e}", f"{x['diffs']['logps/chosen']['rel']:.2e}"]
-                        for x in r["short"]]))
+    lines.append(C.table(["loss", "loss max rel", "grad_norm max rel", "rewards/chosen max abs",
+                          "logps/chosen max rel"],
+                         [[x["label"], f"{x['diffs']['loss']['rel']:.2e}", f"{x['diffs']['grad_norm']['rel']:.2e}",
+                           f"{x['diffs']['rewards/chosen']['abs']:.2e}", f"{x['diffs']['logps/chosen']['rel']:.2e}"]
+                          for x in r["short"]]))
     return "\n".join(lines)
-
-
-def write_curves_section(body: str) -> None:
-    """Replace (or append) only the curves section, re-reading RESULTS.md right before writing."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    block = f"{CURVES_BEGIN}\n{body.rstrip()}\n{CURVES_END}"
-    if CURVES_BEGIN in text and CURVES_END in text:
-        head, rest = text.split(CURVES_BEGIN, 1)
-        text = head + block + rest.split(CURVES_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def parse() -> argparse.Namespace:
@@ -1004,7 +939,7 @@ def main() -> None:
     if args.render_curves:
         res = json.loads(Path(args.render_curves).read_text())
         plot_curves(res["ours"], res["trl"], CURVES_PNG)
-        write_curves_section(render_curves(res))
+        C.replace_section(CURVES_BEGIN, CURVES_END, render_curves(res))
         return
     import torch
 
@@ -1021,7 +956,7 @@ def main() -> None:
         res = run_curves(Path(args.model), load_tokenizer(args.model), args.quick)
         (OUT.parent / f"vs_trl_curves{'-quick' if args.quick else ''}.json").write_text(json.dumps(res, default=list))
         if not args.quick:
-            write_curves_section(render_curves(res))
+            C.replace_section(CURVES_BEGIN, CURVES_END, render_curves(res))
         else:
             print(render_curves(res))
         return
@@ -1079,7 +1014,7 @@ def main() -> None:
               "cmds": ([precompute_cmd(model, plain_path, OUT / "plain.parquet", L, budget)] + sweep["ours"][0]["cmds"]
                        + [stage_two["cmd"]]),
               "meta": {"plan": dataclasses.asdict(plan), "argv": sys.argv[1:], "started": started,
-                       "machine": machine(args.threads), "versions": versions(), "model": rel(model),
+                       "machine": C.machine_line(args.threads), "versions": C.versions(VERSIONS), "model": rel(model),
                        "wall_total": time.perf_counter() - t0}}
     saved = OUT.parent / f"vs_trl{'-quick' if args.quick else ''}.json"
     saved.write_text(json.dumps(result, default=list))
@@ -1091,7 +1026,7 @@ def publish(result: dict, write: bool) -> None:
     body = render(result)
     print("\n" + body)
     if write:
-        write_section(body)
+        C.replace_section(BEGIN, END, body)
         log(f"wrote the vs_trl section of {RESULTS}")
     log(f"done in {result['meta']['wall_total'] / 60:.1f} min")
 
@@ -1102,13 +1037,13 @@ def notes(res: dict) -> list[str]:
     ours_fwd, trl_fwd, completion = res["profile"]["ours_fwd"], res["profile"]["trl_fwd"], res["profile"]["completion"]
     pair_tokens, sweep, trl_bs = res["pair_tokens"], res["sweep"], res["trl_bs"]
     o_body, t_body = o["score_cpu"] - o["head_cpu"], t["score_cpu"] - t["head_cpu"]
-    trl_pre = med([sum(r["pre_wall"] for r in x["runs"]) for x in sweep["trl"]])
-    trl_wall = med([x["wall"] for x in sweep["trl"]])
-    ours_pre = med([x["pre_wall"] for x in sweep["ours"]])
-    drift = med([x["profile"]["drift_check"] for x in sweep["ours"]])
+    trl_pre = C.median([sum(r["pre_wall"] for r in x["runs"]) for x in sweep["trl"]])
+    trl_wall = C.median([x["wall"] for x in sweep["trl"]])
+    ours_pre = C.median([x["pre_wall"] for x in sweep["ours"]])
+    drift = C.median([x["profile"]["drift_check"] for x in sweep["ours"]])
     swapped = (trl_wall - trl_pre + ours_pre) / trl_wall  # TRL's own runs with ONE cached reference pass
     st = res["stage_two"]
-    step_ratio = med(st["trl_precompute"][1:]) / med(st["ours"][1:])
+    step_ratio = C.median(st["trl_precompute"][1:]) / C.median(st["ours"][1:])
     cpu, head = st["cpu"], st["head_cpu"]
     head_gap = (head["trl_precompute"] - head["ours"]) / max(cpu["trl_precompute"] - cpu["ours"], 1e-9)
     trl_runs = [r for x in sweep["trl"] for r in x["runs"]]
