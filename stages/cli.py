@@ -98,7 +98,7 @@ def _option(f, hint):
         tuple_ = typing.get_origin(base) is tuple
         return click.argument(f.name, nargs=-1 if tuple_ else 1, required=True,
                               metavar=f.name.upper() + ("..." if tuple_ else ""))
-    names = [f"-{n}" if len(n) == 1 else f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()))]
+    names = [f"-{n}" if len(n) == 1 else f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()), *f.metadata.get("flags", ()))]
     text = f.metadata.get("help", "") + _shown_default(f.default, base)
     if f.default is dataclasses.MISSING:
         text += " (required)"

@@ -25,10 +25,11 @@ FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 
 
 def opt(default=MISSING, help: str = "", *, resume: bool = False, aliases: tuple[str, ...] = (),
-        argument: bool = False):
+        flags: tuple[str, ...] = (), argument: bool = False):
     """A config field: default, help text, `resume` = may differ from the run being resumed, `aliases` = older
-    option names / YAML keys, `argument` = a positional command-line argument."""
-    meta = {"help": help, "resume": resume, "aliases": aliases, "argument": argument}
+    option names that are also accepted as YAML keys, `flags` = other option names only (--beta for betas),
+    `argument` = a positional command-line argument."""
+    meta = {"help": help, "resume": resume, "aliases": aliases, "flags": flags, "argument": argument}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -167,12 +168,15 @@ def _sweep_config_class():
         if f.name == "output":  # right after the required fields, so the saved YAML reads naturally
             fields += [
                 ("betas", tuple[float, ...], opt((), "β of one run; repeat for more (required).", resume=True,
-                                                 aliases=("beta",))),
+                                                 flags=("beta",))),
                 ("losses", tuple[LossSpec, ...], opt(("sigmoid",), "Loss type or mixture of one run "
                                                       "('sigmoid*0.8+bco_pair*0.2+sft'); repeat for more.",
-                                                      resume=True, aliases=("loss",))),
+                                                      resume=True, flags=("loss",))),
             ]
-    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True)
+    def __post_init__(self):  # each loss in its canonical spelling, so "a*1" and "a" are one run (YAML mappings too)
+        object.__setattr__(self, "losses", tuple(canonical_loss(v) for v in self.losses))
+
+    cls = dataclasses.make_dataclass("SweepConfig", fields, frozen=True, namespace={"__post_init__": __post_init__})
     cls.__module__ = __name__
     cls.__doc__ = "`dpo sweep`: every `dpo train` option except beta/loss, plus betas and losses."
     return cls
