@@ -39,14 +39,22 @@ def resume_free(cls) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------- shared pieces
-def _data_fields():
-    return {
-        "strict": (bool, opt(False, "Rows with chosen == rejected or an empty reply are errors, not skipped.")),
-        "prompt_field": (str, opt("prompt", "Column holding the prompt.")),
-        "chosen_field": (str, opt("chosen", "Column holding the chosen reply.")),
-        "rejected_field": (str, opt("rejected", "Column holding the rejected reply.")),
-        "data_split": (str, opt(DEFAULT_SPLIT, "Split of a saved DatasetDict / Hub dataset given without :split.")),
-    }
+_COMMON = {  # options several commands share: declared here once, each class gets its own field object
+    "strict": (False, "Rows with chosen == rejected or an empty reply are errors, not skipped."),
+    "prompt_field": ("prompt", "Column holding the prompt."),
+    "chosen_field": ("chosen", "Column holding the chosen reply."),
+    "rejected_field": ("rejected", "Column holding the rejected reply."),
+    "data_split": (DEFAULT_SPLIT, "Split of a saved DatasetDict / Hub dataset given without :split."),
+    "trust_remote_code": (False, "Run model code from the model folder."),
+    "chunk_size": (DEFAULT_CHUNK, "Positions per LM-head chunk (bounds the head's memory)."),
+    "replicas": (1, "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across."),
+}
+
+
+def common(name: str):
+    """A fresh field for one of the shared options (a Field object must not be shared between dataclasses)."""
+    default, help = _COMMON[name]
+    return opt(default, help)
 
 
 DATA_HELP = ("Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, a save_to_disk folder, or a Hub "
@@ -63,7 +71,7 @@ class PrecomputeConfig:
     adapter: str | None = opt(None, "PEFT adapter on top of the base (e.g. the SFT adapter).")
     dtype: DType = opt("auto", "Reference weights (auto: fp32 on CPU, bf16 on GPU).")
     load_in_4bit: bool = opt(False, "NF4 base, exactly as `dpo train` loads it (then train inherits it).")
-    trust_remote_code: bool = opt(False, "Run model code from the model folder.")
+    trust_remote_code: bool = common("trust_remote_code")
     max_length: int = opt(1024, "Prompt + reply tokens (replies are cut at the end).")
     max_prompt_length: int = opt(512, "Prompt tokens (prompts are cut at the start).")
     max_tokens_per_batch: int = opt(8192, "Padded tokens per forward (below one example: one example per forward).")
@@ -72,17 +80,17 @@ class PrecomputeConfig:
     store_token_logps: bool = opt(False, "Also store per-token log-probs (needed by --ld-alpha).")
     batches_per_part: int = opt(8, "Save a part every N batches (resume granularity).")
     part_seconds: float = opt(60.0, "... and at least every S seconds (a kill loses at most this much work).")
-    chunk_size: int = opt(DEFAULT_CHUNK, "Positions per LM-head chunk (bounds the head's memory).")
+    chunk_size: int = common("chunk_size")
     overwrite: bool = opt(False, "Recompute: ignore a cache or parts made with other settings.")
     full_hash: bool = opt(False, "SHA-256 every weight byte in the fingerprint (slow on big models).")
     num_shards: int = opt(1, "Split the examples into N independent jobs (then `dpo cache merge`).")
     shard_index: str = opt("0", "This job's shard, 0..N-1, or auto (SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
-    replicas: int = opt(1, "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.")
-    strict: bool = _data_fields()["strict"][1]
-    prompt_field: str = _data_fields()["prompt_field"][1]
-    chosen_field: str = _data_fields()["chosen_field"][1]
-    rejected_field: str = _data_fields()["rejected_field"][1]
-    data_split: str = _data_fields()["data_split"][1]
+    replicas: int = common("replicas")
+    strict: bool = common("strict")
+    prompt_field: str = common("prompt_field")
+    chosen_field: str = common("chosen_field")
+    rejected_field: str = common("rejected_field")
+    data_split: str = common("data_split")
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class TrainConfig:
     adapter: str | None = opt(None, "Start from this PEFT adapter (default: the cache's adapter, else a new LoRA).")
     load_in_4bit: bool | None = opt(None, "NF4 base (QLoRA) (default: as the cache's reference was loaded).")
     dtype: DType | None = opt(None, "Weights/compute dtype (default: the cache's).")
-    trust_remote_code: bool = opt(False, "Run model code from the model folder.")
+    trust_remote_code: bool = common("trust_remote_code")
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha.")
     lora_dropout: float = opt(0.05, "LoRA dropout.")
@@ -140,15 +148,15 @@ class TrainConfig:
     allow_cache_mismatch: bool = opt(False, "Accept a cache made with another tokenizer/chat-template hash.")
     max_length: int | None = opt(None, "Prompt + reply tokens (default: the cache's).")
     max_prompt_length: int | None = opt(None, "Prompt tokens (default: the cache's).")
-    chunk_size: int = opt(DEFAULT_CHUNK, "Positions per LM-head chunk (bounds the head's memory).")
+    chunk_size: int = common("chunk_size")
     share_prompt: bool = opt(True, "One [prompt|chosen|rejected] row per pair: the prompt runs once (same "
                                    "gradients).")
-    replicas: int = opt(1, "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.")
-    strict: bool = _data_fields()["strict"][1]
-    prompt_field: str = _data_fields()["prompt_field"][1]
-    chosen_field: str = _data_fields()["chosen_field"][1]
-    rejected_field: str = _data_fields()["rejected_field"][1]
-    data_split: str = _data_fields()["data_split"][1]
+    replicas: int = common("replicas")
+    strict: bool = common("strict")
+    prompt_field: str = common("prompt_field")
+    chosen_field: str = common("chosen_field")
+    rejected_field: str = common("rejected_field")
+    data_split: str = common("data_split")
 
     def __post_init__(self):  # the canonical loss string: one spelling per mixture (YAML mappings included)
         object.__setattr__(self, "loss", canonical_loss(self.loss))
@@ -219,15 +227,12 @@ class SampleConfig:
                                    "else ./samples).", aliases=("out",))
     dtype: DType = opt("auto", "Weights dtype (auto: fp32 on CPU, bf16 on GPU).")
     load_in_4bit: bool = opt(False, "NF4 base.")
-    trust_remote_code: bool = opt(False, "Run model code from the model folder.")
+    trust_remote_code: bool = common("trust_remote_code")
     max_prompt_length: int | None = opt(512, "Prompt tokens (cut at the start).")
-    data_split: str = _data_fields()["data_split"][1]
-    prompt_field: str = _data_fields()["prompt_field"][1]
-    chosen_field: str = _data_fields()["chosen_field"][1]
-    rejected_field: str = _data_fields()["rejected_field"][1]
-
-
-_FIELDS = _data_fields()
+    data_split: str = common("data_split")
+    prompt_field: str = common("prompt_field")
+    chosen_field: str = common("chosen_field")
+    rejected_field: str = common("rejected_field")
 
 
 @dataclass(frozen=True)
@@ -246,9 +251,9 @@ class CacheVerifyConfig:
     model: str | None = opt(None, "Also check the tokenizer and weights fingerprints against this model.")
     max_length: int | None = opt(None, "Prompt + reply tokens (default: the cache's).")
     max_prompt_length: int | None = opt(None, "Prompt tokens (default: the cache's).")
-    prompt_field: str = _FIELDS["prompt_field"][1]
-    chosen_field: str = _FIELDS["chosen_field"][1]
-    rejected_field: str = _FIELDS["rejected_field"][1]
+    prompt_field: str = common("prompt_field")
+    chosen_field: str = common("chosen_field")
+    rejected_field: str = common("rejected_field")
 
 
 @dataclass(frozen=True)
@@ -262,10 +267,10 @@ class ExportTrlConfig:
                                            "end-of-turn token, as TRL does (loads the cache's reference model).")
     model: str | None = opt(None, "With --trl-chat-convention: the reference model's folder, if it moved (same "
                                   "weights; default: the path the cache records).")
-    strict: bool = _FIELDS["strict"][1]
-    prompt_field: str = _FIELDS["prompt_field"][1]
-    chosen_field: str = _FIELDS["chosen_field"][1]
-    rejected_field: str = _FIELDS["rejected_field"][1]
+    strict: bool = common("strict")
+    prompt_field: str = common("prompt_field")
+    chosen_field: str = common("chosen_field")
+    rejected_field: str = common("rejected_field")
 
 
 @dataclass(frozen=True)
