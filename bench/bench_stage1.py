@@ -256,6 +256,7 @@ def main() -> None:
     import torch
 
     from stages.precompute import PrecomputeConfig
+    from stages.settings import chunk_size_for
 
     variants = a.variants.split(",")
     device, mdir, tok, encoded, pad, model, n_params = load(a)
@@ -276,7 +277,7 @@ def main() -> None:
     desc = (f"{what}, {mdir.name} ({n_params / 1e9:.3f}B parameters) {dtype} on "
             f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}{', FSDP2 world size 1' if a.fsdp1 else ''}, "
             f"max_length {a.max_length}, max_prompt_length {a.max_prompt_length}, --max-tokens-per-batch {a.budget}, "
-            f"log-prob chunk {PrecomputeConfig.chunk_size} (the default), "
+            f"log-prob chunk {chunk_size_for(PrecomputeConfig.chunk_size, device.type)} (the default), "
             f"{a.repeats} repeat(s) per variant, interleaved; times are {timing}"
             + (f"; peak GPU memory {gpu_mem:.1f} GiB" if gpu_mem is not None else ""))
     key = "stage1" + ("-quick" if a.quick else "") + ("-gpu" if on_gpu else "") + ("-fsdp1" if a.fsdp1 else "")

@@ -63,6 +63,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--target-length", type=int, default=None,
                    help="pick the pairs whose longer sequence is closest to this (default 200; quick 96)")
+    p.add_argument("--json", default=None, help="also write step seconds and tokens per step here (gpu_mfu.py)")
     a = p.parse_args()
     a.steps = a.steps or (1 if a.quick else 3)
     a.warmup = (0 if a.quick else 1) if a.warmup is None else a.warmup
@@ -140,6 +141,12 @@ def run_variants(script: Path, a, variants: list[str], rows_file: Path) -> dict[
     return results
 
 
+def step_times(r: dict) -> list[float]:
+    """The step times compared: user-CPU seconds on CPU (one thread, robust to the box's other jobs), wall seconds
+    on a GPU (the Timer synchronises CUDA; the CPU only queues kernels there)."""
+    return r["step_cpu"] if r["device"] == "cpu" else r["step_wall"]
+
+
 def merged(runs: list[dict]) -> dict | None:
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -160,7 +167,7 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
     m = {v: merged(rs) for v, rs in results.items()}
     b = m[base]
     tag = labels[base].split()[0]
-    head = ["variant", "step user-CPU s", "sys s", "wall s", "ref fwd", "policy fwd", "backward", "optimizer",
+    head = ["variant", "step s (CPU: user, GPU: wall)", "sys s", "wall s", "ref fwd", "policy fwd", "backward", "optimizer",
             "peak RSS GiB", "after load GiB", "of which mapped files GiB", "step working set GiB", "peak anon GiB",
             f"time {tag}/this", f"peak RSS {tag}/this", f"working set {tag}/this"]
     rows = []
@@ -169,14 +176,14 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
             rows.append([labels.get(v, v), "failed"] + [""] * (len(head) - 2))
             continue
         ph = r["phases"]
-        t = C.median(r["step_cpu"])
+        t = C.median(step_times(r))
         work = r["peak_steps_gib"] - r["loaded_gib"]
         b_work = (b["peak_steps_gib"] - b["loaded_gib"]) if b else float("nan")
         rows.append([labels.get(v, v), C.fmt(t, 1), C.fmt(C.median(r["step_sys"]), 1), C.fmt(C.median(r["step_wall"]), 1),
                      C.fmt(ph.get("ref", 0.0), 1), C.fmt(ph["forward"], 1), C.fmt(ph["backward"], 1),
                      C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]), C.fmt(r["loaded_gib"]),
                      C.fmt(r["loaded_file"]), C.fmt(work), C.fmt(r["peak_anon"]),
-                     C.fmt(C.median(b["step_cpu"]) / t) if b else "-", C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
+                     C.fmt(C.median(step_times(b)) / t) if b else "-", C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
                      C.fmt(b_work / work) if b else "-"])
     return C.table(head, rows), m
 
@@ -244,7 +251,7 @@ def main() -> None:
     a_, b_, c_ = m.get("cache"), m.get("online"), m.get("two-model")
     lines = []
     if a_ and b_:
-        r = C.median(a_["step_cpu"]) / C.median(b_["step_cpu"])
+        r = C.median(step_times(a_)) / C.median(step_times(b_))
         lines.append(f"time (a)/(b) = {r:.2f} (target <= 0.72: {'met' if r <= 0.72 else 'MISSED'})")
     if a_ and c_:
         r = a_["peak_gib"] / c_["peak_gib"]
@@ -260,6 +267,14 @@ def main() -> None:
             f"{a.steps} timed step(s) per process after {a.warmup} warm-up, {a.rounds} round(s)\n\n{text}\n\n"
             + "".join(f"- {x}\n" for x in lines) + f"\n{TABLE_NOTES}\n")
     print("\n" + body)
+    if a.json:  # step seconds (wall on GPU) and tokens per step: bench/gpu_mfu.py turns them into tokens/s and MFU
+        replies = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in rows)
+        prompts = sum(len(e.prompt_ids) for e in rows)  # forwarded once per pair with prompt sharing, else twice
+        per_variant = {v: {"step_s": C.median(step_times(r)), "timing": "user-cpu" if r["device"] == "cpu" else "wall",
+                           "share_prompt": r["share_prompt"], "peak_gib": r["peak_gib"], "loaded_gib": r["loaded_gib"]}
+                       for v, r in m.items() if r}
+        Path(a.json).write_text(json.dumps({"pair_tokens": 2 * prompts + replies, "shared_tokens": prompts + replies,
+                                            "variants": per_variant}, indent=1))
     if not a.no_write:
         C.update_results(section_key("stage2", a), body)
 
@@ -368,7 +383,7 @@ def run_steps(a, policy, ref_fn, loss_fn) -> dict:
         step_sys.append(total.sys)
         step_wall.append(total.wall)
         for k, t in (("ref", t_ref), ("forward", t_fwd), ("backward", t_bwd), ("optimizer", t_opt)):
-            phases[k].append(t.user)
+            phases[k].append(t.wall if torch.cuda.is_available() else t.user)  # GPU: wall (CUDA synchronised)
     return {"step_cpu": step_cpu, "step_sys": step_sys, "step_wall": step_wall, "phases": phases, "losses": losses}
 
 
@@ -400,6 +415,7 @@ def worker(a, factory=None) -> None:
     import transformers  # noqa: F401
 
     from stages.models import resolve_dtype
+    from stages.settings import chunk_size_for
 
     if a.worker.startswith("trl"):
         import trl  # noqa: F401 - counted in the runtime baseline of TRL workers
@@ -422,7 +438,8 @@ def worker(a, factory=None) -> None:
     rec.update(memory_record(device, runtime, loaded, load_peak))
     rec.update({"variant": a.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
-                "four_bit": a.four_bit, "grad_ckpt": a.grad_ckpt, "chunk_size": cfg.chunk_size,
+                "four_bit": a.four_bit, "grad_ckpt": a.grad_ckpt,
+                "chunk_size": chunk_size_for(cfg.chunk_size, device.type),
                 "share_prompt": cfg.share_prompt,
                 "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad)})
     C.emit(rec)

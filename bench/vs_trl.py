@@ -118,6 +118,8 @@ import time  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "vs_trl"
 BEGIN, END = "<!-- vs_trl start -->", "<!-- vs_trl end -->"
+# What both sides load and train in: fp32 on the CPU here; bench/gpu_vs_trl.py sets bf16 on a GPU before running.
+SIDE = {"dtype": "fp32", "use_cpu": True}
 BETAS = (0.01, 0.05, 0.1, 0.5)
 
 
@@ -196,14 +198,16 @@ def load_hf(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if SIDE["dtype"] == "bf16" else
+                                                 torch.float32)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 def trl_config(out: Path, **kw):
     from trl import DPOConfig
 
-    base = dict(output_dir=str(out), report_to="none", use_cpu=True, bf16=False, disable_tqdm=True, save_strategy="no",
+    base = dict(output_dir=str(out), report_to="none", use_cpu=SIDE["use_cpu"], bf16=SIDE["dtype"] == "bf16",
+                disable_tqdm=True, save_strategy="no",
                 logging_steps=1, seed=42, gradient_checkpointing=False)
     return DPOConfig(**{**base, **kw})
 
@@ -377,7 +381,7 @@ def optimizer_stamps():
 
     def build_timed(model, cfg):
         opt = build(model, cfg)
-        opt.register_step_post_hook(lambda *a: stamps[-1].append(time.perf_counter()))
+        opt.register_step_post_hook(lambda *a: (C._sync(), stamps[-1].append(time.perf_counter())))  # GPU: wall
         return opt
 
     def loop_timed(*a, **k):
@@ -397,7 +401,7 @@ def intervals(stamps: list[float]) -> list[float]:
 
 def train_settings(max_length: int, batch: int, steps: int) -> dict:
     """`dpo train` / `dpo sweep` settings matched to the TRL runs (LoRA, fp32 base, no checkpointing, AdamW)."""
-    return dict(load_in_4bit=False, dtype="fp32", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+    return dict(load_in_4bit=False, dtype=SIDE["dtype"], lora_r=16, lora_alpha=32, lora_dropout=0.0,
                 gradient_checkpointing=False, batch_size=batch, max_steps=steps, learning_rate=5e-5,
                 lr_scheduler="cosine", warmup_ratio=0.1, logging_steps=1, eval_steps=0, save_steps=0, resume=False,
                 seed=42, max_length=max_length, max_prompt_length=max_length)
@@ -450,6 +454,7 @@ def trl_train(model_dir, rows, beta: float, precompute: bool, trl_bs: int, out: 
             self.stamps.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            C._sync()  # on a GPU: the step's kernels done, not only queued
             self.stamps.append(time.perf_counter())
 
     cb = Steps()

@@ -1,7 +1,10 @@
 """torchrun environment and FSDP2 sharding. One process needs no launcher; under torchrun (one node or many)
-every rank shards the model per decoder layer with `fully_shard` (gloo on CPU, nccl on GPU).
+every rank shards the model per decoder layer with `fully_shard` (gloo on CPU; on GPU one process group with
+two backends, CUDA tensors over nccl and CPU tensors over gloo).
 
 Rule for callers: every rank must run the same number of forwards, or the all-gathers hang.
+Rule for collectives: the stages call them only through the helpers at the end of this file, which hand the
+collective a tensor on env.device (NCCL refuses CPU tensors) and give the result back where the caller had it.
 """
 
 from __future__ import annotations
@@ -32,9 +35,15 @@ class DistEnv:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """Processes torchrun started (its WORLD_SIZE; 1 without a launcher): readable before any process group, so
+    settings that depend on it are checked before anything is read."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> DistEnv:
     """Read torchrun's environment; start the process group when there is more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -42,7 +51,10 @@ def init_distributed() -> DistEnv:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        if cuda:  # one group: CUDA tensors over NCCL, CPU ones over gloo (torch's object collectives, a stray tensor)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timedelta(minutes=30))
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(minutes=30))
     return DistEnv(rank, world, local, device)
 
 
@@ -108,15 +120,32 @@ def barrier(env: DistEnv) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum over ranks, reduced on env.device; returned on t's device (in place when t is already there)."""
+    if not env.enabled:
+        return t
+    on_device = t.to(env.device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.to(t.device)
+
+
+def gather_rows(row: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """[world, n]: every rank's 1-D `row` at its rank's index (a sum of zero-padded tables), on row's device."""
+    table = torch.zeros(env.world_size, row.numel(), dtype=row.dtype, device=row.device)
+    table[env.rank] = row
+    return all_reduce_sum(table, env)
+
+
+def all_reduce_max_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """In place, elementwise max over all ranks; `t` lives on env.device (loading's NF4 absmax)."""
     if env.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def all_reduce_max(value: int, env: DistEnv) -> int:
     if not env.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.long, device=env.device if env.device.type == "cuda" else "cpu")
+    t = torch.tensor([value], dtype=torch.long, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -125,5 +154,5 @@ def broadcast_object(obj, env: DistEnv):
     if not env.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=env.device)  # its size and bytes tensors on env.device
     return box[0]

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .encode import Encoded
 from .errors import UserError
 from .loss import ld_token_weights
-from .settings import DEFAULT_CHUNK  # noqa: E402,F401  (declared once, there)
+from .settings import chunk_size_for  # the per-device default chunk is declared there, once
 
 
 @dataclass
@@ -116,8 +116,9 @@ class _HeadTap:
         self.hidden = None
         project = lambda h: self._project(module, h)  # noqa: E731
         outs = []  # per chunk: (log p, mean logit[, log sum p^2])
-        for start in range(0, selected.shape[0], self.chunk_size):
-            h, t = selected[start:start + self.chunk_size], self.targets[start:start + self.chunk_size]
+        chunk = chunk_size_for(self.chunk_size, selected.device.type)  # None: the device's default
+        for start in range(0, selected.shape[0], chunk):
+            h, t = selected[start:start + chunk], self.targets[start:start + chunk]
             if torch.is_grad_enabled() and h.requires_grad:
                 outs.append(checkpoint(_chunk_logps, project, h, t, self.softcap, self.wpo, use_reentrant=False))
             else:
@@ -134,7 +135,7 @@ class _HeadTap:
             self.bypass = False
 
 
-def tapped_forward(model, rows, positions, targets, chunk_size=DEFAULT_CHUNK, wpo=False, **forward_kwargs):
+def tapped_forward(model, rows, positions, targets, chunk_size=None, wpo=False, **forward_kwargs):
     """Run `model(**forward_kwargs)`; return (token log-probs [N], vocab-mean logits [N], model output, log sum_v
     p(v)^2 [N] detached or None without wpo) for the hidden states at (rows[i], positions[i]) predicting targets[i]."""
     head = output_head(model)
@@ -196,7 +197,7 @@ def _split_pairs(rows, logps, means, n_seq, want_tokens, ld_alpha=None, log_sum_
     return out
 
 
-def sequence_logps(model, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK, token_logps: bool = False,
+def sequence_logps(model, batch: PairBatch, chunk_size: int | None = None, token_logps: bool = False,
                    ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
     """Sum of log p(token) over completion tokens, chosen and rejected in one forward, padding masked; with
     ld_alpha also the LD-DPO sums, with wpo also the WPO sums (see LogpOutput).
@@ -259,7 +260,7 @@ def pack_triples(encoded: list[Encoded], pad_id: int):
     return ids, pos, seg, as_long(rows), as_long(cols), as_long(targets), as_long(seqs)
 
 
-def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK,
+def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int | None = None,
                         token_logps: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
     """Same numbers as `sequence_logps`, but each prompt runs ONCE: chosen and rejected both attend to the one
     copy of its keys/values in a single forward over [prompt | chosen | rejected] rows."""
@@ -276,7 +277,7 @@ def shared_prompt_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: 
 
 
 # ---------------------------------------------------------------------------------------- the one entry point
-def pair_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int = DEFAULT_CHUNK, share: bool = True,
+def pair_logps(model, encoded: list[Encoded], pad_id: int, chunk_size: int | None = None, share: bool = True,
                token_logps: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> LogpOutput:
     """What both stages call: each prompt run once (`shared_prompt_logps`) when `share` is asked and the model's
     attention takes the custom mask (`supports_prompt_sharing`), else the plain 2B-row forward (`sequence_logps`).

@@ -28,23 +28,27 @@ class Accumulator:
         self.rejected_tokens = 0
 
     def add(self, result) -> None:
-        """result: stages.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B] cached)."""
+        """result: stages.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B] cached).
+        ONE device->host copy per batch: the [B] vectors are stacked on the device, copied once, summed here."""
         losses, lp, loss_out = result.losses, result.logps, result.loss
         ref_chosen, ref_rejected = result.ref_chosen, result.ref_rejected
-        c, r = loss_out.chosen_rewards.detach().double().cpu(), loss_out.rejected_rewards.detach().double().cpu()
-        pc, pr = lp.chosen_logps.detach().double().cpu(), lp.rejected_logps.detach().double().cpu()
+        components = getattr(loss_out, "components", {})
+        rows = [losses, loss_out.chosen_rewards, loss_out.rejected_rewards, lp.chosen_logps, lp.rejected_logps,
+                lp.chosen_logits_sum, lp.rejected_logits_sum, lp.chosen_tokens, lp.rejected_tokens,
+                *components.values()]
+        host = torch.stack([v.detach().to(torch.float64) for v in rows]).cpu()  # [rows, B], float64 holds all
+        per_loss, c, r, pc, pr, logits_c, logits_r, tokens_c, tokens_r = host[:9]
         drift = ((pc - ref_chosen).abs() + (pr - ref_rejected).abs()) / 2
-        values = [losses.detach().double().sum().cpu(), c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
-                  pc.sum(), pr.sum(), lp.chosen_logits_sum.double().sum().cpu(),
-                  lp.rejected_logits_sum.double().sum().cpu(), drift.sum()]
-        self.sums += torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
-        for name, term in getattr(loss_out, "components", {}).items():
+        values = [per_loss.sum(), c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(), pc.sum(), pr.sum(),
+                  logits_c.sum(), logits_r.sum(), drift.sum()]
+        self.sums += torch.stack(values)
+        for name, term in zip(components, host[9:]):
             k = LOSS_TYPES.index(name)
-            self.terms[k] += term.detach().double().sum().cpu()
+            self.terms[k] += term.sum()
             self.terms[len(LOSS_TYPES) + k] += term.shape[0]
         self.examples += int(losses.shape[0])
-        self.chosen_tokens += int(lp.chosen_tokens.sum())
-        self.rejected_tokens += int(lp.rejected_tokens.sum())
+        self.chosen_tokens += int(tokens_c.sum())
+        self.rejected_tokens += int(tokens_r.sum())
 
     def state(self) -> dict:
         """JSON-able, so a checkpoint taken mid logging window resumes the same window."""
@@ -64,7 +68,7 @@ class Accumulator:
 
     def reduce(self, env: DistEnv, prefix: str = "") -> dict:
         counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens], dtype=torch.float64)
-        both = all_reduce_sum(torch.cat([self.sums, counts, self.terms]).to(_reduce_device(env)), env).cpu()
+        both = all_reduce_sum(torch.cat([self.sums, counts, self.terms]), env)  # reduced on env.device, back here
         k = len(SUM_KEYS)
         sums, (n, ct, rt), terms = both[:k], both[k:k + 3].tolist(), both[k + 3:].tolist()
         out = {}
@@ -76,10 +80,6 @@ class Accumulator:
         if len(seen) > 1:  # a mixture: each term's mean (before its weight), e.g. loss/sigmoid, loss/sft
             out.update({f"{prefix}loss/{name}": total / count for name, total, count in seen})
         return out
-
-
-def _reduce_device(env: DistEnv):
-    return env.device if env.device.type == "cuda" else torch.device("cpu")
 
 
 class MetricsWriter:

@@ -76,46 +76,57 @@ def fix_bnb_cpu(model) -> int:
     return n
 
 
-def _quant_config(compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
+def load_model(spec: ModelSpec, device: torch.device, trainable_adapter: bool = False, env=None, replicas: int = 1):
+    """Causal LM from a local safetensors folder, frozen; adapter on top if given (trainable if asked). Under torchrun
+    (`env` with several ranks) sharded with FSDP2, each rank loading only its own shard (stages/loading.py)."""
+    model, dtype = _meta_base(spec, device)
+    if spec.adapter:
+        model = _with_adapter(model, spec.adapter, trainable_adapter)
+    return _shard_and_fill(model, spec, device, dtype, env, replicas)
 
-    # quant storage bf16 so FSDP2 can shard the packed weights like any other bf16 tensor
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=False, bnb_4bit_quant_storage=torch.bfloat16,
-    )
 
-
-def load_model(spec: ModelSpec, device: torch.device, trainable_adapter: bool = False):
-    """Causal LM from a local safetensors folder, frozen; adapter on top if given (trainable if asked)."""
-    from transformers import AutoModelForCausalLM
+def _meta_base(spec: ModelSpec, device: torch.device):
+    """The base on the meta device (NF4 layers swapped in when asked): nothing allocated, nothing read yet."""
     from transformers.utils import logging as hf_logging
+
+    from .loading import meta_model, quantize_meta
 
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress
     check_model_dir(spec.path)
     dtype = resolve_dtype(spec.dtype, device)
-    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True)
+    model = meta_model(spec.path, dtype, spec.trust_remote_code)
     if spec.load_in_4bit:
-        kwargs["quantization_config"] = _quant_config(dtype)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    LOAD_COUNT["models"] += 1
-    if not spec.load_in_4bit:
-        model.to(device)
-    fix_bnb_cpu(model)
+        quantize_meta(model, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    if spec.adapter:
-        from peft import PeftModel
+    return model, dtype
 
-        if not (Path(spec.adapter) / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {spec.adapter}: no adapter_config.json there; pass a PEFT adapter folder")
-        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable_adapter)
+
+def _with_adapter(model, adapter: str, trainable: bool):
+    from peft import PeftModel
+
+    from .loading import lora_off_meta
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter folder")
+    with lora_off_meta():
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+
+
+def _shard_and_fill(model, spec: ModelSpec, device: torch.device, dtype: torch.dtype, env, replicas: int):
+    from .distributed import DistEnv, shard_model
+    from .loading import materialize
+
+    env = env or DistEnv(0, 1, 0, device)
+    shard_model(model, env, replicas=replicas)
+    materialize(model, Path(spec.path), device, dtype, env)
+    LOAD_COUNT["models"] += 1
+    fix_bnb_cpu(model)
     return model
 
 
 def quantization_name(spec: ModelSpec) -> str:
-    return "nf4(storage=bf16,double_quant=False)" if spec.load_in_4bit else "none"
+    return "nf4(storage=uint8,double_quant=False)" if spec.load_in_4bit else "none"
 
 
 @dataclass(frozen=True)
@@ -126,11 +137,17 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT's all-linear: every linear layer but the LM head
 
 
-def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradient_checkpointing: bool):
-    """The one model stage two holds: frozen (NF4) base + trainable LoRA (new, or `spec.adapter` continued)."""
+def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradient_checkpointing: bool,
+                env=None, replicas: int = 1):
+    """The one model stage two holds: frozen (NF4) base + trainable LoRA (new, or `spec.adapter` continued), sharded
+    under torchrun. The LoRA weights are drawn on CPU as PEFT draws them (same seed, same values at any world size)."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_model(spec, device, trainable_adapter=True)
+    from .loading import lora_off_meta
+
+    model, dtype = _meta_base(spec, device)
+    if spec.adapter:
+        model = _with_adapter(model, spec.adapter, trainable=True)
     if gradient_checkpointing:
         base = model.get_base_model() if spec.adapter else model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -142,6 +159,6 @@ def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradi
         targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    fix_bnb_cpu(model)  # again: PEFT may have wrapped or re-created Linear4bit modules
-    return model
+        with lora_off_meta():
+            model = get_peft_model(model, config)
+    return _shard_and_fill(model, spec, device, dtype, env, replicas)

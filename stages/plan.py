@@ -1,4 +1,5 @@
-"""`dpo plan`: per-GPU memory estimates from a model's config.json alone (no weights are read).
+"""`dpo plan`: per-GPU memory estimates from a model's config.json alone (no weights are read). The config and
+the parameter counts: stages/plancount.py; the printed table: stages/plantable.py.
 
 Units: 1 GiB = 2**30 bytes. A GPU sold as "80GB" (H100, A100-80G) has 80 GiB of memory, so `--gpu-memory 80GB`
 is read as 80 GiB; every figure printed is GiB. Estimates are upper-bound-ish arithmetic, not measurements:
@@ -12,10 +13,21 @@ Notation used in the docstrings (all per GPU unless stated):
     N      GPUs; L layers; h hidden; i intermediate; V vocab; q_d = heads·head_dim; kv_d = kv_heads·head_dim
     T      training tokens per GPU per step = batch · 2 · seq_len (chosen and rejected of each example)
     T1     stage-one tokens per forward = max_tokens_per_batch
-    C      logits chunk = min(LOGITS_CHUNK_TOKENS, tokens)
+    C      logits chunk = min(the default --chunk-size of the device, tokens): stages.settings.CHUNK_BY_DEVICE, the
+           CUDA one (2048) for GPUs, the CPU one (256) with --cpu
     nf4(n) = n/2 + 4n/64 bytes: 4-bit codes + one fp32 absmax per 64-block, as stages/models.py loads NF4
            (bnb_4bit_use_double_quant=False). With double quantisation (NF4_DOUBLE_QUANT = True) the absmax
            is 8-bit: n/2 + n/64 + 4·n/(64·256).
+           Per GPU (nf4_split): FSDP2 shards the packed codes (the Linear4bit's parameter), n/2 / N, but not the
+           quant state: bitsandbytes keeps the absmax on the module, outside the parameters, so every GPU holds
+           all 4n/64 of it; an all-gathered NF4 layer brings only its codes.
+    load   the loading peak (stages/loading.py: meta model, fully_shard, each rank allocates its shards and reads
+           only its own rows of each tensor from the safetensors files):
+               the stage's resident weights (sharded as above, before any gradient or optimizer state exists)
+               + 6·⌈rows/N⌉·cols for the largest single tensor (its 1/N slice read in the checkpoint's bf16, 2
+                 bytes, plus a float32 copy of it for conversion or NF4 quantisation, 4 bytes)
+               + 4A with --cpu in stage two (the whole fp32 LoRA weights, held once on the CPU before sharding).
+           Each scenario's peak (its total) = max(load, run), run = the sum of its breakdown.
 A fixed OVERHEAD_BYTES = 2 GiB per GPU is added to every scenario for the CUDA context, cuBLAS workspaces and
 NCCL buffers (not with --cpu: then a "GPU" is one CPU process and the figures are what its tensors hold, weights
 counted whole as a GPU holds them, whether or not a CPU run has paged them in). Attention is assumed to be
@@ -25,22 +37,27 @@ SDPA/flash (no seq_len² score matrix is stored). With one GPU nothing is sharde
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from stages.errors import UserError
+from stages.plancount import (
+    KNOWN_MODEL_TYPES,
+    Shape,
+    count_parameters,
+    largest_linear,
+    linear_shapes,
+    load_model_config,
+    lora_parameters_from_shape,
+    model_shape,
+)
+from stages.settings import CHUNK_BY_DEVICE
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB          # CUDA context + cuBLAS workspace + NCCL buffers, per GPU
-LOGITS_CHUNK_TOKENS = 256         # = stages.logprobs.DEFAULT_CHUNK: positions per chunk in the log-prob head
 NF4_DOUBLE_QUANT = False          # as stages/models.py loads NF4 (fp32 absmax per 64-block)
 BF16, FP32 = 2, 4
-# Model types whose decoder layer is exactly: RMSNorm, q/k/v/o attention, RMSNorm, gate/up/down SwiGLU MLP.
-KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -58,30 +75,15 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
-class Shape:
-    """The config keys the arithmetic needs, with Hugging Face defaults filled in."""
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool     # qwen2 always; llama-style `attention_bias`
-    o_bias: bool       # llama-style `attention_bias` only (qwen2 has no o_proj bias)
-    mlp_bias: bool
-    qk_norm: bool      # qwen3: RMSNorm over head_dim on q and k
-
-
-@dataclass(frozen=True)
 class Scenario:
     key: str                     # "naive", "online_ref", "stage1_bf16", "stage1_nf4", "stage2"
     title: str
-    breakdown: dict[str, int]    # label -> bytes per GPU, in display order; sums to total
-    total: int                   # bytes per GPU
+    breakdown: dict[str, int]    # label -> bytes per GPU while running, in display order; sums to run
+    total: int                   # bytes per GPU: the peak, max(load, run)
     fits: bool
+    load_breakdown: dict[str, int]  # label -> bytes per GPU at the loading peak; sums to load
+    run: int
+    load: int
 
 
 @dataclass(frozen=True)
@@ -100,96 +102,26 @@ class Plan:
         return next(s for s in self.scenarios if s.key == key)
 
 
-# ----------------------------------------------------------------------------------------------- config
-
-def load_model_config(path: str | Path) -> dict:
-    """Read config.json from a model folder, or a config JSON file; unwrap `text_config` (multimodal)."""
-    p = Path(path)
-    f = p / "config.json" if p.is_dir() else p
-    if not f.is_file():
-        raise UserError(f"dpo plan: {f} not found; pass --model a model folder with config.json or a config JSON file")
-    try:
-        config = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"dpo plan: {f} is not valid JSON ({e}); pass the model's config.json") from None
-    if not isinstance(config, dict):
-        raise UserError(f"dpo plan: {f} holds a JSON {type(config).__name__}, expected an object (config.json)")
-    if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
-        config = config["text_config"]
-    return config
-
-
-def model_shape(config: dict) -> Shape:
-    """Pull the sizes out of a Hugging Face config dict; UserError naming the key when one is missing."""
-    for key in _MOE_KEYS:
-        if config.get(key):
-            raise UserError(f"dpo plan: config has {key}={config[key]} (mixture of experts); only dense "
-                            f"Llama/Qwen-style decoders are supported")
-    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    for key in need:
-        if not isinstance(config.get(key), int) or config[key] <= 0:
-            raise UserError(f"dpo plan: model config lacks a positive integer {key!r} (got {config.get(key)!r})")
-    h, heads = config["hidden_size"], config["num_attention_heads"]
-    model_type = str(config.get("model_type", "unknown"))
-    attention_bias = bool(config.get("attention_bias", False))
-    return Shape(model_type=model_type, hidden=h, intermediate=config["intermediate_size"],
-                 layers=config["num_hidden_layers"], heads=heads,
-                 kv_heads=config.get("num_key_value_heads") or heads,
-                 head_dim=config.get("head_dim") or h // heads, vocab=config["vocab_size"],
-                 tied=bool(config.get("tie_word_embeddings", False)),
-                 qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
-                 mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type == "qwen3")
-
-
-def _linear_shapes(s: Shape) -> dict[str, tuple[int, int]]:
-    """(in, out) of each linear in one decoder layer."""
-    q_d, kv_d = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return {"q": (s.hidden, q_d), "k": (s.hidden, kv_d), "v": (s.hidden, kv_d), "o": (q_d, s.hidden),
-            "gate": (s.hidden, s.intermediate), "up": (s.hidden, s.intermediate),
-            "down": (s.intermediate, s.hidden)}
-
-
-def count_parameters(config: dict) -> dict[str, int]:
-    """Exact parameter counts of a dense Llama/Qwen2/Qwen3-style decoder.
-
-    per layer: attn = h·q_d + 2·h·kv_d + q_d·h (+ q_d + 2·kv_d biases if qkv bias, + h if o bias)
-                      (+ 2·head_dim for qwen3's q_norm/k_norm)
-               mlp  = 3·h·i (+ 2·i + h with mlp_bias);  norms = 2·h (input and post-attention RMSNorm)
-    total = V·h (embed) + V·h (lm_head, 0 if tied) + L·(attn + mlp + norms) + h (final norm).
-    linear_weights = L · (weights of q,k,v,o,gate,up,down) — what NF4 quantises; other = total − that.
-    """
-    s = model_shape(config)
-    shapes = _linear_shapes(s)
-    lin = {name: a * b for name, (a, b) in shapes.items()}
-    q_d, kv_d = shapes["q"][1], shapes["k"][1]
-    attn = lin["q"] + lin["k"] + lin["v"] + lin["o"]
-    attn += (q_d + 2 * kv_d) * s.qkv_bias + s.hidden * s.o_bias + 2 * s.head_dim * s.qk_norm
-    mlp = lin["gate"] + lin["up"] + lin["down"] + (2 * s.intermediate + s.hidden) * s.mlp_bias
-    norms = 2 * s.hidden
-    per_layer = attn + mlp + norms
-    embed = s.vocab * s.hidden
-    lm_head = 0 if s.tied else s.vocab * s.hidden
-    total = embed + lm_head + s.layers * per_layer + s.hidden
-    linear = s.layers * sum(lin.values())
-    return {"embed": embed, "lm_head": lm_head, "attn_per_layer": attn, "mlp_per_layer": mlp,
-            "norms_per_layer": norms, "per_layer": per_layer, "num_layers": s.layers, "final_norm": s.hidden,
-            "total": total, "linear_weights": linear, "linear_per_layer": sum(lin.values()),
-            "other": total - linear}
-
-
-def lora_parameters(config: dict, r: int) -> int:
-    """LoRA on every decoder linear (q,k,v,o,gate,up,down): A is in×r, B is r×out, so r·(in+out) each."""
-    return lora_parameters_from_shape(model_shape(config), r)
-
-
 # ----------------------------------------------------------------------------------------------- memory
 
 def nf4_bytes(n: int, double_quant: bool | None = None) -> int:
     """Bytes of n weights in NF4: n/2 (4-bit codes) + one absmax per 64-block, fp32 (4n/64) by default as
     stages/models.py loads it, or 8-bit (n/64) plus fp32 second-level constants per 256 blocks with double quant."""
+    return sum(nf4_split(n, double_quant))
+
+
+def nf4_split(n: int, double_quant: bool | None = None) -> tuple[int, int]:
+    """(sharded, whole) bytes of n NF4 weights under FSDP2: the packed 4-bit codes n/2 are the Linear4bit's
+    parameter, so FSDP2 shards (and all-gathers) them; the quant state (absmax: 4n/64 fp32, or n/64 + 4·n/(64·256)
+    with double quant) lives on the module outside the parameters, so every GPU holds all of it."""
     dq = NF4_DOUBLE_QUANT if double_quant is None else double_quant
     blocks = _cdiv(n, 64)
-    return _cdiv(n, 2) + (blocks + 4 * _cdiv(blocks, 256) if dq else 4 * blocks)
+    return _cdiv(n, 2), (blocks + 4 * _cdiv(blocks, 256) if dq else 4 * blocks)
+
+
+def logits_chunk(cfg: PlanConfig) -> int:
+    """Positions per log-prob head chunk: the stages' default --chunk-size on the device planned for."""
+    return CHUNK_BY_DEVICE["cpu" if cfg.cpu else "cuda"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -229,7 +161,7 @@ def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int
     """
     T = cfg.batch * 2 * cfg.seq_len
     a = layer_activation_bytes_per_token(s) + (lora_input_bytes_per_token(s, cfg.lora_r) if lora else 0)
-    C = min(LOGITS_CHUNK_TOKENS, T)
+    C = min(logits_chunk(cfg), T)
     head = C * s.vocab * (BF16 + FP32 + FP32 + BF16) + 3 * T * s.hidden * BF16
     if cfg.gradient_checkpointing:
         return {"activations: layer checkpoints": s.layers * T * s.hidden * BF16,
@@ -254,7 +186,7 @@ def inference_activations(s: Shape, cfg: PlanConfig) -> dict[str, int]:
     hidden states 2·T1·h·2 (residual stream into and out of a layer) + T1·inference_layer_bytes_per_token
     + C·V·(2+4) + T1·h·2 (one chunk of bf16 logits and its fp32 copy; the gathered completion positions)."""
     T1 = cfg.max_tokens_per_batch
-    C = min(LOGITS_CHUNK_TOKENS, T1)
+    C = min(logits_chunk(cfg), T1)
     return {"activations: hidden states": 2 * T1 * s.hidden * BF16,
             "activations: one layer": T1 * inference_layer_bytes_per_token(s),
             "log-prob head": C * s.vocab * (BF16 + FP32) + T1 * s.hidden * BF16}
@@ -266,20 +198,45 @@ def _root_params(c: dict[str, int]) -> int:
     return c["embed"] + c["lm_head"] + c["final_norm"]
 
 
-def _layer_nf4_bytes(c: dict[str, int]) -> int:
-    """One decoder layer with its linear weights in NF4 and its norms/biases in bf16."""
-    return nf4_bytes(c["linear_per_layer"]) + BF16 * (c["per_layer"] - c["linear_per_layer"])
+def _layer_nf4_gathered(c: dict[str, int]) -> int:
+    """One decoder layer as FSDP2 all-gathers it: the NF4 codes of its linears and its norms/biases in bf16 (the
+    absmax is not gathered: every GPU already holds it whole, see nf4_split)."""
+    return nf4_split(c["linear_per_layer"])[0] + BF16 * (c["per_layer"] - c["linear_per_layer"])
 
 
-def _base_nf4_bytes(c: dict[str, int]) -> int:
-    """Whole model, NF4 linears + bf16 rest: nf4(P_lin) + 2·P_oth."""
-    return nf4_bytes(c["linear_weights"]) + BF16 * c["other"]
+def _base_nf4_per_gpu(c: dict[str, int], n: int) -> int:
+    """Whole model, NF4 linears + bf16 rest, per GPU: (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole."""
+    sharded, whole = nf4_split(c["linear_weights"])
+    return _cdiv(sharded + BF16 * c["other"], n) + whole
 
 
-def _finish(key: str, title: str, parts: dict[str, int], capacity: int, cpu: bool = False) -> Scenario:
-    parts = parts if cpu else {**parts, "CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
-    total = sum(parts.values())
-    return Scenario(key, title, parts, total, total <= capacity)
+def _finish(key: str, title: str, parts: dict[str, int], load: dict[str, int], capacity: int,
+            cpu: bool = False) -> Scenario:
+    """Add the fixed CUDA overhead to both phases (not with --cpu); the peak is the larger phase."""
+    if not cpu:
+        parts = {**parts, "CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
+        load = {**load, "load: CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
+    run, loading = sum(parts.values()), sum(load.values())
+    total = max(run, loading)
+    return Scenario(key, title, parts, total, total <= capacity, load, run, loading)
+
+
+def _largest_slice(s: Shape, n: int) -> int:
+    """Elements of the largest single tensor's 1/N slice, FSDP2 sharding dim 0 (embed/lm_head [V, h], each linear
+    [out, in]): max ⌈rows/N⌉·cols."""
+    shapes = [(s.vocab, s.hidden)] + [(out, inp) for inp, out in linear_shapes(s).values()]
+    return max(_cdiv(rows, n) * cols for rows, cols in shapes)
+
+
+def load_parts(s: Shape, cfg: PlanConfig, resident: int, lora_params: int = 0) -> dict[str, int]:
+    """The loading peak per GPU (`load` in the module docstring): the stage's resident weight shards, the largest
+    tensor's slice read in bf16 with its float32 copy, and, with --cpu in stage two, the whole fp32 LoRA weights
+    held once on the CPU before sharding (on a GPU machine they sit in host memory, not on the GPU)."""
+    parts = {"load: weights resident (sharded)": resident,
+             "load: largest tensor's slice, bf16 + fp32 copy": (BF16 + FP32) * _largest_slice(s, cfg.gpus)}
+    if cfg.cpu and lora_params:
+        parts["load: whole LoRA weights, fp32, before sharding"] = FP32 * lora_params
+    return parts
 
 
 def _gathered(n: int, sharded_units: int, dequant: int = 0) -> dict[str, int]:
@@ -305,48 +262,60 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
              "reference weights (sharded)": _cdiv(BF16 * c["total"], n),
              **_gathered(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * _root_params(c)),
              **training_activations(s, cfg, lora=False)}
-    return _finish("naive", "naive DPO", parts, capacity, cfg.cpu)
+    load = load_parts(s, cfg, 2 * _cdiv(BF16 * c["total"], n))  # bf16 policy + bf16 reference, before any grads
+    return _finish("naive", "naive DPO", parts, load, capacity, cfg.cpu)
 
 
 def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int, nf4: bool) -> Scenario:
     """Stage one, reference log-probs, forward only, reference FSDP-sharded:
         bf16: sharded 2P/N; gathered 2·2·P_lay (current + prefetched layer) + 2·P_root
-        nf4 : sharded (nf4(P_lin) + 2·P_oth)/N; gathered 2·layer_nf4 + 2·P_root (embeddings and lm_head are not
-              quantised) + 2·h·i (the largest linear, dequantised to bf16 for its matmul; also on one GPU)
+        nf4 : sharded (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole; gathered 2·layer_nf4 (codes + bf16 norms and
+              biases) + 2·P_root (embeddings and lm_head are not quantised) + 2·h·i (the largest linear,
+              dequantised to bf16 for its matmul; also on one GPU)
         activations: inference_activations over max_tokens_per_batch tokens.
+        load: the sharded weights + the largest tensor's slice (load_parts).
     """
     n = cfg.gpus
     if nf4:
-        weights = _cdiv(_base_nf4_bytes(c), n)
-        gathered = _gathered(n, 2 * _layer_nf4_bytes(c) + BF16 * _root_params(c), BF16 * _largest_linear(s))
+        weights = _base_nf4_per_gpu(c, n)
+        gathered = _gathered(n, 2 * _layer_nf4_gathered(c) + BF16 * _root_params(c), BF16 * largest_linear(s))
     else:
         weights = _cdiv(BF16 * c["total"], n)
         gathered = _gathered(n, 2 * BF16 * c["per_layer"] + BF16 * _root_params(c))
     parts = {"reference weights (sharded)": weights, **gathered, **inference_activations(s, cfg)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
-    return _finish(key, title, parts, capacity, cfg.cpu)
+    return _finish(key, title, parts, load_parts(s, cfg, weights), capacity, cfg.cpu)
 
 
 def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
     n, a = cfg.gpus, lora_parameters_from_shape(s, cfg.lora_r)
     a_lay = a // s.layers
-    return {"base weights NF4 (sharded)": _cdiv(_base_nf4_bytes(c), n),
+    return {"base weights NF4 (sharded)": _base_nf4_per_gpu(c, n),
             "LoRA weights + grads + AdamW (sharded)": _cdiv(18 * a, n),
-            **_gathered(n, 2 * (_layer_nf4_bytes(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * _root_params(c),
-                        BF16 * _largest_linear(s)),
+            **_gathered(n, 2 * (_layer_nf4_gathered(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * _root_params(c),
+                        BF16 * largest_linear(s)),
             **training_activations(s, cfg, lora=True)}
+
+
+def _stage2_load(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
+    """Stage two's loading peak: the NF4 base shards and the fp32 LoRA weight shards (4A/N, as PEFT creates
+    them; no gradient or optimizer state yet), plus load_parts' transient."""
+    a = lora_parameters_from_shape(s, cfg.lora_r)
+    return load_parts(s, cfg, _base_nf4_per_gpu(c, cfg.gpus) + _cdiv(FP32 * a, cfg.gpus), lora_params=a)
 
 
 def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
     """Stage two, QLoRA policy against cached reference log-probs (no reference model in memory):
-        sharded    : (nf4(P_lin) + 2·P_oth)/N for the frozen base
+        sharded    : (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole for the frozen base
                      + 18A/N for LoRA (bf16 weights 2 + fp32 grads 4 + AdamW fp32 master, m, v 12)
-        gathered   : 2·(layer_nf4 + 2·A_lay) (current + prefetched layer with its adapters) + 4·A_lay
+        gathered   : 2·(layer_nf4 + 2·A_lay) (current + prefetched layer with its adapters; layer_nf4 = its
+                     codes + bf16 norms/biases, the absmax being resident) + 4·A_lay
                      (that layer's unsharded fp32 LoRA grads) + 2·P_root; + 2·h·i (largest linear dequantised,
                      forward and again in backward; also on one GPU)
         activations: training_activations with the LoRA inputs added per layer.
+        load       : _stage2_load.
     """
-    return _finish("stage2", "stage 2 QLoRA", _stage2_parts(s, c, cfg), capacity, cfg.cpu)
+    return _finish("stage2", "stage 2 QLoRA", _stage2_parts(s, c, cfg), _stage2_load(s, c, cfg), capacity, cfg.cpu)
 
 
 def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -364,25 +333,16 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
     T = cfg.batch * 2 * cfg.seq_len
     a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)
     ref = 2 * T * s.hidden * BF16 + T * layer_activation_bytes_per_token(s) + \
-        min(LOGITS_CHUNK_TOKENS, T) * s.vocab * (BF16 + FP32)
+        min(logits_chunk(cfg), T) * s.vocab * (BF16 + FP32)
     backward = (2 if cfg.gradient_checkpointing else 1) * T * a
     parts["reference forward, adapters off (extra at peak)"] = max(0, ref - backward)
-    return _finish("online_ref", "QLoRA+online ref", parts, capacity, cfg.cpu)
+    return _finish("online_ref", "QLoRA+online ref", parts, _stage2_load(s, c, cfg), capacity, cfg.cpu)
 
 
 def full_logits_bytes(s: Shape, cfg: PlanConfig) -> int:
     """[2B, T, V] logits of one step when a trainer materialises them: bf16 logits + their fp32 log_softmax
     (saved for backward) for the policy, and the same for the reference forward held alongside."""
     return 2 * cfg.batch * 2 * cfg.seq_len * s.vocab * (BF16 + FP32)
-
-
-def _largest_linear(s: Shape) -> int:
-    return max(a * b for a, b in _linear_shapes(s).values())
-
-
-def lora_parameters_from_shape(s: Shape, r: int) -> int:
-    """L · Σ r·(in + out) over q,k,v,o,gate,up,down."""
-    return s.layers * sum(r * (a + b) for a, b in _linear_shapes(s).values())
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -529,68 +489,8 @@ def parse_gpu_memory(text: str | float | int) -> float:
     return float(m.group(1)) * {"t": 1024.0, "g": 1.0, "m": 1 / 1024}[unit]
 
 
-_ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
-              "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",
-              "all-gathered params (FSDP)", "dequantised NF4 linear (one GPU)", "activations: hidden states", "activations: one layer",
-              "activations: layer checkpoints", "activations: one layer recomputed + grads",
-              "activations: all layers saved", "activations: one layer grads", "log-prob head",
-              "reference forward, adapters off (extra at peak)", "CUDA/NCCL overhead (fixed)")
-
-
-def _b(n: float) -> str:
-    """A parameter count in billions or millions."""
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def _header(plan: Plan) -> list[str]:
-    c, cfg, s = plan.counts, plan.config, plan.shape
-    tokens = cfg.batch * 2 * cfg.seq_len
-    return [
-        f"model: {cfg.model}",
-        f"  {s.model_type}, {s.layers} layers{' (--layers override)' if cfg.layers else ''}, hidden {s.hidden}, intermediate {s.intermediate}, "
-        f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab}, "
-        f"{'tied' if s.tied else 'untied'} lm_head",
-        f"  parameters {c['total']:,} ({_b(c['total'])}): decoder linear weights {_b(c['linear_weights'])} "
-        f"(NF4-quantisable), other {_b(c['other'])}",
-        f"  LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down: {plan.lora_params:,} ({_b(plan.lora_params)}, "
-        f"{100 * plan.lora_params / c['total']:.2f}% of the model)",
-        f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {cfg.gpu_memory_gb:g} GiB; "
-        f"training {cfg.batch} pair(s) x 2 x seq_len "
-        f"{cfg.seq_len} = {tokens:,} tokens per GPU per step, gradient checkpointing "
-        f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
-    ]
-
-
 def format_plan(plan: Plan) -> str:
-    """The plan as a table of GiB per GPU (one column per scenario), with fits/does-not-fit and suggestions."""
-    labels: list[str] = []
-    for sc in plan.scenarios:  # union of breakdown rows: weights, gathered, activations, head, overhead
-        labels += [k for k in sc.breakdown if k not in labels]
-    labels.sort(key=lambda k: _ROW_ORDER.index(k) if k in _ROW_ORDER else len(_ROW_ORDER))
-    width, col = max(len(x) for x in labels + ["per GPU, GiB"]) + 2, max(len(sc.title) for sc in plan.scenarios) + 2
-    lines = _header(plan) + ["", "per GPU, GiB".ljust(width) + "".join(sc.title.rjust(col) for sc in plan.scenarios)]
-    for label in labels:
-        cells = [f"{sc.breakdown[label] / GIB:.1f}" if label in sc.breakdown else "-" for sc in plan.scenarios]
-        lines.append(f"  {label}".ljust(width) + "".join(x.rjust(col) for x in cells))
-    lines.append("  total".ljust(width) + "".join(f"{sc.total / GIB:.1f}".rjust(col) for sc in plan.scenarios))
-    cap = f"fits in {plan.config.gpu_memory_gb:g} GiB?"
-    lines.append(cap.ljust(width) + "".join(("yes" if sc.fits else "NO").rjust(col) for sc in plan.scenarios))
-    lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
-    lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [
-        "  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
-        "  - --cpu: one CPU process per 'GPU', no CUDA overhead; weights counted whole as a GPU holds them (the "
-        "process's Python/torch runtime is not counted)" if plan.config.cpu else
-        f"  - every column includes a fixed {OVERHEAD_BYTES / GIB:.0f} GiB per GPU for the CUDA context, "
-        f"cuBLAS workspaces and NCCL buffers",
-        "  - weights and optimizer state are FSDP-sharded over all GPUs; activations and all-gathered layers are not"
-        if plan.config.gpus > 1 else "  - one GPU: nothing is sharded, so nothing is all-gathered",
-        "  - naive DPO = full fine-tuning of a bf16 policy with AdamW (16 B/param) plus a resident bf16 "
-        "reference (2 B/param); its activations are counted as in stage two, so the gap is weights and optimizer",
-        "  - QLoRA+online ref = what most users run (TRL's default with PEFT): the same NF4 base + LoRA as stage 2, "
-        "the reference recomputed each step with the adapters off - same memory give or take the reference "
-        "forward's transient, but one more forward per step (~+25% compute with checkpointing)",
-        f"  - a trainer that materialises full logits (plain HF forward) holds [2B, T, V] bf16 + fp32 for the "
-        f"policy and the online reference: +{full_logits_bytes(plan.shape, plan.config) / GIB:.1f} GiB per GPU "
-        f"at this batch and seq_len (chunked here and in TRL 1.16)",
-    ]
-    return "\n".join(lines)
+    """The plan as a table of GiB per GPU (stages/plantable.py)."""
+    from stages.plantable import format_table
+
+    return format_table(plan)

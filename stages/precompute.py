@@ -15,11 +15,12 @@ import torch
 
 from . import __version__, config, refcache, shards
 from .data import FieldMap, ids_digest, load_examples
-from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shard_model
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from .encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
 from .errors import Interrupted, UserError
 from .fingerprint import config_hash, folder_fingerprint
 from .logprobs import pair_logps, supports_prompt_sharing
+from .memory import PhaseMemory, memory_line
 from .models import (
     DTYPES,
     ModelSpec,
@@ -84,9 +85,10 @@ def validate(cfg: PrecomputeConfig) -> None:
 
 def open_cache_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> tuple:
     """Rank 0, holding the lock: clear what a killed run left, read the finished cache (same settings: reused;
-    other settings: refused), check the parts folder. Returns (finished rows or None, ids already computed) on
-    every rank; every rank raises the same error if something is wrong."""
-    result = None
+    other settings: refused), check the parts folder. Returns (finished rows on rank 0 or None, ids already
+    computed) on every rank; every rank raises the same error if something is wrong. Only the ids (or the error)
+    are broadcast: the finished table stays on rank 0, the one rank that merges."""
+    result, base = None, None
     if env.is_main:
         try:
             refcache.clean_leftovers(out)
@@ -94,13 +96,13 @@ def open_cache_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> tu
             have = set(base.column("example_id").to_pylist()) if base is not None else set()
             if refcache.parts_dir(out).exists() or overwrite:
                 have |= refcache.done_ids(refcache.open_parts(out, manifest, overwrite))
-            result = (base, have)
+            result = have
         except (UserError, OSError) as e:
             result = e
     result = broadcast_object(result if env.is_main else None, env)
     if isinstance(result, BaseException):
         raise result
-    return result if env.is_main else (None, result[1])
+    return base, result
 
 
 def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict, env) -> tuple[torch.Tensor, float]:
@@ -112,15 +114,18 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
     barrier(env)
     batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
     spec = ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code)
-    model = load_model(spec, env.device)
+    memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "score"
+    model = load_model(spec, env.device, env=env, replicas=cfg.replicas)  # each rank reads only its shard
     model.eval()
     share = cfg.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
-    shard_model(model, env, replicas=cfg.replicas)
+    memory.end("load")
     start = time.perf_counter()
     with StopSignal() as stop:
         stats = score_batches(model, pad_id, batches, parts, share, cfg, env, stop)
     stats = all_reduce_sum(stats, env)
+    memory.end("score")
+    meta["memory"] = memory.report()  # recorded in the cache's metadata, printed at the end
     barrier(env)
     if stop.signum is not None:
         raise Interrupted(f"{len(refcache.done_ids(parts))} examples are safe in {parts} "
@@ -142,6 +147,8 @@ def finish(cfg, out: Path, encoded: list[Encoded], meta: dict, base, stats, seco
     refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.store_token_logps, base,
                          write_config=lambda: config.save(cfg, refcache.config_path(out)))
     say(env, summary_line(out, len(encoded), stats if stats is not None else torch.zeros(3), seconds))
+    if "memory" in meta:  # absent when nothing was left to compute (no model loaded)
+        say(env, memory_line(meta["memory"]))
 
 
 def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size, device) -> dict:
@@ -234,16 +241,27 @@ def batch_tokens(batch: list[Encoded], shared: bool) -> tuple[int, int]:
 
 
 def result_rows(batch: list[Encoded], out, store_token_logps: bool) -> list[dict]:
+    """The batch's cache rows from ONE device->host copy: sums, token counts (and the per-token log-probs) are
+    concatenated on the device as float64 (exact for fp32 values and integer counts), copied once, then split."""
+    n = len(batch)
+    tokens = list(out.token_logps) if store_token_logps else []  # 2B [tokens] vectors: chosen, then rejected
+    columns = [out.chosen_logps, out.rejected_logps, out.chosen_tokens, out.rejected_tokens, *tokens]
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in columns]).cpu().tolist()
+    chosen, rejected, chosen_tokens, rejected_tokens = (flat[k * n:(k + 1) * n] for k in range(4))
+    per_token, at = [], 4 * n
+    for t in tokens:
+        per_token.append(flat[at:at + t.shape[0]])
+        at += t.shape[0]
     rows = []
     for i, e in enumerate(batch):
         row = {
-            "example_id": e.example_id, "ref_chosen_logps": float(out.chosen_logps[i]),
-            "ref_rejected_logps": float(out.rejected_logps[i]), "chosen_tokens": int(out.chosen_tokens[i]),
-            "rejected_tokens": int(out.rejected_tokens[i]), "prompt_tokens": len(e.prompt_ids),
+            "example_id": e.example_id, "ref_chosen_logps": chosen[i], "ref_rejected_logps": rejected[i],
+            "chosen_tokens": int(chosen_tokens[i]), "rejected_tokens": int(rejected_tokens[i]),
+            "prompt_tokens": len(e.prompt_ids),
         }
         if store_token_logps:
-            row["ref_chosen_token_logps"] = out.token_logps[i].tolist()
-            row["ref_rejected_token_logps"] = out.token_logps[len(batch) + i].tolist()
+            row["ref_chosen_token_logps"] = per_token[i]
+            row["ref_rejected_token_logps"] = per_token[n + i]
         rows.append(row)
     return rows
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config, fsio
-from .distributed import DistEnv, all_reduce_sum, init_distributed, shard_model
+from .distributed import DistEnv, all_reduce_sum, init_distributed, launched_world_size
 from .errors import Interrupted, UserError
 from .logprobs import LogpOutput, pair_logps
 from .loss import LossOutput, LossSettings, dpo_loss
+from .memory import PhaseMemory, memory_line, peak_memory_gb
 from .metrics import Accumulator, MetricsWriter, read_metrics, readable
 from .models import LoraSettings, ModelSpec, dtype_name, load_policy, resolve_dtype
 from .prepare import Item, Prepared, prepare
@@ -31,12 +32,11 @@ from .runguard import StopSignal, guarded_output, rerun_hint
 from .settings import TrainConfig
 from .trackers import check_installed, parse_report_to
 from .trainutil import (
-    OPTIMIZERS,
     SCHEDULERS,
     batches_for_epoch,
     build_optimizer,
     build_scheduler,
-    peak_memory_gb,
+    check_optimizer,
     seed_everything,
 )
 
@@ -66,10 +66,10 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     seed_everything(cfg.seed)
     total_steps, steps_per_epoch = plan_steps(cfg, len(prep.train), env)
     spec = policy_spec(cfg, prep.cache_meta, env)
-    model = load_policy(spec,
-                        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
-                        env.device, cfg.gradient_checkpointing)
-    shard_model(model, env, replicas=cfg.replicas)
+    memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "train"
+    model = load_policy(spec, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+                        env.device, cfg.gradient_checkpointing, env=env, replicas=cfg.replicas)  # sharded load
+    memory.end("load")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step, prior_seconds, window = resume_or_start(cfg, out, model, optimizer, scheduler, env)
@@ -90,7 +90,8 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
         say(env, "final eval: " + readable({"step": total_steps, **final}))
     checkpoint.save(out, total_steps, model, optimizer, scheduler, env, {"seconds": clock()}, cfg.save_total_limit)
     checkpoint.save_adapter(model, out / "adapter", env)
-    summary = write_summary(out, cfg, total_steps, clock(), env)
+    memory.end("train")
+    summary = write_summary(out, cfg, total_steps, clock(), env, memory.report())
     writer.close()
     return summary
 
@@ -123,11 +124,11 @@ def check_numbers(cfg) -> None:
         raise UserError("--lora-dropout must be below 1 and --warmup-ratio at most 1")
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
         raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
-    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS),
-                                 ("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
+    for name, value, allowed in (("lr-scheduler", cfg.lr_scheduler, SCHEDULERS),
                                  ("dtype", cfg.dtype, (None, "auto", "fp32", "bf16", "fp16"))):
         if value not in allowed:
             raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    check_optimizer(cfg.optimizer, launched_world_size())  # torchrun's WORLD_SIZE: FSDP2 takes torch AdamW only
 
 
 def policy_spec(cfg: TrainConfig, meta: dict, env: DistEnv) -> ModelSpec:
@@ -180,12 +181,14 @@ def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig) -> P
     plain_chosen = lp.chosen_logps
     if cfg.ld_alpha is not None:
         lp = dataclasses.replace(lp, chosen_logps=lp.chosen_ld_logps, rejected_logps=lp.rejected_ld_logps)
-    ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
-    ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64, device=lp.chosen_logps.device)
-    out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c, ref_r, **LossSettings.of(cfg).loss_kwargs(),
+    ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64)  # on the host: the metrics read them
+    ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64)
+    device = lp.chosen_logps.device
+    out = dpo_loss(lp.chosen_logps, lp.rejected_logps, ref_c.to(device), ref_r.to(device),
+                   **LossSettings.of(cfg).loss_kwargs(),
                    chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens, chosen_sft_logps=plain_chosen,
                    chosen_wpo_logps=lp.chosen_wpo_logps, rejected_wpo_logps=lp.rejected_wpo_logps)
-    return PolicyPass(out.losses, lp, out, ref_c.cpu(), ref_r.cpu())
+    return PolicyPass(out.losses, lp, out, ref_c, ref_r)
 
 
 def drift_check(model, prep: Prepared, cfg, env, writer) -> None:
@@ -227,9 +230,11 @@ def train_loop(model, optimizer, scheduler, prep, cfg, env, writer, start_step, 
     # the logging window (sums since the last record) continues across a resume
     acc, window_tokens = Accumulator.from_state(window.get("acc")), window.get("tokens", 0)
     window_start = time.perf_counter() - window.get("elapsed", 0.0)
+    order_epoch, batches = None, []  # the batch order is built once per epoch (after a resume: the epoch resumed)
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, epoch)
+        if epoch != order_epoch:
+            order_epoch, batches = epoch, batches_for_epoch(prep.train, cfg.batch_size, cfg.seed, epoch)
         first = Accumulator() if step == 0 and drift_from_step_one else None  # step 1's forwards = the reference
         for micro in range(accum):
             items = batches[(in_epoch * accum + micro) * world + env.rank]
@@ -298,20 +303,23 @@ def evaluate(model, items: list[Item], pad_id: int, cfg, env) -> dict:
     return m
 
 
-def write_summary(out: Path, cfg, steps: int, seconds: float, env) -> dict:
+def write_summary(out: Path, cfg, steps: int, seconds: float, env, memory: dict) -> dict:
+    """memory: PhaseMemory.report() (per phase, per rank); peak_memory_gb is its max over ranks and phases."""
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "eval/rewards/accuracies" in r]
     train = [r for r in records if "loss" in r]
     summary = {
-        "steps": steps, "seconds": round(seconds, 2), "peak_memory_gb": peak_memory_gb(env),
+        "steps": steps, "seconds": round(seconds, 2), "peak_memory_gb": peak_memory_gb(memory),
         "beta": cfg.beta, "loss_type": cfg.loss, "final_train": train[-1] if train else None,
         "final_eval": evals[-1] if evals else None,
         "best_eval": max(evals, key=lambda r: r["eval/rewards/accuracies"]) if evals else None,
         # before any update (step 0); final_train.ref_drift is the last logging window's: how far the policy moved
         "ref_drift_step0": next((r["ref_drift"] for r in records if r.get("step") == 0 and "ref_drift" in r), None),
+        "memory": memory,
     }
     if env.is_main:
         fsio.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+        say(env, memory_line(memory))
         say(env, f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, "
                  f"summary in {out / 'summary.json'}")
     return summary

@@ -1,10 +1,8 @@
-"""Stage-two plumbing: data order, optimizer, schedule, seeds, memory."""
+"""Stage-two plumbing: data order, optimizer, schedule, seeds (memory: stages/memory.py)."""
 
 from __future__ import annotations
 
 import random
-import resource
-import sys
 
 import torch
 
@@ -13,6 +11,7 @@ from .errors import UserError
 MEGABATCH = 16  # length grouping: sort within groups of 16 micro-batches, so batches stay shuffled overall
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+FSDP2_OPTIMIZERS = ("adamw",)  # tested under FSDP2 (more than one process); torch AdamW: LoRA-sized state, small
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 
 
@@ -35,15 +34,25 @@ def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int) -> li
     return batches
 
 
+def check_optimizer(name: str, world_size: int) -> None:
+    """The optimizer rules, checked before any data, cache or model is read (world_size: torchrun's WORLD_SIZE)."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if world_size > 1 and name not in FSDP2_OPTIMIZERS:
+        raise UserError(f"--optimizer {name} is refused with {world_size} processes: bitsandbytes' 8-bit state on "
+                        "FSDP2 DTensors is untested (bitsandbytes #1633); use --optimizer adamw (LoRA-sized state)")
+    if name != "adamw" and not torch.cuda.is_available():
+        raise UserError(f"--optimizer {name} needs a GPU (bitsandbytes); use adamw on CPU")
+
+
 def build_optimizer(model, cfg):
+    """The optimizer `check_optimizer` accepted (train.check_numbers ran it before anything was read)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the policy has no trainable parameters; check --target-modules")
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--optimizer {cfg.optimizer} needs a GPU (bitsandbytes); use adamw on CPU")
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if cfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit
@@ -59,10 +68,3 @@ def build_scheduler(optimizer, cfg, total_steps: int):
     warmup = int(round(cfg.warmup_ratio * total_steps))
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-
-def peak_memory_gb(env) -> float:
-    """GPU: max allocated by torch; CPU: process peak RSS."""
-    if env.device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)

@@ -11,12 +11,12 @@ from stages.plan import (
     GIB,
     OVERHEAD_BYTES,
     PlanConfig,
-    count_parameters,
     format_plan,
-    lora_parameters,
+    nf4_split,
     parse_gpu_memory,
     plan_memory,
 )
+from stages.plancount import count_parameters, lora_parameters
 
 torch.set_num_threads(1)
 
@@ -141,18 +141,18 @@ def test_small_memory_by_hand(tmp_path):
     assert s1["log-prob head"] == 256 * 512 * (2 + 4) + 256 * 64 * 2 == 819200
     assert s1["CUDA/NCCL overhead (fixed)"] == OVERHEAD_BYTES == 2 * GIB
     total = 106816 + 213632 + 65536 + 360448 + 819200 + 2 * GIB
-    assert plan.scenario("stage1_bf16").total == total
+    assert plan.scenario("stage1_bf16").run == plan.scenario("stage1_bf16").total == total
     assert not plan.scenario("stage1_bf16").fits        # the 2 GiB overhead alone exceeds 1 GiB
 
     s2 = plan.scenario("stage2").breakdown
-    # NF4 as stages/models.py loads it (no double quant): n/2 + fp32 absmax per 64-block = n/2 + 4n/64
-    # nf4(73728) = 36864 + 4·1152 = 41472; the other 33088 params in bf16; / 2 GPUs
-    assert s2["base weights NF4 (sharded)"] == (36864 + 4 * 1152 + 2 * 33088) // 2 == 53824
+    # NF4 as stages/models.py loads it (no double quant): codes n/2 sharded, fp32 absmax 4n/64 whole on each GPU
+    # 73728 linear weights: codes 36864 + the other 33088 params in bf16, / 2 GPUs; absmax 4·1152 = 4608 whole
+    assert s2["base weights NF4 (sharded)"] == (36864 + 2 * 33088) // 2 + 4 * 1152 == 56128
     assert s2["LoRA weights + grads + AdamW (sharded)"] == 18 * 8192 // 2 == 73728
-    layer_nf4 = 36864 // 2 + 4 * (36864 // 64) + 2 * (36992 - 36864)  # 18432 + 2304 + 256 = 20992
+    layer_nf4 = 36864 // 2 + 2 * (36992 - 36864)  # gathered: codes 18432 + bf16 norms 256 (absmax not gathered)
     a_lay = 8192 // 2
     assert s2["all-gathered params (FSDP)"] == (2 * (layer_nf4 + 2 * a_lay) + 4 * a_lay + 2 * 64 * 128
-                                                + 2 * (32768 + 64)) == 156800
+                                                + 2 * (32768 + 64)) == 152192
     T = 1 * 2 * 64
     assert s2["activations: layer checkpoints"] == 2 * T * 64 * 2 == 32768
     lora_in = 2 * (5 * 64 + 64 + 128) + 2 * 7 * 4                      # 1080
@@ -165,7 +165,8 @@ def test_small_memory_by_hand(tmp_path):
     assert naive["AdamW fp32 master + m + v (sharded)"] == 12 * 106816 // 2
     assert naive["reference weights (sharded)"] == 2 * 106816 // 2
     for sc in plan.scenarios:
-        assert sc.total == sum(sc.breakdown.values())
+        assert sc.run == sum(sc.breakdown.values()) and sc.load == sum(sc.load_breakdown.values())
+        assert sc.total == max(sc.run, sc.load)
 
 
 def test_72b_naive_does_not_fit_stage_two_does(tmp_path):
@@ -189,8 +190,12 @@ def test_suggestions_when_things_do_not_fit(tmp_path):
     assert not plan.scenario("stage1_bf16").fits and plan.scenario("stage1_nf4").fits
     assert any("NF4" in x for x in plan.suggestions)
     assert any("gradient checkpointing on" in x for x in plan.suggestions)
-    small = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=24))
+    small = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=32))
     assert any("stage 2 needs at least" in x for x in small.suggestions)
+    # 24 GiB: what no number of GPUs shards (the 4.1 GiB of absmax, the gathered layers, the activations, the
+    # 2048-position head chunk, the 2 GiB overhead) already exceeds it at seq_len 2048
+    tiny = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=24))
+    assert any("stage 2 does not fit on any number" in x for x in tiny.suggestions)
 
 
 def test_llama_8b_single_gpu(tmp_path):
@@ -276,7 +281,8 @@ def test_layer_override_and_cpu_mode(tmp_path):
     assert one.counts["total"] == 36992 + 32768 + 64 and one.shape.layers == 1
     assert one.lora_params == 8192 // 2
     for sc in one.scenarios:
-        assert "CUDA/NCCL overhead (fixed)" not in sc.breakdown and sc.total == sum(sc.breakdown.values())
+        assert "CUDA/NCCL overhead (fixed)" not in sc.breakdown and sc.run == sum(sc.breakdown.values())
+        assert "load: CUDA/NCCL overhead (fixed)" not in sc.load_breakdown
     gpu = plan_memory(PlanConfig(path, gpus=2, layers=1, seq_len=64, max_tokens_per_batch=256, lora_r=4))
     assert gpu.scenario("stage1_bf16").total == one.scenario("stage1_bf16").total + OVERHEAD_BYTES
     text = format_plan(one)
@@ -323,3 +329,85 @@ def test_plan_cli_options():
                                     "--layers", "1", "--cpu", "--seq-len", "256", "--max-tokens-per-batch", "1024"])
     assert res.exit_code == 0, res.output
     assert "3,369,109,504" in res.output and "QLoRA+online ref" in res.output  # 1 layer: 877,684,736 + 2·V·h + h
+
+
+# ------------------------------------------------------------------------------ issue 20: absmax whole, loading peak
+@pytest.mark.parametrize("gpus", [1, 2, 3, 4])
+def test_nf4_absmax_is_whole_on_every_gpu(tmp_path, gpus):
+    """FSDP2 shards the NF4 codes (the parameter) but not the quant state bitsandbytes keeps on the module."""
+    assert nf4_split(73728) == (36864, 4 * 1152)  # SMALL's linear weights: n/2 codes, fp32 absmax per 64-block
+    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=gpus, seq_len=64, max_tokens_per_batch=256,
+                                  lora_r=4))
+    # codes 36864 + the other 33088 params in bf16, sharded (rounded up); the 4608 bytes of absmax whole
+    weights = -(-(36864 + 2 * 33088) // gpus) + 4608
+    assert plan.scenario("stage1_nf4").breakdown["reference weights (sharded)"] == weights
+    assert plan.scenario("stage2").breakdown["base weights NF4 (sharded)"] == weights
+    assert plan.scenario("online_ref").breakdown["base weights NF4 (sharded)"] == weights
+
+
+def test_loading_peak_by_hand(tmp_path):
+    path = str(write(tmp_path, SMALL))
+    plan = plan_memory(PlanConfig(path, gpus=2, cpu=True, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
+    # the largest tensor is the embedding [512, 64]: 256 rows per GPU x 64 = 16384 elements, read in bf16 (2 bytes)
+    # with a float32 copy (4 bytes) = 98304 bytes; the linears' slices are smaller (gate [128, 64]: 64 x 64)
+    s1 = plan.scenario("stage1_bf16")
+    assert s1.load_breakdown == {"load: weights resident (sharded)": 106816,
+                                 "load: largest tensor's slice, bf16 + fp32 copy": 98304}
+    # stage two: the NF4 base shards (absmax whole) + fp32 LoRA shards 4·8192/2 + the slice + (--cpu) the whole
+    # fp32 LoRA weights 4·8192 held once before sharding
+    s2 = plan.scenario("stage2")
+    assert s2.load_breakdown == {"load: weights resident (sharded)": 56128 + 16384,
+                                 "load: largest tensor's slice, bf16 + fp32 copy": 98304,
+                                 "load: whole LoRA weights, fp32, before sharding": 32768}
+    assert s2.load == 56128 + 16384 + 98304 + 32768 == 203584
+    assert s1.total == s1.run > s1.load and s2.total == s2.run > s2.load  # the run dominates here
+    gpu = plan_memory(PlanConfig(path, gpus=3, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
+    # 3 GPUs: ⌈512/3⌉ = 171 rows of the embedding; on a GPU the whole LoRA copy sits in host memory (not counted)
+    assert gpu.scenario("stage2").load_breakdown == {
+        "load: weights resident (sharded)": -(-(36864 + 2 * 33088) // 3) + 4608 + -(-4 * 8192 // 3),
+        "load: largest tensor's slice, bf16 + fp32 copy": 6 * 171 * 64,
+        "load: CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
+
+
+def test_loading_peak_can_decide_the_fit(tmp_path):
+    """A big vocabulary and a short stage-one batch: loading, not scoring, is the peak, and decides the fit."""
+    path = str(write(tmp_path, {**SMALL, "vocab_size": 65536}))
+    cfg = PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4, gpu_memory_gb=0.03)
+    s1 = plan_memory(cfg).scenario("stage1_bf16")
+    weights = 2 * (2 * 36992 + 65536 * 64 + 64)                      # P = 4,268,352 in bf16, one GPU
+    assert s1.load == weights + 6 * 65536 * 64 == 33702528            # + the whole embedding, bf16 + fp32
+    # run: hidden states 2·16·64·2 + one layer 16·1408 + head 16·65536·(2+4) + 16·64·2
+    assert s1.run == weights + 4096 + 22528 + 6291456 + 2048 == 14856832
+    assert s1.total == s1.load and 0.03 * GIB < s1.total and not s1.fits  # the run alone would fit in 0.03 GiB
+    assert plan_memory(PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4,
+                                  gpu_memory_gb=0.04)).scenario("stage1_bf16").fits
+    text = format_plan(plan_memory(cfg))
+    assert "load peak" in text and "total = max(run, load)" in text and "  run peak" in text
+
+
+def test_72b_on_8_gpus_absmax_whole_and_loading_peak(tmp_path):
+    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory_gb=80))
+    p_lin = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568)   # 70,212,648,960 NF4-quantised
+    p_oth = 72_706_203_648 - p_lin                                         # 2,493,554,688 kept in bf16
+    codes, absmax = p_lin // 2, 4 * p_lin // 64                           # 35,106,324,480 and 4,388,290,560
+    before = (codes + absmax + 2 * p_oth) // 8                            # absmax divided by 8 (the old plan)
+    after = (codes + 2 * p_oth) // 8 + absmax
+    assert after - before == 7 * absmax // 8 == 3_839_754_240             # 3.58 GiB more per GPU
+    assert 3.5 * GIB < after - before < 3.6 * GIB
+    assert plan.scenario("stage2").breakdown["base weights NF4 (sharded)"] == after == 9_399_969_792
+    assert plan.scenario("stage1_nf4").breakdown["reference weights (sharded)"] == after
+    # loading, stage one bf16: 2P/8 + the embedding's slice (152064/8 = 19008 rows x 8192) in bf16 + fp32
+    s1 = plan.scenario("stage1_bf16")
+    assert s1.load == 2 * 72_706_203_648 // 8 + 6 * 19008 * 8192 + OVERHEAD_BYTES
+    assert s1.total == s1.run > s1.load  # at 8 GPUs the scoring peak dominates
+
+
+def test_log_prob_head_chunk_is_the_devices_default(tmp_path):
+    """--chunk-size defaults per device (stages.settings.CHUNK_BY_DEVICE): 2048 positions on CUDA, 256 on CPU."""
+    path = str(write(tmp_path, QWEN25_72B))
+    gpu, cpu = (plan_memory(PlanConfig(path, gpus=8, cpu=c)) for c in (False, True))
+    # stage one, 16384 tokens per forward: one chunk of bf16 + fp32 logits, plus the gathered rows [T1, h] in bf16
+    assert gpu.scenario("stage1_bf16").breakdown["log-prob head"] == 2048 * 152064 * 6 + 16384 * 8192 * 2
+    assert cpu.scenario("stage1_bf16").breakdown["log-prob head"] == 256 * 152064 * 6 + 16384 * 8192 * 2
+    # stage two, T = 4096: chunk min(2048, T) with both gradients (2+4+4+2), plus 3 bf16 [T, h]
+    assert gpu.scenario("stage2").breakdown["log-prob head"] == 2048 * 152064 * 12 + 3 * 4096 * 8192 * 2

@@ -217,6 +217,9 @@ def test_e2e_config_and_summary(e2e):
     assert summary == e2e["summary"]
     evals = [r for r in e2e["records"] if "eval/loss" in r]
     assert summary["steps"] == 5 and summary["seconds"] > 0 and summary["peak_memory_gb"] > 0
+    memory = summary["memory"]  # per phase and rank (stages/memory.py); peak_memory_gb: max over both
+    assert list(memory) == ["load", "train"] and all(len(r["per_rank_gb"]) == 1 for r in memory.values())
+    assert summary["peak_memory_gb"] == max(r["max_gb"] for r in memory.values())
     assert summary["final_eval"] == evals[-1]
     assert summary["best_eval"]["eval/rewards/accuracies"] == max(r["eval/rewards/accuracies"] for r in evals)
     assert summary["final_train"]["step"] == 5
