@@ -2,7 +2,8 @@
 
 The model runs its normal forward (so FSDP2, PEFT, gradient checkpointing and NF4 behave as usual), but a tap on
 the LM head swaps the `[B, T, V]` logits for this: pick the hidden states that predict completion tokens, then
-project them through the head in chunks of `chunk_size` positions, keeping only `logit[target] - logsumexp(logits)`.
+project them through the head in chunks of `chunk_size` positions (None: the device's default, declared in
+stages.settings.CHUNK_BY_DEVICE), keeping only `logit[target] - logsumexp(logits)`.
 In training each chunk is checkpointed, so backward recomputes its logits; no `[B, T, V]` tensor ever exists and
 memory for this part grows with the chunk, not with batch x length. Prompt and pad positions never reach the head.
 """

@@ -62,10 +62,10 @@ def chunk_size_for(chunk_size: int | None, device_type: str) -> int:
     return chunk_size if chunk_size is not None else CHUNK_BY_DEVICE.get(device_type, CHUNK_BY_DEVICE["cpu"])
 
 
-def common(name: str):
+def common(name: str, **meta):
     """A fresh field for one of the shared options (a Field object must not be shared between dataclasses)."""
     default, help = _COMMON[name]
-    return opt(default, help)
+    return opt(default, help, **meta)
 
 
 DATA_HELP = ("Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, a save_to_disk folder, or a Hub "
@@ -161,7 +161,7 @@ class TrainConfig:
     allow_cache_mismatch: bool = opt(False, "Accept a cache made with another tokenizer/chat-template hash.")
     max_length: int | None = opt(None, "Prompt + reply tokens (default: the cache's).")
     max_prompt_length: int | None = opt(None, "Prompt tokens (default: the cache's).")
-    chunk_size: int | None = common("chunk_size")
+    chunk_size: int | None = common("chunk_size", resume=True)  # memory and speed only
     share_prompt: bool = opt(True, "One [prompt|chosen|rejected] row per pair: the prompt runs once (same "
                                    "gradients).")
     replicas: int = common("replicas")

@@ -166,8 +166,8 @@ PROBE = textwrap.dedent("""
     from stages.distributed import init_distributed
     from stages.models import LoraSettings, ModelSpec, load_model, load_policy
     env = init_distributed()
-    path, nf4, kind, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
-    spec = ModelSpec(path, "fp32", nf4)
+    path, nf4, kind, out, dtype, adapter = sys.argv[1], sys.argv[2] == "1", *sys.argv[3:6], sys.argv[6] or None
+    spec = ModelSpec(path, dtype, nf4, adapter)
     torch.manual_seed(11)
     model = (load_model(spec, env.device, env=env) if kind == "ref"
              else load_policy(spec, LoraSettings(r=4, alpha=8, dropout=0.0), env.device, False, env=env))
@@ -199,26 +199,31 @@ def unit_bytes(model) -> tuple[int, int]:
     return total, max(*layers, total - sum(layers))
 
 
+CASES = {"fp32-ref": (False, "ref", "fp32", False), "nf4-policy": (True, "policy", "fp32", False),
+         "bf16-ref-adapter": (False, "ref", "bf16", True), "nf4-policy-adapter": (True, "policy", "fp32", True)}
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("nf4,kind", [(False, "ref"), (True, "policy")], ids=["fp32-ref", "nf4-policy"])
-def test_each_rank_materializes_its_shard(tiny_qwen2, tmp_path, world, nf4, kind):
+@pytest.mark.parametrize("world,case", [(2, c) for c in CASES] + [(4, "fp32-ref"), (4, "nf4-policy")])
+def test_each_rank_materializes_its_shard(tiny_qwen2, tmp_path, world, case):
     """Counted on every rank: parameter bytes held <= model/N + the largest unit (and, tighter, <= model/N + one row
-    of padding per tensor, + the whole NF4 absmax, which FSDP2 does not shard); file bytes read <= file/N + two NF4 blocks
+    of padding per tensor, + the whole NF4 absmax, which FSDP2 does not shard); file bytes read <= file/N + two NF4
     blocks per tensor; values equal one process exactly."""
+    nf4, kind, dtype, with_adapter = CASES[case]
+    adapter = str(make_adapter(tiny_qwen2, tmp_path / "sft")) if with_adapter else None
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "rank0.pt"
-    proc = torchrun(world, str(probe), str(tiny_qwen2), "1" if nf4 else "0", kind, str(out))
+    proc = torchrun(world, str(probe), str(tiny_qwen2), "1" if nf4 else "0", kind, str(out), dtype, adapter or "")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     counts = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     assert sorted(c["rank"] for c in counts) == list(range(world))
 
     torch.manual_seed(11)
-    spec = ModelSpec(str(tiny_qwen2), "fp32", nf4)
+    spec = ModelSpec(str(tiny_qwen2), dtype, nf4, adapter)
     one = load_model(spec, CPU) if kind == "ref" else load_policy(spec, LoraSettings(r=4, alpha=8, dropout=0.0),
                                                                  CPU, False)
-    total, largest_unit = unit_bytes(one.get_base_model() if kind == "policy" else one)
+    total, largest_unit = unit_bytes(one.get_base_model() if hasattr(one, "get_base_model") else one)
     rows = sum(p.nbytes // p.shape[0] for p in one.parameters() if p.dim())  # one row of each tensor
     blocks = sum(1 for _ in one.parameters()) * 2 * 64 * 4  # NF4: up to a block of fp32 weights each side
     files = sum(f.stat().st_size for f in tiny_qwen2.glob("*.safetensors"))
