@@ -25,6 +25,7 @@ with its estimate); a watchdog kills the run's own process group if MemAvailable
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -51,7 +52,29 @@ PHASES = {"stage1": ("pre", "load", "score"), "stage2": ("pre", "load", "train")
 def models() -> dict:
     return {"smollm2": {"dir": C.SMOLLM2, "name": "SmolLM2-135M-Instruct", "layers": None},
             "q72w": {"dir": WORK / "q72w-2l" / "model", "name": "Qwen2.5-72B widths, 2 layers (random)",
-                     "layers": 2}}
+                     "layers": 2},
+            "q72w-quarter": {"dir": WORK / "q72w-quarter" / "model", "layers": 8,
+                             "name": "Qwen2.5-72B's vocabulary, a quarter of its other widths, 8 layers (random)"}}
+
+
+QUARTER = {"hidden_size": 2048, "intermediate_size": 7392, "num_attention_heads": 16, "num_key_value_heads": 2,
+           "num_hidden_layers": 8, "max_window_layers": 8}  # head dim 128 and vocabulary 152064 kept
+
+
+def build_quarter(model_dir: Path) -> None:
+    """The 72B-width config with QUARTER's widths: an FSDP root unit (embeddings + untied head, 1.16 GiB in bf16)
+    as big a share of the model as at 72B widths with 2 layers, small enough for N = 2 and 4 on this box."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {k: v for k, v in json.loads((C.REPO / "configs" / "models" / "qwen2.5-72b-width-2layers" /
+                                        "config.json").read_text()).items() if not k.startswith("_")}
+    raw.update(QUARTER)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw), dtype=torch.bfloat16)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(C.SMOLLM2 / name, model_dir / name)
 
 
 def parse() -> argparse.Namespace:
@@ -98,11 +121,45 @@ class Sampler:
         return max(self.max, status_gib("VmRSS"))
 
 
+def preload() -> None:
+    """Import what the stages import lazily (model classes, PEFT, bitsandbytes, Arrow): runtime, in the baseline."""
+    import importlib
+
+    for name in ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "peft",
+                 "bitsandbytes", "pyarrow.parquet", "stages.precompute", "stages.train", "stages.loading"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def whole_preadv() -> None:
+    """Linux's preadv returns at most 0x7ffff000 bytes per call; stages/loading.read_flat reads a tensor's slice
+    with ONE call and takes a short read for a cut file, so a slice > 2 GiB (the 72B-width embedding whole at
+    N = 1) fails. Here os.preadv loops until the buffer is full: same buffer, same memory."""
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, *rest):
+        if len(buffers) != 1 or rest:
+            return real(fd, buffers, offset, *rest)
+        view, done = memoryview(buffers[0]).cast("B"), 0
+        while done < len(view):
+            got = real(fd, [view[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
+        return done
+
+    os.preadv = preadv
+
+
 def cli_worker(outdir: Path, argv: list[str]) -> None:
     """One rank: `dpo ARGV` with every VmHWM reset wrapped; writes outdir/rank{R}.json."""
     import stages.memory as M
     from stages.cli import main
 
+    preload()
+    whole_preadv()
     rank, t0 = int(os.environ.get("RANK", "0")), time.perf_counter()
     rec = {"rank": rank, "import_rss": status_gib("VmRSS"), "marks": []}
     original = M.reset_rss_peak
@@ -167,6 +224,19 @@ def wait_for_memory(need: float, cap: float, wait_s: float) -> str | None:
     return None
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (they run in sessions of their own), by process id: nothing else."""
+    table = [line.split() for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True,
+                                                     text=True).stdout.splitlines()]
+    tree, grew = {pid}, True
+    while grew:
+        more = {int(p) for p, pp in table if int(pp) in tree} - tree
+        tree, grew = tree | more, bool(more)
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def launch(argv: list[str], n: int, outdir: Path, log: Path, timeout: float) -> tuple[int, str]:
     """torchrun N ranks of the wrapper in a session of their own; a watchdog kills that session (only it) when the
     box runs low on memory. Returns (rc, why it was killed or '')."""
@@ -184,7 +254,7 @@ def launch(argv: list[str], n: int, outdir: Path, log: Path, timeout: float) -> 
             elif time.monotonic() - start > timeout:
                 why = f"killed after {timeout:.0f} s"
             if why:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
                 break
             time.sleep(0.5)
@@ -237,10 +307,29 @@ def plan_gib(model_dir: Path, n: int, shape: dict) -> dict:
     return out
 
 
+def rough_gib(model_dir: Path, n: int, stage: str) -> float:
+    """A rank's RSS by rough arithmetic from the checkpoint's header (bf16 weights): at N = 1 the weights + the
+    largest tensor read whole; at N > 1 its shard + the FSDP root unit (embeddings, head) TWICE (FSDP2 copies
+    the all-gather output into the unsharded parameters while both exist) + one gathered layer. Stage two: NF4
+    layers (0.28 of bf16 with absmax) and one linear dequantised. + 1 GiB (runtime, activations)."""
+    from stages.loading import index_checkpoint
+
+    sizes = {}
+    for name, t in index_checkpoint(model_dir).items():
+        unit = re.match(r".*\.layers\.(\d+)\.", name)
+        sizes.setdefault(unit.group(1) if unit else "root", []).append(t.numel * 2)
+    root, layers = sum(sizes.pop("root")), [sum(v) for v in sizes.values()]
+    largest = max(max(v) for v in sizes.values())
+    scale = 0.28 if stage == "stage2" else 1.0
+    weights, layer = root + scale * sum(layers), scale * max(layers) + (largest if stage == "stage2" else 0)
+    per_rank = weights + max(largest, root / 2) if n == 1 else weights / n + 2 * root + layer
+    return per_rank / GIB + 1.0
+
+
 def run_one(key: str, stage: str, n: int, model_dir: Path, shape: dict, a) -> dict:
     work = WORK / key
     plan = plan_gib(model_dir, n, shape)[stage]
-    need = n * (plan["total"] * 1.15 + 1.0)  # + the runtime (~0.6 GiB) and gloo's buffers, per rank
+    need = n * rough_gib(model_dir, n, stage)
     print(f"{key} {stage} N={n}: plan {plan['total']:.2f} GiB/rank, estimate {need:.1f} GiB in all; "
           f"available {mem_available_gib():.1f} GiB, {pytest_count()} pytest processes", flush=True)
     skip = wait_for_memory(need, a.cap_gib, a.wait_s)
@@ -275,25 +364,35 @@ def main() -> None:
     a = parse()
     if a.worker:
         return cli_worker(Path(a.worker), a.dpo_args)
-    saved = WORK / "results.json"
-    results = json.loads(saved.read_text()) if saved.is_file() else {"runs": {}, "shapes": {}, "settings": {}}
     if not a.report_only:
         C.ensure_model()
         for key in a.models.split(","):
+            saved = WORK / key / "results.json"  # one file per model: models may run side by side
+            results = json.loads(saved.read_text()) if saved.is_file() else {"runs": {}, "shapes": {}}
             model_dir = models()[key]["dir"]
+            if key == "q72w-quarter" and not (model_dir / "config.json").is_file():
+                build_quarter(model_dir)
             if not (model_dir / "config.json").is_file():
                 sys.exit(f"{model_dir} missing: build it with `python bench/bench_72b.py --worker build --layers 2 "
                          f"--args {model_dir}`")
             (WORK / key).mkdir(parents=True, exist_ok=True)
             shape = results["shapes"][key] = write_rows(model_dir, a, WORK / key / "rows.jsonl")
-            results["settings"] = {k: getattr(a, k) for k in ("rows", "max_length", "max_prompt_length", "budget",
-                                                              "steps")}
+            shape["settings"] = {k: getattr(a, k) for k in ("max_length", "max_prompt_length", "budget", "steps")}
             results["provenance"] = C.provenance(1)
             for n in map(int, a.nprocs.split(",")):
                 for stage in a.stages.split(","):
                     results["runs"][f"{key}/{stage}/{n}"] = run_one(key, stage, n, model_dir, shape, a)
                     saved.write_text(json.dumps(results, indent=1))
                     print(json.dumps(summarize_run(results["runs"][f"{key}/{stage}/{n}"], stage)), flush=True)
+    results = {"runs": {}, "shapes": {}, "provenance": {}}
+    for key in models():
+        if (WORK / key / "results.json").is_file():
+            part = json.loads((WORK / key / "results.json").read_text())
+            results["runs"].update(part["runs"])
+            results["shapes"].update(part["shapes"])
+            results["provenance"][key] = part["provenance"]
+    from bench_load_report import report
+
     body = report(results)
     print(body)
     if not a.no_write:
@@ -305,83 +404,6 @@ def summarize_run(run: dict, stage: str) -> dict:
         return {k: run.get(k) for k in ("status", "reason", "estimate_gib")}
     return {"status": "ok", "peaks": [{k: round(v, 3) for k, v in phase_peaks(r, stage).items()}
                                       for r in run["ranks"]]}
-
-
-# ================================================================================================ report
-def run_rows(key: str, stage: str, n: int, run: dict, plan: dict) -> list[list]:
-    name = [key, STAGE_NAMES[stage], n]
-    if run.get("status") != "ok":
-        reason = " ".join(str(run.get("reason", "")).split())[-300:]
-        return [name + ["-", f"{run.get('status')}: {reason} (estimate {run.get('estimate_gib')} GiB)"] + ["-"] * 11]
-    rows = []
-    for r in run["ranks"]:
-        p = phase_peaks(r, stage)
-        model_peak = p["peak"] - p["baseline"]
-        tool = (run.get("tool_memory") or {}).get(PHASES[stage][2], {}).get("per_rank_gb", [])
-        rows.append(name + [r["rank"], C.fmt(p["baseline"]), C.fmt(p["load"] - p["baseline"]),
-                     C.fmt(p[PHASES[stage][2]] - p["baseline"]), C.fmt(p["peak"]), C.fmt(p["sampled"]),
-                     C.fmt(model_peak), f"{C.fmt(plan['load'])} / {C.fmt(plan['run'])}",
-                     C.fmt(run["plan_at_run"]["total"]), C.fmt(plan["total"]),
-                     f"{100 * (model_peak / plan['total'] - 1):+.0f}%",
-                     C.fmt(tool[r["rank"]]) if r["rank"] < len(tool) else "-", f"{r['seconds']:.0f}"])
-    return rows
-
-
-def targets(results: dict, plans: dict) -> list[str]:
-    """The issue's two targets, per model and stage: within 15 % of the plan; at N = 2 every rank below N = 1."""
-    out = []
-    for key in results["shapes"]:
-        for stage in STAGE_KEYS:
-            runs = {n: results["runs"].get(f"{key}/{stage}/{n}", {}) for n in (1, 2, 4)}
-            ok = {n: r for n, r in runs.items() if r.get("status") == "ok"}
-            off = [(n, r["rank"], phase_peaks(r, stage)) for n, run in ok.items() for r in run["ranks"]]
-            ratios = [(p["peak"] - p["baseline"]) / plans[key][n][stage]["total"] - 1 for n, _, p in off]
-            within = sum(abs(x) <= 0.15 for x in ratios)
-            line = (f"{key}, {STAGE_NAMES[stage]}: peak - baseline within 15 % of the plan in {within} of "
-                    f"{len(ratios)} ranks (range {min(ratios, default=0) * 100:+.0f}% to "
-                    f"{max(ratios, default=0) * 100:+.0f}%)")
-            if 1 in ok and 2 in ok:
-                one = phase_peaks(ok[1]["ranks"][0], stage)["peak"]
-                two = [phase_peaks(r, stage)["peak"] for r in ok[2]["ranks"]]
-                line += (f"; N = 2 peaks {', '.join(C.fmt(x) for x in two)} vs N = 1 {C.fmt(one)} GiB: "
-                         f"{'met' if max(two) < one else 'MISSED'}")
-            skipped = [f"N = {n} {r.get('status')}" for n, r in runs.items() if r and r.get("status") != "ok"]
-            out.append(line + (f" ({'; '.join(skipped)})" if skipped else ""))
-    return out
-
-
-def report(results: dict) -> str:
-    plans, rows, cmds = {}, [], []
-    for key, shape in results["shapes"].items():
-        model_dir = models()[key]["dir"]
-        plans[key] = {n: plan_gib(model_dir, n, shape) for n in (1, 2, 4)}
-        cmds.append(f"- {models()[key]['name']}: {shape['rows']} rows, longest pair {shape['pair_tokens']} tokens "
-                    f"as one shared row, stage one {shape['batches']} batch(es), largest {shape['padded']} padded "
-                    f"tokens; plan: `{plan_cmd(model_dir, 1, shape)}` with --gpus N")
-        for n in (1, 2, 4):
-            for stage in STAGE_KEYS:
-                run = results["runs"].get(f"{key}/{stage}/{n}")
-                if run:
-                    rows += run_rows(key, stage, n, run, plans[key][n][stage])
-    s = results["settings"]
-    head = ["model", "stage", "N", "rank", "baseline", "load peak", "run peak", "process peak RSS", "sampled max",
-            "peak - baseline", "plan load / run", "plan at run", "plan now", "vs plan now", "run's own", "s"]
-    return "\n".join([
-        f"## Sharded loading: per-rank peak RSS vs `dpo plan --cpu` (issue 20; section `{SECTION}`)", "",
-        results["provenance"].rstrip(),
-        "- each run: `MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 OMP_NUM_THREADS=1 python -m "
-        "torch.distributed.run --nproc-per-node N bench/bench_load.py --worker DIR -- <dpo args>`, dpo args: "
-        f"`precompute-ref --dtype bf16 --max-length {s['max_length']} --max-prompt-length {s['max_prompt_length']} "
-        f"--max-tokens-per-batch {s['budget']}` and `train --load-in-4bit --dtype bf16 --lora-r 16 --batch-size 1 "
-        f"--max-steps {s['steps']}` (gradient checkpointing on), gloo, one torch thread per rank",
-        *cmds,
-        "- GiB per rank. baseline = RSS at the start of loading (Python, torch, gloo, tokenized rows: the plan "
-        "counts none of it); load / run peak = the phase's VmHWM - baseline; process peak RSS = the max VmHWM over "
-        "the phases and at exit (raw, runtime included); sampled max = VmRSS sampled every 20 ms (cross-check); "
-        "vs plan = (peak - baseline) / plan total - 1; run's own = the run's summary/cache `memory` for its "
-        "score/train phase (stages/memory.py)", "",
-        C.table(head, rows), "",
-        *[f"- {x}" for x in targets(results, plans)]])
 
 
 if __name__ == "__main__":

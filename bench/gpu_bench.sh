@@ -52,17 +52,19 @@ DEST=${OUT:-bench/out/gpu_results}
 WORK=bench/out/gpu_bench
 DEADLINE=${DEADLINE:-540}  # seconds after the start; the device tool kills at 600
 ROWS=512; BUDGET=32768; PAIRS=8; TARGET=400; STEPS=3; TRL_ROWS=256; TRL_STEPS=5; W=""; PLAN=(--gpu-memory 141GB)
-THREADS=8; REPEATS=2
-if [ "$DRY" = 1 ]; then
+THREADS=8; REPEATS=2; DT=bf16; VOCAB=128256; DATA=stages/demo_data/train.jsonl
+if [ "$DRY" = 1 ]; then  # CPU: fp32 (bf16 matmuls are slow there), vocab 512, 24 demo rows
   MODEL=/tmp/rand-dry; ROWS=16; BUDGET=2048; PAIRS=2; TARGET=64; STEPS=1; TRL_ROWS=8; TRL_STEPS=2; W="--no-write"
-  THREADS=1; REPEATS=1
+  THREADS=1; REPEATS=1; DT=fp32; VOCAB=512
   DEST=${OUT:-bench/out/gpu_results-dry}; WORK=bench/out/gpu_bench-dry; DEADLINE=${DEADLINE_DRY:-3600}
   PLAN=(--cpu --gpu-memory 24GB)
 fi
 rm -rf "$WORK"
 mkdir -p "$DEST" "$WORK"
+if [ "$DRY" = 1 ]; then head -n 24 "$DATA" > "$WORK/demo.jsonl"; DATA="$WORK/demo.jsonl"; fi
 LOG="$DEST/gpu_bench.log"
-exec > >(tee "$LOG") 2>&1
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1  # appends: finish() below may write to the log directly once tee is gone
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 left() { echo $(( DEADLINE - $(elapsed) )); }
@@ -79,6 +81,8 @@ mfu() { ok tmo $PY bench/gpu_mfu.py --model "$MODEL" "$1" "$2"; }
 finish() {
   local rc=$?
   trap - EXIT INT TERM HUP
+  trap '' PIPE
+  exec >> "$LOG" 2>&1  # a kill of the whole group also ends tee: write to the log itself
   stamp "exit $rc: packing the results into $DEST"
   find bench/out -path "$DEST" -prune -o -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' \
     -o -name '*.md' -o -name '*.txt' \) -size -4M -print 2>/dev/null | tar czf "$DEST/gpu_bench_files.tar.gz" -T - \
@@ -122,7 +126,7 @@ if $PY -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datas
 
 stamp "build a random-init ~3.2B Llama-like model in bf16 -> $MODEL (expected ~40s)"
 if [ ! -f "$MODEL/config.json" ]; then
-  tmo $PY - "$MODEL" "$DRY" <<'EOF' || exit 1
+  tmo $PY - "$MODEL" "$DRY" "$VOCAB" <<'EOF' || exit 1
 import sys, time, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 t = time.perf_counter()
@@ -130,7 +134,7 @@ dry = sys.argv[2] == "1"
 shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128) if dry else dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
                                                      num_key_value_heads=8, intermediate_size=8192)
-cfg = LlamaConfig(**shape, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
+cfg = LlamaConfig(**shape, vocab_size=int(sys.argv[3]), max_position_embeddings=4096, tie_word_embeddings=True,
                   rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   attn_implementation="sdpa")
 torch.manual_seed(0)
@@ -152,22 +156,22 @@ if section 20 "1. CUDA-only tests: NF4 + FSDP2 at world size 1 against the unsha
 fi
 
 # ------------------------------------------------------------------------------------------------ 2. loading, NF4
-S1=(--model "$MODEL" --data stages/demo_data/train.jsonl --max-length 512 --max-prompt-length 256
-    --max-tokens-per-batch $BUDGET --dtype bf16 --overwrite)
+S1=(--model "$MODEL" --data "$DATA" --max-length 512 --max-prompt-length 256 --max-tokens-per-batch $BUDGET
+    --dtype $DT --overwrite)
 if section 60 "2. loading and NF4 through the commands (memory per phase next to dpo plan)"; then
   ok tmo $PY -m stages.cli plan --model "$MODEL" --gpus 1 "${PLAN[@]}" --seq-len 512 --max-tokens-per-batch $BUDGET \
     --batch 2 --lora-r 16
   ok tmo $PY -m stages.cli precompute-ref "${S1[@]}" --output "$WORK/ref-bf16.parquet"
   if [ "$NF4" = 1 ]; then
     ok tmo $PY -m stages.cli precompute-ref "${S1[@]}" --load-in-4bit --output "$WORK/ref-nf4.parquet"
-    ok tmo $PY -m stages.cli train --model "$MODEL" --data stages/demo_data/train.jsonl \
-      --ref-cache "$WORK/ref-nf4.parquet" --load-in-4bit --dtype bf16 --max-length 512 --max-prompt-length 256 \
+    ok tmo $PY -m stages.cli train --model "$MODEL" --data "$DATA" \
+      --ref-cache "$WORK/ref-nf4.parquet" --load-in-4bit --dtype $DT --max-length 512 --max-prompt-length 256 \
       --batch-size 2 --max-steps 3 --output "$WORK/run-nf4"
   fi
 fi
 
 # ------------------------------------------------------------------------------------------------ 3. stage two NF4
-T2=(--model "$MODEL" --synthetic --dtype bf16 --pairs $PAIRS --target-length $TARGET --max-length 1024
+T2=(--model "$MODEL" --synthetic --dtype $DT --pairs $PAIRS --target-length $TARGET --max-length 1024
     --steps $STEPS --threads $THREADS $W)
 if [ "$NF4" = 1 ] && section 40 "3. stage two, NF4 base (QLoRA default): (a) cache vs (b) online"; then
   ok tmo $PY bench/bench_stage2.py "${T2[@]}" --4bit --variants cache,online --json "$WORK/stage2-nf4.json"
@@ -183,7 +187,7 @@ elif [ "$TRL" != 1 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------ 5-7. throughput
-B1=(--model "$MODEL" --synthetic --dtype bf16 --rows $ROWS --budget $BUDGET --repeats $REPEATS --threads $THREADS $W)
+B1=(--model "$MODEL" --synthetic --dtype $DT --rows $ROWS --budget $BUDGET --repeats $REPEATS --threads $THREADS $W)
 if section 30 "5. stage one throughput, single GPU"; then
   ok tmo $PY bench/bench_stage1.py "${B1[@]}" --variants sorted-shared,sorted-plain --json "$WORK/stage1.json"
   mfu stage1 "$WORK/stage1.json"
@@ -213,7 +217,7 @@ a, b = pl.read_parquet(f"{d}/single.parquet"), pl.read_parquet(f"{d}/merged.parq
 assert a["example_id"].to_list() == b["example_id"].to_list(), "merged ids differ from the single job"
 diff = max(float((a[c] - b[c]).abs().max()) for c in ("ref_chosen_logps", "ref_rejected_logps"))
 scale = float(a["ref_chosen_logps"].abs().max())
-print(f"SHARDS merged vs single job: {a.height} ids equal, max |diff| {diff:.3e} (bf16; sums up to {scale:.0f} nats)")
+print(f"SHARDS merged vs single job: {a.height} ids equal, max |diff| {diff:.3e} (sums up to {scale:.0f} nats)")
 EOF
 fi
 
@@ -231,7 +235,7 @@ diff = max(float((a[c] - b[c]).abs().max()) for c in ("ref_chosen_logps", "ref_r
 print(f"HSDP stage one vs one process: ids equal {a['example_id'].to_list() == b['example_id'].to_list()}, "
       f"max |diff| {diff:.3e}")
 EOF
-    T3=(--model "$MODEL" --data stages/demo_data/train.jsonl --ref-cache "$SH/single.parquet" --dtype bf16
+    T3=(--model "$MODEL" --data "$DATA" --ref-cache "$SH/single.parquet" --dtype $DT
         --no-load-in-4bit --max-length 512 --max-prompt-length 256 --max-steps 3 --batch-size 2 --lora-dropout 0
         --seed 3 --learning-rate 1e-3)
     ok tmo $PY -m torch.distributed.run --nproc-per-node $NP -m stages.cli train "${T3[@]}" --output "$SH/run-hsdp" \

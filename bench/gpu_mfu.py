@@ -42,7 +42,7 @@ def mfu(tokens_per_s: float, n: int, training: bool) -> float:
 
 def line(label: str, tokens_per_s: float, n: int, training: bool) -> str:
     return (f"MFU {label}: {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu(tokens_per_s, n, training):.1f}% "
-            f"({6 if training else 2}·N·tokens/s / 989 TFLOP/s, N = {n / 1e9:.3f}B non-embedding)")
+            f"({6 if training else 2}·N·tokens/s / 989 TFLOP/s, N = {n / 1e6:,.1f}M non-embedding)")
 
 
 def stage1_lines(data: dict, n: int) -> list[str]:

@@ -101,7 +101,7 @@ def stage_two(a, model: Path, out: Path, rows: list[dict]) -> dict:
 
 def report(res: dict, n: int) -> list[str]:
     t1, t2, s1, s2 = res["tokens_stage_one"], res["tokens_stage_two"], res["stage_one"], res["stage_two"]
-    lines = [f"side by side with TRL 1.16 on {res['device']} ({res['dtype']}), N = {n / 1e9:.3f}B non-embedding"]
+    lines = [f"side by side with TRL 1.16 on {res['device']} ({res['dtype']}), N = {n / 1e6:,.1f}M non-embedding"]
     for stage, tok, r, training in (("stage one", t1, s1, False), ("stage two step", t2, s2, True)):
         for side, forwarded in (("ours", tok["shared"]), ("TRL", tok["pair"])):
             sec = r["ours_s" if side == "ours" else "trl_s"]

@@ -136,9 +136,12 @@ def gather_rows(row: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def all_reduce_max_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """In place, elementwise max over all ranks; `t` lives on env.device (loading's NF4 absmax)."""
+    """In place, elementwise max over all ranks, reduced on env.device (loading's NF4 absmax lives there)."""
     if env.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        on_device = t.to(env.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+        if on_device is not t:
+            t.copy_(on_device)
     return t
 
 

@@ -196,7 +196,7 @@ def plan_batches(todo: list[Encoded], budget: int, shared: bool, sort: bool) -> 
 
 
 def score_batches(model, pad_id, batches, parts, share, cfg, env, stop) -> torch.Tensor:
-    """Forward this rank's batches (batches[rank::world]) under inference_mode; a part file every
+    """Forward this rank's batches (batches[rank::world]) under no_grad; a part file every
     `batches_per_part` batches or `part_seconds`, whichever comes first, and at a stop signal.
     Returns [examples, real tokens, padded tokens] of this rank."""
     mine, world = batches[env.rank::env.world_size], env.world_size
@@ -206,7 +206,9 @@ def score_batches(model, pad_id, batches, parts, share, cfg, env, stop) -> torch
     part_index, last_part = refcache.next_part_index(parts, env.rank), time.monotonic()
     progress = Progress(env, total=sum(map(len, batches)), unit="ex", desc="reference")
     dummy = mine[-1][:1] if mine else None  # the shortest example: the cheapest forward
-    with torch.inference_mode():
+    # no_grad, not inference_mode: where FSDP2 shards over one process (HSDP with one GPU per replica group) its
+    # unsharded parameters would become inference tensors and the second forward fails
+    with torch.no_grad():
         for step in range(steps):
             batch = mine[step] if step < len(mine) else (dummy or [])
             if not batch:  # a rank with no examples at all still has to join the collectives

@@ -14,7 +14,14 @@ import torch
 import torch.distributed as dist
 
 import stages.distributed as sd
-from stages.distributed import DistEnv, all_reduce_max, all_reduce_sum, broadcast_object, gather_rows
+from stages.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_max_,
+    all_reduce_sum,
+    broadcast_object,
+    gather_rows,
+)
 from stages.metrics import Accumulator
 from tests import collective_guard as guard
 
@@ -69,6 +76,7 @@ def test_every_helper_hands_its_collective_a_tensor_on_env_device(monkeypatch):
     monkeypatch.setattr(dist, "broadcast_object_list", collective("broadcast_object_list"))
     calls = {"all_reduce_sum": lambda: all_reduce_sum(torch.zeros(3, dtype=torch.float64), env),
              "all_reduce_max": lambda: all_reduce_max(3, env),
+             "all_reduce_max_": lambda: all_reduce_max_(torch.zeros(4), env),  # loading's NF4 absmax
              "gather_rows": lambda: gather_rows(torch.ones(2, dtype=torch.float64), env),
              "Accumulator.reduce": lambda: Accumulator().reduce(env),  # train/eval metrics, the drift report's
              "broadcast_object": lambda: broadcast_object({"a": 1}, env)}
@@ -78,10 +86,10 @@ def test_every_helper_hands_its_collective_a_tensor_on_env_device(monkeypatch):
         except Reached:
             continue
         raise AssertionError(f"{name} did not reach its collective")
-    assert [s[0] for s in seen] == ["all_reduce"] * 4 + ["broadcast_object_list"]
-    for name, devices, device in seen[:4]:
+    assert [s[0] for s in seen] == ["all_reduce"] * 5 + ["broadcast_object_list"]
+    for name, devices, device in seen[:5]:
         assert devices == ["meta"], (name, devices)
-    assert seen[4][2] == torch.device("meta")
+    assert seen[5][2] == torch.device("meta")
 
 
 def test_guard_flags_a_tensor_off_the_run_device_and_a_direct_call():

@@ -36,7 +36,7 @@ def guarded_torchrun(log: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
-    """A tiny stage one (7 examples in one-example batches: rank 1 runs a dummy forward), then a stage two of two
+    """A tiny NF4 stage one (7 examples in one-example batches: rank 1 runs a dummy forward), then a stage two of two
     steps with an eval after each (3 eval rows: uneven across ranks), a checkpoint each step, and the step-0 drift
     report (a fresh LoRA: step 1's own forwards)."""
     d = tmp_path_factory.mktemp("collectives")
@@ -45,12 +45,12 @@ def runs(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     cache = d / "ref.parquet"
     one = guarded_torchrun(d / "log-precompute", "precompute-ref", "--model", str(tiny_llama), "--data", str(train_f),
                            "--data", str(eval_f), "--output", str(cache), "--max-tokens-per-batch", "1",
-                           "--no-load-in-4bit", *SHORT)
+                           "--load-in-4bit", *SHORT)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
     two = guarded_torchrun(d / "log-train", "train", "--model", str(tiny_llama), "--data", str(train_f),
                            "--eval-data", str(eval_f), "--ref-cache", str(cache), "--output", str(d / "run"),
                            "--max-steps", "2", "--batch-size", "1", "--eval-batch-size", "1", "--eval-steps", "1",
-                           "--save-steps", "1", "--lora-r", "4", "--lora-dropout", "0", "--no-load-in-4bit", *SHORT)
+                           "--save-steps", "1", "--lora-r", "4", "--lora-dropout", "0", *SHORT)  # NF4, as cached
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     return {"dir": d, "cache": cache, "out": d / "run", "precompute": one, "train": two}
 
@@ -73,6 +73,7 @@ def test_every_collective_tensor_on_the_run_device_through_the_helpers(runs, sta
     assert not violations, violations[:10]
     # the guard saw the collectives that matter (so an empty violation list means something)
     expected = ["broadcast_object_list @ stages.runguard.guarded_output",
+                "all_reduce @ stages.loading._fill_nf4",  # sharded NF4 loading: the absmax
                 "all_reduce @ stages.memory.PhaseMemory.report"]
     if stage == "precompute":
         expected += ["all_reduce @ stages.precompute.reference_pass",  # the stats, after the whole pass

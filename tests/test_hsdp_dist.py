@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD, REPLICAS = 4, 2
 
 
-def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
+def torchrun(*args: str, timeout: float = 600, world: int = WORLD) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -89,6 +89,19 @@ def test_stage_one_hsdp_equals_one_process(tiny_llama, setup, tmp_path):
     print(f"stage one, 2x2 HSDP vs one process: max |diff| {diff:.3e}")
     assert diff <= 1e-6, diff
     assert "Traceback" not in proc.stderr
+
+
+def test_stage_one_one_process_per_replica_group(tiny_llama, setup, tmp_path):
+    """2 processes as 2 replica groups of 1: FSDP2 shards over a single process (a forward under inference_mode
+    once broke the second batch there); values equal one process."""
+    out = tmp_path / "hsdp21" / "ref.parquet"
+    proc = torchrun("-m", "stages.cli", "precompute-ref", "--model", str(tiny_llama), "--data", str(setup["train"]),
+                    "--output", str(out), "--max-tokens-per-batch", "256", "--replicas", "2", *SHORT, world=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = pl.read_parquet(out).sort("example_id")
+    one = run_inproc(tiny_llama, [setup["train"]], tmp_path / "one" / "ref.parquet", max_tokens_per_batch=256)
+    assert got.height == 40 and got.select(VALUE_COLS[2:]).equals(one.select(VALUE_COLS[2:]))
+    assert max(float((got[c] - one[c]).abs().max()) for c in VALUE_COLS[:2]) <= 1e-6
 
 
 @pytest.fixture(scope="module", params=["fp32", "nf4"])

@@ -257,19 +257,26 @@ def test_e2e_adapter_reloads_to_the_trained_policy(e2e, fp32_files):
 def test_exactly_one_model_load_and_no_reference_anywhere(files, tmp_path, monkeypatch, capsys):
     from transformers import PreTrainedModel
 
+    from stages import loading
+
     loads: list[str] = []
-    real = PreTrainedModel.from_pretrained.__func__
+    real, hf = loading.index_checkpoint, PreTrainedModel.from_pretrained.__func__
 
-    def counting(cls, path, *args, **kwargs):
-        loads.append(str(path))
-        return real(cls, path, *args, **kwargs)
+    def counting(folder):
+        loads.append(str(folder))
+        return real(folder)
 
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting))
+    def hf_load(cls, path, *args, **kwargs):
+        loads.append(f"from_pretrained {path}")
+        return hf(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "index_checkpoint", counting)  # every weight read starts here
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(hf_load))
     assert not files["deleted_reference"].exists()  # the folder the cache was made from is gone
     before = models.LOAD_COUNT["models"]
     summary = train.run(tcfg(files, tmp_path / "run", eval_data=(str(files["eval"]),)))
     assert models.LOAD_COUNT["models"] - before == 1
-    assert loads == [str(files["model"])], loads  # one from_pretrained, of the policy's base
+    assert loads == [str(files["model"])], loads  # one model's weights read: the policy's base
     assert "WARNING" not in capsys.readouterr().out
     # an NF4 cache of the same weights, though its source folder is gone: rounding only (tests/bounds.py)
     z = logit_scale_of_files(files["model"], [files["train"]], MAXLEN, MAXPROMPT, load_in_4bit=True)
