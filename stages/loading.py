@@ -165,10 +165,12 @@ def checkpoint_name(name: str) -> str:
 
 
 @torch.no_grad()
-def materialize(model, folder: Path, device: torch.device, dtype: torch.dtype, env) -> None:
+def materialize(model, folder: Path, device: torch.device, dtype: torch.dtype, env) -> list[str]:
     """Allocate this rank's shards on `device` and fill them: base weights from the checkpoint (this rank's rows
-    only), values that already existed (LoRA, made on CPU) copied back, NF4 quant state built, rotary recomputed."""
+    only), values that already existed (LoRA, made on CPU) copied back, NF4 quant state built, rotary recomputed.
+    Returns the checkpoint's tensors the model has no place for (the caller says how many)."""
     stored = index_checkpoint(folder)
+    used = {checkpoint_name(n) for n, _ in _tensors(model)}
     kept = {n: local_rows(p)[0].detach().clone() for n, p in _tensors(model) if not p.is_meta}
     model.to_empty(device=device)
     _base(model).tie_weights()  # to_empty makes new tensors, which unties them
@@ -188,6 +190,7 @@ def materialize(model, folder: Path, device: torch.device, dtype: torch.dtype, e
             local.copy_(read_rows(t, first, first + local.shape[0]).to(local.dtype) if local.dim() else
                         read_flat(t, 0, 1).reshape(()).to(local.dtype))
     _init_rotary(model)
+    return sorted(set(stored) - used)
 
 
 def _base(model):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .progress import say
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOAD_COUNT = {"models": 0}  # every model load; tests assert that stage two loads exactly one
@@ -119,7 +120,10 @@ def _shard_and_fill(model, spec: ModelSpec, device: torch.device, dtype: torch.d
 
     env = env or DistEnv(0, 1, 0, device)
     shard_model(model, env, replicas=replicas)
-    materialize(model, Path(spec.path), device, dtype, env)
+    unused = materialize(model, Path(spec.path), device, dtype, env)
+    if unused:  # e.g. a tied head saved twice; anything else means the folder holds more than this architecture
+        say(env, f"load: {len(unused)} tensor(s) in {spec.path} unused by the {model.config.model_type} "
+                 f"architecture (first: {unused[0]})")
     LOAD_COUNT["models"] += 1
     fix_bnb_cpu(model)
     return model

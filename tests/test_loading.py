@@ -160,6 +160,15 @@ def test_incomplete_or_foreign_checkpoint_is_one_line(tiny_qwen2, tmp_path):
     assert len(str(e.value)) <= 200 and "\n" not in str(e.value)
 
 
+def test_unused_checkpoint_tensors_are_counted(tiny_qwen2, tmp_path, capsys):
+    extra = copy_model(tiny_qwen2, tmp_path / "extra", lambda t: t.update({"model.extra.weight": torch.ones(3)}))
+    model = load_model(ModelSpec(str(extra), "fp32"), CPU)
+    assert "load: 1 tensor(s) in" in capsys.readouterr().out
+    assert_same_model(model, hf_load(tiny_qwen2, False))
+    load_model(ModelSpec(str(tiny_qwen2), "fp32"), CPU)
+    assert "load:" not in capsys.readouterr().out
+
+
 PROBE = textwrap.dedent("""
     import json, sys, torch
     from stages import loading
