@@ -30,6 +30,7 @@ import torch
 from .errors import UserError
 
 NF4_BLOCK = 64  # bitsandbytes' NF4 blocksize: one absmax per 64 consecutive weights of the flattened matrix
+NF4_STORAGE = torch.uint8  # packed codes: 2 per byte (FSDP2 copies integer shards byte for byte)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
@@ -147,10 +148,10 @@ def quantize_meta(model, compute_dtype: torch.dtype) -> int:
     swaps = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     for name, lin in swaps:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8, device="meta")
-        packed = torch.empty((lin.in_features * lin.out_features + 1) // 2, 1, dtype=torch.uint8, device="meta")
+                              compress_statistics=False, quant_type="nf4", quant_storage=NF4_STORAGE, device="meta")
+        packed = torch.empty((lin.in_features * lin.out_features + 1) // 2, 1, dtype=NF4_STORAGE, device="meta")
         q.weight = bnb.nn.Params4bit(packed, requires_grad=False, blocksize=NF4_BLOCK, compress_statistics=False,
-                                     quant_type="nf4", quant_storage=torch.uint8, module=q, bnb_quantized=True)
+                                     quant_type="nf4", quant_storage=NF4_STORAGE, module=q, bnb_quantized=True)
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
         parent, _, leaf = name.rpartition(".")
@@ -247,7 +248,7 @@ def _fill_nf4(module, local: torch.Tensor, first: int, t: StoredTensor, env) -> 
     if hi > lo:
         a0, a1 = lo // NF4_BLOCK * NF4_BLOCK, min(math.ceil(hi / NF4_BLOCK) * NF4_BLOCK, n)
         values = read_flat(t, a0, a1).to(device=local.device, dtype=module.compute_dtype)
-        packed, state = bf.quantize_4bit(values, blocksize=NF4_BLOCK, quant_type="nf4", quant_storage=torch.uint8)
+        packed, state = bf.quantize_4bit(values, blocksize=NF4_BLOCK, quant_type="nf4", quant_storage=NF4_STORAGE)
         skip = (lo - a0) // 2
         local.copy_(packed.reshape(-1, 1)[skip:skip + local.shape[0]])
         own = slice(math.ceil(lo / NF4_BLOCK), math.ceil(hi / NF4_BLOCK))  # blocks whose first weight is ours
@@ -259,7 +260,7 @@ def _fill_nf4(module, local: torch.Tensor, first: int, t: StoredTensor, env) -> 
     if module.weight.data_ptr() == local.data_ptr():  # one process, not sharded: a Params4bit as from_pretrained's
         module.weight = bnb.nn.Params4bit(local, requires_grad=False, quant_state=module.quant_state,
                                           blocksize=NF4_BLOCK, compress_statistics=False, quant_type="nf4",
-                                          quant_storage=torch.uint8, module=module, bnb_quantized=True)
+                                          quant_storage=NF4_STORAGE, module=module, bnb_quantized=True)
 
 
 def _init_rotary(model) -> None:

@@ -130,7 +130,11 @@ def _shard_and_fill(model, spec: ModelSpec, device: torch.device, dtype: torch.d
 
 
 def quantization_name(spec: ModelSpec) -> str:
-    return "nf4(storage=uint8,double_quant=False)" if spec.load_in_4bit else "none"
+    """What the cache records (and stage two compares): NF4's storage and double quantization, or none."""
+    from .loading import NF4_STORAGE
+
+    storage = str(NF4_STORAGE).removeprefix("torch.")
+    return f"nf4(storage={storage},double_quant=False)" if spec.load_in_4bit else "none"
 
 
 @dataclass(frozen=True)

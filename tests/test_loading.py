@@ -84,6 +84,21 @@ def test_uint8_codes_survive_the_float_round_trip_that_breaks_bf16(tiny_qwen2):
     assert not torch.equal(as_bf16.float().bfloat16().view(torch.uint8), words[: as_bf16.numel() * 2])
 
 
+def test_cache_records_the_storage(tiny_llama, hh_path, tmp_path):
+    from stages import precompute, refcache
+    from stages.settings import PrecomputeConfig
+    from tests.hhrows import hh_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", hh_rows(hh_path, 0, 3))
+    out = tmp_path / "ref.parquet"
+    precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(data),), output=str(out), load_in_4bit=True,
+                                    max_length=64, max_prompt_length=32))
+    meta = refcache.read_meta(out)
+    assert meta["quantization"] == meta["manifest"]["quantization"] == "nf4(storage=uint8,double_quant=False)"
+    packed = load_model(ModelSpec(str(tiny_llama), "fp32", True), CPU).model.layers[0].mlp.up_proj.weight
+    assert packed.dtype == torch.uint8
+
+
 def make_adapter(base: Path, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
