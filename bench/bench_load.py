@@ -307,19 +307,25 @@ def plan_gib(model_dir: Path, n: int, shape: dict) -> dict:
     return out
 
 
-def rough_gib(model_dir: Path, n: int, stage: str) -> float:
-    """A rank's RSS by rough arithmetic from the checkpoint's header (bf16 weights): at N = 1 the weights + the
-    largest tensor read whole; at N > 1 its shard + the FSDP root unit (embeddings, head) TWICE (FSDP2 copies
-    the all-gather output into the unsharded parameters while both exist) + one gathered layer. Stage two: NF4
-    layers (0.28 of bf16 with absmax) and one linear dequantised. + 1 GiB (runtime, activations)."""
+def unit_sizes(model_dir: Path) -> tuple[int, list[int], int]:
+    """Bytes in bf16, from the checkpoint's header: (the FSDP root unit, each decoder layer, the largest tensor of
+    a layer)."""
     from stages.loading import index_checkpoint
 
     sizes = {}
     for name, t in index_checkpoint(model_dir).items():
         unit = re.match(r".*\.layers\.(\d+)\.", name)
         sizes.setdefault(unit.group(1) if unit else "root", []).append(t.numel * 2)
-    root, layers = sum(sizes.pop("root")), [sum(v) for v in sizes.values()]
-    largest = max(max(v) for v in sizes.values())
+    root = sum(sizes.pop("root"))
+    return root, [sum(v) for v in sizes.values()], max(max(v) for v in sizes.values())
+
+
+def rough_gib(model_dir: Path, n: int, stage: str) -> float:
+    """A rank's RSS by rough arithmetic from the checkpoint's header (bf16 weights): at N = 1 the weights + the
+    largest tensor read whole; at N > 1 its shard + the FSDP root unit (embeddings, head) TWICE (FSDP2 copies
+    the all-gather output into the unsharded parameters while both exist) + one gathered layer. Stage two: NF4
+    layers (0.28 of bf16 with absmax) and one linear dequantised. + 1 GiB (runtime, activations)."""
+    root, layers, largest = unit_sizes(model_dir)
     scale = 0.28 if stage == "stage2" else 1.0
     weights, layer = root + scale * sum(layers), scale * max(layers) + (largest if stage == "stage2" else 0)
     per_rank = weights + max(largest, root / 2) if n == 1 else weights / n + 2 * root + layer
