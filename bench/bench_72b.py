@@ -16,6 +16,10 @@ reported apart, is not in either). The plan gets the same layer count, --nproc "
 (--seq-len = pair tokens / 2; --max-tokens-per-batch = stage one's largest padded batch).
 
   nice -n 5 env MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 .venv/bin/python bench/bench_72b.py
+
+Since issue 20 the stages shard inside models.load_model (sharded loading), so the probe around the stages'
+shard_model no longer sees it: per-rank peaks are measured by bench/bench_load.py; this script still builds the
+model (--worker build) and rewrites its old section with --report-only.
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ def stage_worker(stage: str, args: dict) -> None:
 
     rec = {"rank": int(os.environ.get("RANK", "0")), "runtime_rss_gib": C.mem_status().get("rss")}  # torch imported
     mod, cls = (P, P.PrecomputeConfig) if stage == "stage1" else (T, T.TrainConfig)
+    if not hasattr(mod, "shard_model"):
+        sys.exit("the stages shard inside models.load_model now: measure with bench/bench_load.py")
     original = mod.shard_model
 
     def probe(model, env, **kw):

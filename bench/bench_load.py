@@ -186,7 +186,8 @@ def phase_peaks(rec: dict, stage: str) -> dict:
     """{baseline, pre, load, score|train, after, peak} in GiB from a rank's marks (3 resets: the start of load,
     the end of load, the end of the run phase)."""
     marks, names = rec["marks"], PHASES[stage]
-    out = {name: m["hwm"] for name, m in zip(names, marks)}
+    out = {name: float("nan") for name in names}  # a phase with no reset seen (memory.py changed): not measured
+    out.update({name: m["hwm"] for name, m in zip(names, marks)})
     out["after"] = rec["final_hwm"]
     out["baseline"] = marks[0]["rss"] if marks else float("nan")
     out["peak"] = max([m["hwm"] for m in marks] + [rec["final_hwm"]])

@@ -71,14 +71,17 @@ def read_flat(t: StoredTensor, start: int, stop: int) -> torch.Tensor:
     """Elements [start, stop) of the flattened tensor, read with one pread (no mmap: only these bytes are touched)."""
     size = torch.empty((), dtype=t.dtype).element_size()
     buf = bytearray((stop - start) * size)
-    if buf:
-        fd = os.open(t.file, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [buf], t.offset + start * size)
-        finally:
-            os.close(fd)
-        if got != len(buf):
-            raise UserError(f"{t.file}: ends inside a tensor (read {got} of {len(buf)} bytes); the file is cut short")
+    view, got = memoryview(buf), 0
+    fd = os.open(t.file, os.O_RDONLY)
+    try:
+        while got < len(buf):  # one call returns at most 2 GiB on Linux: go on where it stopped
+            n = os.preadv(fd, [view[got:]], t.offset + start * size + got)
+            if n == 0:
+                raise UserError(f"{t.file}: ends inside a tensor (read {got} of {len(buf)} bytes); the file is "
+                                "cut short")
+            got += n
+    finally:
+        os.close(fd)
     LOAD_STATS["bytes_read"] += len(buf)
     LOAD_STATS["largest_read"] = max(LOAD_STATS["largest_read"], len(buf))
     return torch.frombuffer(buf, dtype=t.dtype) if buf else torch.empty(0, dtype=t.dtype)

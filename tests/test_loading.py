@@ -151,6 +151,21 @@ def test_reads_exactly_the_rows_asked(tiny_qwen2):
         assert torch.equal(read_flat(t, 5, 50), full[name].flatten()[5:50])
 
 
+def test_long_reads_continue_and_a_cut_file_is_one_line(tiny_qwen2, tmp_path, monkeypatch):
+    """os.preadv returns at most 2 GiB per call on Linux: a short read goes on where it stopped."""
+    import stages.loading as loading
+
+    t = index_checkpoint(tiny_qwen2)["lm_head.weight"]
+    real = os.preadv
+    monkeypatch.setattr(loading.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:1000]], off))
+    assert torch.equal(read_flat(t, 0, t.numel), load_file(t.file)["lm_head.weight"].flatten())
+    monkeypatch.undo()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(t.file.read_bytes()[: t.offset + 100])
+    with pytest.raises(UserError, match="ends inside a tensor"):
+        read_flat(loading.StoredTensor(cut, t.dtype, t.shape, t.offset), 0, t.numel)
+
+
 def copy_model(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     for f in src.iterdir():
