@@ -138,6 +138,13 @@ def report(results: dict) -> str:
 
 NOTES = """What the numbers show (written by hand from the runs above, 2026-12-04):
 
+- **Since these notes (same runs, re-planned)**: the plan columns now count both terms found below: the loading
+  slice as the loader reads it (one slice in the checkpoint dtype, + one converted copy only if that is not bf16;
+  no fp32 copy) and, at N > 1, FSDP2's all-gather copy-out (one more copy of the largest gathered unit, here the
+  root); the "Plan vs measured" paragraph describes the plan before that change. SmolLM2 at N = 1 stays under
+  the plan (-28 %, -19 %): its tied embedding is read first, before the other shards' pages are touched, so on
+  CPU its slice (an fp32 checkpoint: 4 + 2 bytes) never adds to the whole weights as the plan counts it.
+
 - **Each rank loads only its shard (deliverable 1)**: the load phase scales as 1/N: quarter model 2.56, 1.28,
   0.64 GiB at N = 1, 2, 4 (stage two 2.02, 1.03, 0.53); SmolLM2 0.25, 0.12, 0.06. At N = 1 it peaks at the
   weights + ONE bf16 slice of the largest tensor, no second copy of the model: 72B widths, bf16:

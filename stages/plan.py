@@ -22,11 +22,27 @@ Notation used in the docstrings (all per GPU unless stated):
            quant state: bitsandbytes keeps the absmax on the module, outside the parameters, so every GPU holds
            all 4n/64 of it; an all-gathered NF4 layer brings only its codes.
     load   the loading peak (stages/loading.py: meta model, fully_shard, each rank allocates its shards and reads
-           only its own rows of each tensor from the safetensors files):
+           only its own rows of each tensor from the safetensors files, one tensor at a time):
                the stage's resident weights (sharded as above, before any gradient or optimizer state exists)
-               + 6·⌈rows/N⌉·cols for the largest single tensor (its 1/N slice read in the checkpoint's bf16, 2
-                 bytes, plus a float32 copy of it for conversion or NF4 quantisation, 4 bytes)
+               + the largest tensor's slice in flight (_slice_in_flight), k = ⌈rows/N⌉·cols its 1/N slice,
+                 c = the checkpoint's bytes per weight (config.json's torch_dtype, bf16 if absent):
+                 plain weights: read into a host buffer in the checkpoint dtype and copied into the shard
+                   (converted with .to(bf16) first only if c ≠ 2: one more copy, 2 bytes): with --cpu
+                   k·(c + [c ≠ 2]·2); on a GPU the buffer is host memory, so nothing beyond the shard;
+                 NF4 linears (w weights; m = this rank's ⌈w/2⌉/N packed rows as weights, widened to whole
+                   64-blocks): the slice in bf16 where it is quantized, + its codes m/2 + its absmax 4m/64:
+                   --cpu m·(c + [c ≠ 2]·2) (the host buffer is that slice), GPU m·2;
                + 4A with --cpu in stage two (the whole fp32 LoRA weights, held once on the CPU before sharding).
+           Measured (bench/RESULTS.md, load-sharded): 72B widths, 2 layers, bf16, N = 1: 10.23 GiB = the weights
+           7.91 + one bf16 slice of the 152064×8192 embedding, 2.32.
+    copy   FSDP2's all-gather copy-out (N > 1, _copy_out): a unit is all-gathered into a flat buffer and then copied
+           out into the unsharded parameters while both exist, so its gather costs twice its size for a moment. The
+           root unit (embeddings, untied lm_head, final norm) is never resharded (shard_model:
+           reshard_after_forward=False at the root), so it stays gathered while the layers run; the plan counts
+           one more copy of the largest gathered unit, max(root, one layer), on top of the run's working set.
+           Measured (load-sharded): Qwen2.5-72B vocabulary with a quarter of its other widths, stage one, N = 2:
+           3.52 GiB = the shard + the root twice + one layer (3.41) + activations. None at N = 1: shard_model
+           does not shard one process, so nothing is gathered.
            Each scenario's peak (its total) = max(load, run), run = the sum of its breakdown.
 A fixed OVERHEAD_BYTES = 2 GiB per GPU is added to every scenario for the CUDA context, cuBLAS workspaces and
 NCCL buffers (not with --cpu: then a "GPU" is one CPU process and the figures are what its tensors hold, weights
@@ -221,19 +237,38 @@ def _finish(key: str, title: str, parts: dict[str, int], load: dict[str, int], c
     return Scenario(key, title, parts, total, total <= capacity, load, run, loading)
 
 
-def _largest_slice(s: Shape, n: int) -> int:
-    """Elements of the largest single tensor's 1/N slice, FSDP2 sharding dim 0 (embed/lm_head [V, h], each linear
-    [out, in]): max ⌈rows/N⌉·cols."""
-    shapes = [(s.vocab, s.hidden)] + [(out, inp) for inp, out in linear_shapes(s).values()]
-    return max(_cdiv(rows, n) * cols for rows, cols in shapes)
+def _nf4_slice(w: int, n: int) -> int:
+    """Weights one rank quantizes of an NF4 matrix of w weights: its ⌈⌈w/2⌉/N⌉ packed rows (2 weights each),
+    widened to whole 64-blocks (one more block at most, for where the range starts inside one)."""
+    mine = 2 * _cdiv(_cdiv(w, 2), n)
+    return min(w, _cdiv(mine, 64) * 64 + (64 if n > 1 else 0))
 
 
-def load_parts(s: Shape, cfg: PlanConfig, resident: int, lora_params: int = 0) -> dict[str, int]:
+def _slice_in_flight(s: Shape, cfg: PlanConfig, nf4: bool) -> int:
+    """Bytes per GPU of the largest tensor's slice while loading (`load` in the module docstring): FSDP2 shards
+    dim 0 (embed/lm_head [V, h], each linear [out, in]); plain slices count only with --cpu (on a GPU the host
+    buffer is not GPU memory), NF4 slices are quantized on the device in bf16."""
+    n, read = cfg.gpus, s.ckpt_bytes + (BF16 if s.ckpt_bytes != BF16 else 0)
+    linears = [(out, inp) for inp, out in linear_shapes(s).values()]
+    plain = [(s.vocab, s.hidden)] + ([] if nf4 else linears)
+    worst = read * max(_cdiv(rows, n) * cols for rows, cols in plain) if cfg.cpu else 0
+    for m in (_nf4_slice(rows * cols, n) for rows, cols in linears if nf4):
+        worst = max(worst, m * (read if cfg.cpu else BF16) + _cdiv(m, 2) + FP32 * _cdiv(m, 64))
+    return worst
+
+
+def _copy_out(n: int, root: int, layer: int) -> dict[str, int]:
+    """FSDP2's all-gather copy-out (`copy` in the module docstring): at N > 1 one more copy of the largest
+    gathered unit, the root (never resharded) or one layer, in bytes as gathered."""
+    return {"all-gather copy-out, largest unit (transient)": max(root, layer)} if n > 1 else {}
+
+
+def load_parts(s: Shape, cfg: PlanConfig, resident: int, nf4: bool, lora_params: int = 0) -> dict[str, int]:
     """The loading peak per GPU (`load` in the module docstring): the stage's resident weight shards, the largest
-    tensor's slice read in bf16 with its float32 copy, and, with --cpu in stage two, the whole fp32 LoRA weights
-    held once on the CPU before sharding (on a GPU machine they sit in host memory, not on the GPU)."""
+    tensor's slice in flight, and, with --cpu in stage two, the whole fp32 LoRA weights held once on the CPU
+    before sharding (on a GPU machine they sit in host memory, not on the GPU)."""
     parts = {"load: weights resident (sharded)": resident,
-             "load: largest tensor's slice, bf16 + fp32 copy": (BF16 + FP32) * _largest_slice(s, cfg.gpus)}
+             "load: largest tensor's slice in flight": _slice_in_flight(s, cfg, nf4)}
     if cfg.cpu and lora_params:
         parts["load: whole LoRA weights, fp32, before sharding"] = FP32 * lora_params
     return parts
@@ -253,6 +288,7 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
                      + 2P/N (bf16 reference)                       = 18 bytes/param / N
         gathered   : 3·2·P_lay (current + prefetched layer, and that layer's unsharded grads)
                      + 2·2·P_root (root unit weights and grads); none on one GPU
+        copy-out   : max(2·P_root, 2·P_lay) at N > 1 (_copy_out)
         activations: training_activations (same batch and checkpointing as stage two, no LoRA); the
                      reference forward runs before the policy's and needs less, so it adds nothing at peak.
     """
@@ -261,8 +297,9 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
              "AdamW fp32 master + m + v (sharded)": _cdiv(12 * c["total"], n),
              "reference weights (sharded)": _cdiv(BF16 * c["total"], n),
              **_gathered(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * _root_params(c)),
+             **_copy_out(n, BF16 * _root_params(c), BF16 * c["per_layer"]),
              **training_activations(s, cfg, lora=False)}
-    load = load_parts(s, cfg, 2 * _cdiv(BF16 * c["total"], n))  # bf16 policy + bf16 reference, before any grads
+    load = load_parts(s, cfg, 2 * _cdiv(BF16 * c["total"], n), nf4=False)  # bf16 policy + reference, no grads
     return _finish("naive", "naive DPO", parts, load, capacity, cfg.cpu)
 
 
@@ -273,7 +310,8 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
               biases) + 2·P_root (embeddings and lm_head are not quantised) + 2·h·i (the largest linear,
               dequantised to bf16 for its matmul; also on one GPU)
         activations: inference_activations over max_tokens_per_batch tokens.
-        load: the sharded weights + the largest tensor's slice (load_parts).
+        copy-out: one more root or layer at N > 1 (_copy_out).
+        load: the sharded weights + the largest tensor's slice in flight (load_parts).
     """
     n = cfg.gpus
     if nf4:
@@ -282,9 +320,11 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
     else:
         weights = _cdiv(BF16 * c["total"], n)
         gathered = _gathered(n, 2 * BF16 * c["per_layer"] + BF16 * _root_params(c))
-    parts = {"reference weights (sharded)": weights, **gathered, **inference_activations(s, cfg)}
+    layer = _layer_nf4_gathered(c) if nf4 else BF16 * c["per_layer"]
+    parts = {"reference weights (sharded)": weights, **gathered, **_copy_out(n, BF16 * _root_params(c), layer),
+             **inference_activations(s, cfg)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
-    return _finish(key, title, parts, load_parts(s, cfg, weights), capacity, cfg.cpu)
+    return _finish(key, title, parts, load_parts(s, cfg, weights, nf4), capacity, cfg.cpu)
 
 
 def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
@@ -294,6 +334,7 @@ def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int
             "LoRA weights + grads + AdamW (sharded)": _cdiv(18 * a, n),
             **_gathered(n, 2 * (_layer_nf4_gathered(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * _root_params(c),
                         BF16 * largest_linear(s)),
+            **_copy_out(n, BF16 * _root_params(c), _layer_nf4_gathered(c) + BF16 * a_lay),
             **training_activations(s, cfg, lora=True)}
 
 
@@ -301,7 +342,7 @@ def _stage2_load(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]
     """Stage two's loading peak: the NF4 base shards and the fp32 LoRA weight shards (4A/N, as PEFT creates
     them; no gradient or optimizer state yet), plus load_parts' transient."""
     a = lora_parameters_from_shape(s, cfg.lora_r)
-    return load_parts(s, cfg, _base_nf4_per_gpu(c, cfg.gpus) + _cdiv(FP32 * a, cfg.gpus), lora_params=a)
+    return load_parts(s, cfg, _base_nf4_per_gpu(c, cfg.gpus) + _cdiv(FP32 * a, cfg.gpus), True, lora_params=a)
 
 
 def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -312,6 +353,7 @@ def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int)
                      codes + bf16 norms/biases, the absmax being resident) + 4·A_lay
                      (that layer's unsharded fp32 LoRA grads) + 2·P_root; + 2·h·i (largest linear dequantised,
                      forward and again in backward; also on one GPU)
+        copy-out   : max(2·P_root, layer_nf4 + 2·A_lay) at N > 1 (_copy_out)
         activations: training_activations with the LoRA inputs added per layer.
         load       : _stage2_load.
     """

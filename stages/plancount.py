@@ -12,6 +12,7 @@ from stages.errors import UserError
 # Model types whose decoder layer is exactly: RMSNorm, q/k/v/o attention, RMSNorm, gate/up/down SwiGLU MLP.
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Shape:
     o_bias: bool       # llama-style `attention_bias` only (qwen2 has no o_proj bias)
     mlp_bias: bool
     qk_norm: bool      # qwen3: RMSNorm over head_dim on q and k
+    ckpt_bytes: int = 2  # bytes per weight in the checkpoint files: config's torch_dtype/dtype (bf16 if absent)
 
 
 def load_model_config(path: str | Path) -> dict:
@@ -68,7 +70,8 @@ def model_shape(config: dict) -> Shape:
                  head_dim=config.get("head_dim") or h // heads, vocab=config["vocab_size"],
                  tied=bool(config.get("tie_word_embeddings", False)),
                  qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
-                 mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type == "qwen3")
+                 mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+                 ckpt_bytes=_DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2))
 
 
 def linear_shapes(s: Shape) -> dict[str, tuple[int, int]]:

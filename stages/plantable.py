@@ -7,12 +7,13 @@ from stages.plan import GIB, OVERHEAD_BYTES, Plan, full_logits_bytes, nf4_split
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
               "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",
-              "all-gathered params (FSDP)", "dequantised NF4 linear (one GPU)", "activations: hidden states",
+              "all-gathered params (FSDP)", "all-gather copy-out, largest unit (transient)",
+              "dequantised NF4 linear (one GPU)", "activations: hidden states",
               "activations: one layer",
               "activations: layer checkpoints", "activations: one layer recomputed + grads",
               "activations: all layers saved", "activations: one layer grads", "log-prob head",
               "reference forward, adapters off (extra at peak)", "CUDA/NCCL overhead (fixed)",
-              "load: weights resident (sharded)", "load: largest tensor's slice, bf16 + fp32 copy",
+              "load: weights resident (sharded)", "load: largest tensor's slice in flight",
               "load: whole LoRA weights, fp32, before sharding", "load: CUDA/NCCL overhead (fixed)")
 
 
@@ -89,10 +90,15 @@ def format_table(plan: Plan) -> str:
         f"  - a trainer that materialises full logits (plain HF forward) holds [2B, T, V] bf16 + fp32 for the "
         f"policy and the online reference: +{full_logits_bytes(plan.shape, plan.config) / GIB:.1f} GiB per GPU "
         f"at this batch and seq_len (chunked here and in TRL 1.16)",
-        "  - load = the loading peak: each GPU's weight shards + the largest tensor's 1/N slice read in bf16 with a "
-        "float32 copy" + (" + stage two's whole fp32 LoRA weights before sharding" if plan.config.cpu else "") +
+        "  - load = the loading peak: each GPU's weight shards + the largest tensor's 1/N slice in flight (" +
+        ("read in the checkpoint dtype, converted if it is not bf16; NF4 quantized" if plan.config.cpu else
+         "plain weights pass through host memory; NF4 quantized on the GPU from bf16") +
+        (") + stage two's whole fp32 LoRA weights before sharding" if plan.config.cpu else ")") +
         "; each column's total is the larger of its run and load peaks",
+        "  - all-gather copy-out: FSDP2 copies a gathered unit out of its buffer while both exist; the root "
+        "(embeddings, head) stays gathered, so one more copy of the largest unit is counted"
+        if plan.config.gpus > 1 else None,
         f"  - NF4 absmax (fp32, one per 64 weights) is not sharded by FSDP2: "
         f"{nf4_split(plan.counts['linear_weights'])[1] / GIB:.2f} GiB whole on every GPU in the NF4 columns",
     ]
-    return "\n".join(lines)
+    return "\n".join(x for x in lines if x is not None)

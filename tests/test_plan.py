@@ -140,7 +140,9 @@ def test_small_memory_by_hand(tmp_path):
     # chunk = min(1024, 256) tokens of bf16 + fp32 logits, plus the gathered hidden rows in bf16
     assert s1["log-prob head"] == 256 * 512 * (2 + 4) + 256 * 64 * 2 == 819200
     assert s1["CUDA/NCCL overhead (fixed)"] == OVERHEAD_BYTES == 2 * GIB
-    total = 106816 + 213632 + 65536 + 360448 + 819200 + 2 * GIB
+    # FSDP2's copy-out: one more copy of the largest gathered unit, here a bf16 layer 2·36992 > the root 2·32832
+    assert s1["all-gather copy-out, largest unit (transient)"] == max(2 * 36992, 2 * (32768 + 64)) == 73984
+    total = 106816 + 213632 + 73984 + 65536 + 360448 + 819200 + 2 * GIB
     assert plan.scenario("stage1_bf16").run == plan.scenario("stage1_bf16").total == total
     assert not plan.scenario("stage1_bf16").fits        # the 2 GiB overhead alone exceeds 1 GiB
 
@@ -153,6 +155,9 @@ def test_small_memory_by_hand(tmp_path):
     a_lay = 8192 // 2
     assert s2["all-gathered params (FSDP)"] == (2 * (layer_nf4 + 2 * a_lay) + 4 * a_lay + 2 * 64 * 128
                                                 + 2 * (32768 + 64)) == 152192
+    # copy-out: the NF4 layer with its bf16 adapters (18688 + 8192 = 26880) is smaller than the bf16 root 65664
+    assert s2["all-gather copy-out, largest unit (transient)"] == max(layer_nf4 + 2 * a_lay, 65664) == 65664
+    assert plan.scenario("stage1_nf4").breakdown["all-gather copy-out, largest unit (transient)"] == 65664
     T = 1 * 2 * 64
     assert s2["activations: layer checkpoints"] == 2 * T * 64 * 2 == 32768
     lora_in = 2 * (5 * 64 + 64 + 128) + 2 * 7 * 4                      # 1080
@@ -164,6 +169,7 @@ def test_small_memory_by_hand(tmp_path):
     assert naive["policy weights + grads, bf16 (sharded)"] == 4 * 106816 // 2
     assert naive["AdamW fp32 master + m + v (sharded)"] == 12 * 106816 // 2
     assert naive["reference weights (sharded)"] == 2 * 106816 // 2
+    assert naive["all-gather copy-out, largest unit (transient)"] == 73984
     for sc in plan.scenarios:
         assert sc.run == sum(sc.breakdown.values()) and sc.load == sum(sc.load_breakdown.values())
         assert sc.total == max(sc.run, sc.load)
@@ -299,6 +305,7 @@ def test_one_gpu_gathers_nothing(tmp_path):
     assert plan.scenario("stage1_nf4").breakdown["dequantised NF4 linear (one GPU)"] == 2 * 64 * 128
     assert plan.scenario("stage2").breakdown["dequantised NF4 linear (one GPU)"] == 2 * 64 * 128
     assert "all-gathered params (FSDP)" not in plan.scenario("naive").breakdown
+    assert not any("copy-out" in k for sc in plan.scenarios for k in sc.breakdown)  # one process: no FSDP2
     assert "nothing is all-gathered" in format_plan(plan)
 
 
@@ -346,41 +353,69 @@ def test_nf4_absmax_is_whole_on_every_gpu(tmp_path, gpus):
 
 
 def test_loading_peak_by_hand(tmp_path):
-    path = str(write(tmp_path, SMALL))
+    """stages/loading.py reads each slice into a host buffer in the checkpoint dtype and copies it into the shard
+    (one more copy only if the dtype differs); NF4 slices are quantized on the device from bf16."""
+    path = str(write(tmp_path, SMALL))  # no torch_dtype: the checkpoint is taken as bf16
     plan = plan_memory(PlanConfig(path, gpus=2, cpu=True, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
-    # the largest tensor is the embedding [512, 64]: 256 rows per GPU x 64 = 16384 elements, read in bf16 (2 bytes)
-    # with a float32 copy (4 bytes) = 98304 bytes; the linears' slices are smaller (gate [128, 64]: 64 x 64)
+    # the largest tensor is the embedding [512, 64]: 256 rows per process x 64 = 16384 weights, read in bf16 and
+    # copied into the shard as they are (2 bytes); the linears' slices are smaller (gate [128, 64]: 64 x 64)
     s1 = plan.scenario("stage1_bf16")
     assert s1.load_breakdown == {"load: weights resident (sharded)": 106816,
-                                 "load: largest tensor's slice, bf16 + fp32 copy": 98304}
-    # stage two: the NF4 base shards (absmax whole) + fp32 LoRA shards 4·8192/2 + the slice + (--cpu) the whole
-    # fp32 LoRA weights 4·8192 held once before sharding
+                                 "load: largest tensor's slice in flight": 2 * 16384}
+    # stage two: the NF4 base shards (absmax whole) + fp32 LoRA shards 4·8192/2 + the embedding's slice (bf16,
+    # larger than any NF4 slice, below) + (--cpu) the whole fp32 LoRA weights 4·8192 held once before sharding
     s2 = plan.scenario("stage2")
     assert s2.load_breakdown == {"load: weights resident (sharded)": 56128 + 16384,
-                                 "load: largest tensor's slice, bf16 + fp32 copy": 98304,
+                                 "load: largest tensor's slice in flight": 32768,
                                  "load: whole LoRA weights, fp32, before sharding": 32768}
-    assert s2.load == 56128 + 16384 + 98304 + 32768 == 203584
+    assert s2.load == 56128 + 16384 + 32768 + 32768 == 138048
     assert s1.total == s1.run > s1.load and s2.total == s2.run > s2.load  # the run dominates here
+    fp32 = str(write(tmp_path, {**SMALL, "torch_dtype": "float32"}, "fp32.json"))
+    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    # an fp32 checkpoint loaded as bf16: the fp32 host buffer (4 bytes) + its bf16 conversion (2 bytes)
+    assert conv.scenario("stage1_bf16").load_breakdown["load: largest tensor's slice in flight"] == 6 * 16384
+
+
+def test_loading_nf4_slice_by_hand(tmp_path):
+    """NF4: this rank's packed rows as weights, widened to whole 64-blocks, in bf16 + their codes + their absmax."""
+    small_vocab = {**SMALL, "vocab_size": 16}  # so the NF4 slices, not the embedding's, are the largest
+    key = "load: largest tensor's slice in flight"
+    # the largest linears hold 64·128 = 8192 weights. 2 processes: 2·⌈4096/2⌉ = 4096 weights, widened to
+    # ⌈4096/64⌉·64 + 64 = 4160: bf16 host buffer 2·4160 + codes 2080 + absmax 4·65 = 10660
+    cpu = plan_memory(PlanConfig(str(write(tmp_path, small_vocab)), gpus=2, cpu=True, seq_len=64, lora_r=4,
+                                 max_tokens_per_batch=256))
+    assert cpu.scenario("stage2").load_breakdown[key] == 2 * 4160 + 2080 + 4 * 65 == 10660
+    assert cpu.scenario("stage1_nf4").load_breakdown[key] == 10660
+    assert cpu.scenario("stage1_bf16").load_breakdown[key] == 2 * 64 * 64  # plain gate/up/down slices [64, 64]
+    fp32 = str(write(tmp_path, {**small_vocab, "torch_dtype": "float32"}, "fp32.json"))
+    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    assert conv.scenario("stage2").load_breakdown[key] == (4 + 2) * 4160 + 2080 + 4 * 65 == 27300
+    # GPUs (3): plain slices pass through host memory (0 on the GPU); NF4: 2·⌈4096/3⌉ = 2732 weights, widened to
+    # 43·64 + 64 = 2816, moved to the GPU in bf16 (2 bytes) + codes 1408 + absmax 4·44
+    path = str(write(tmp_path, SMALL, "big_vocab.json"))
     gpu = plan_memory(PlanConfig(path, gpus=3, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
-    # 3 GPUs: ⌈512/3⌉ = 171 rows of the embedding; on a GPU the whole LoRA copy sits in host memory (not counted)
     assert gpu.scenario("stage2").load_breakdown == {
         "load: weights resident (sharded)": -(-(36864 + 2 * 33088) // 3) + 4608 + -(-4 * 8192 // 3),
-        "load: largest tensor's slice, bf16 + fp32 copy": 6 * 171 * 64,
-        "load: CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}
+        key: 2 * 2816 + 1408 + 4 * 44,
+        "load: CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}  # the whole LoRA copy sits in host memory
+    assert gpu.scenario("stage1_bf16").load_breakdown[key] == 0
+    # one process: the whole matrix, 8192 weights in bf16 + 4096 codes + 4·128 absmax; plain weights 0 on a GPU
+    one = plan_memory(PlanConfig(path, gpus=1, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    assert one.scenario("stage1_nf4").load_breakdown[key] == 2 * 8192 + 4096 + 512
 
 
 def test_loading_peak_can_decide_the_fit(tmp_path):
     """A big vocabulary and a short stage-one batch: loading, not scoring, is the peak, and decides the fit."""
     path = str(write(tmp_path, {**SMALL, "vocab_size": 65536}))
-    cfg = PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4, gpu_memory_gb=0.03)
+    cfg = PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4, gpu_memory_gb=0.015)
     s1 = plan_memory(cfg).scenario("stage1_bf16")
     weights = 2 * (2 * 36992 + 65536 * 64 + 64)                      # P = 4,268,352 in bf16, one GPU
-    assert s1.load == weights + 6 * 65536 * 64 == 33702528            # + the whole embedding, bf16 + fp32
+    assert s1.load == weights + 2 * 65536 * 64 == 16925312            # + the whole embedding read in bf16
     # run: hidden states 2·16·64·2 + one layer 16·1408 + head 16·65536·(2+4) + 16·64·2
     assert s1.run == weights + 4096 + 22528 + 6291456 + 2048 == 14856832
-    assert s1.total == s1.load and 0.03 * GIB < s1.total and not s1.fits  # the run alone would fit in 0.03 GiB
+    assert s1.total == s1.load and s1.run < 0.015 * GIB < s1.total and not s1.fits  # the run alone would fit
     assert plan_memory(PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4,
-                                  gpu_memory_gb=0.04)).scenario("stage1_bf16").fits
+                                  gpu_memory_gb=0.016)).scenario("stage1_bf16").fits
     text = format_plan(plan_memory(cfg))
     assert "load peak" in text and "total = max(run, load)" in text and "  run peak" in text
 
@@ -396,10 +431,20 @@ def test_72b_on_8_gpus_absmax_whole_and_loading_peak(tmp_path):
     assert 3.5 * GIB < after - before < 3.6 * GIB
     assert plan.scenario("stage2").breakdown["base weights NF4 (sharded)"] == after == 9_399_969_792
     assert plan.scenario("stage1_nf4").breakdown["reference weights (sharded)"] == after
-    # loading, stage one bf16: 2P/8 + the embedding's slice (152064/8 = 19008 rows x 8192) in bf16 + fp32
+    # loading, stage one bf16 on GPUs: 2P/8 (each slice passes through host memory, not the GPU)
     s1 = plan.scenario("stage1_bf16")
-    assert s1.load == 2 * 72_706_203_648 // 8 + 6 * 19008 * 8192 + OVERHEAD_BYTES
+    assert s1.load == 2 * 72_706_203_648 // 8 + OVERHEAD_BYTES
     assert s1.total == s1.run > s1.load  # at 8 GPUs the scoring peak dominates
+    # the root unit (embedding + untied head + final norm, bf16) is the largest gathered unit: 4.64 GiB once more
+    root = 2 * (2 * 152064 * 8192 + 8192)
+    assert root > 2 * 877_684_736  # a bf16 layer
+    assert s1.breakdown["all-gather copy-out, largest unit (transient)"] == root == 4_982_849_536
+    assert plan.scenario("stage2").breakdown["all-gather copy-out, largest unit (transient)"] == root
+    # NF4 on GPUs: the largest linear (29568 x 8192) gives each GPU 2·⌈⌈w/2⌉/8⌉ = 30277632 weights, whole
+    # 64-blocks + 1 = 30277696, in bf16 + codes + absmax
+    m = 30277632 + 64
+    key = "load: largest tensor's slice in flight"
+    assert plan.scenario("stage2").load_breakdown[key] == 2 * m + m // 2 + 4 * m // 64
 
 
 def test_log_prob_head_chunk_is_the_devices_default(tmp_path):
