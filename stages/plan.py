@@ -1,5 +1,6 @@
 """`dpo plan`: per-GPU memory estimates from a model's config.json alone (no weights are read). The config and
-the parameter counts: stages/plancount.py; the printed table: stages/plantable.py.
+the parameter counts: stages/plancount.py; the byte terms the scenarios add up (NF4, FSDP2 gathers and copy-out,
+the loading slice, activations): stages/planterms.py; the printed table: stages/plantable.py.
 
 Units: 1 GiB = 2**30 bytes. A GPU sold as "80GB" (H100, A100-80G) has 80 GiB of memory, so `--gpu-memory 80GB`
 is read as 80 GiB; every figure printed is GiB. Estimates are upper-bound-ish arithmetic, not measurements:
@@ -35,7 +36,7 @@ Notation used in the docstrings (all per GPU unless stated):
                + 4A with --cpu in stage two (the whole fp32 LoRA weights, held once on the CPU before sharding).
            Measured (bench/RESULTS.md, load-sharded): 72B widths, 2 layers, bf16, N = 1: 10.23 GiB = the weights
            7.91 + one bf16 slice of the 152064×8192 embedding, 2.32.
-    copy   FSDP2's all-gather copy-out (N > 1, _copy_out): a unit is all-gathered into a flat buffer and then copied
+    copy   FSDP2's all-gather copy-out (N > 1, copy_out): a unit is all-gathered into a flat buffer and then copied
            out into the unsharded parameters while both exist, so its gather costs twice its size for a moment. The
            root unit (embeddings, untied lm_head, final norm) is never resharded (shard_model:
            reshard_after_forward=False at the root), so it stays gathered while the layers run; the plan counts
@@ -63,17 +64,29 @@ from stages.plancount import (
     Shape,
     count_parameters,
     largest_linear,
-    linear_shapes,
     load_model_config,
     lora_parameters_from_shape,
     model_shape,
 )
-from stages.settings import CHUNK_BY_DEVICE
+from stages.planterms import (
+    BF16,
+    FP32,
+    base_nf4_per_gpu,
+    cdiv,
+    copy_out,
+    gathered_parts,
+    inference_activations,
+    layer_activation_bytes_per_token,
+    layer_nf4_gathered,
+    load_parts,
+    logits_chunk,
+    lora_input_bytes_per_token,
+    root_params,
+    training_activations,
+)
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB          # CUDA context + cuBLAS workspace + NCCL buffers, per GPU
-NF4_DOUBLE_QUANT = False          # as stages/models.py loads NF4 (fp32 absmax per 64-block)
-BF16, FP32 = 2, 4
 
 
 @dataclass(frozen=True)
@@ -120,112 +133,6 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------------- memory
 
-def nf4_bytes(n: int, double_quant: bool | None = None) -> int:
-    """Bytes of n weights in NF4: n/2 (4-bit codes) + one absmax per 64-block, fp32 (4n/64) by default as
-    stages/models.py loads it, or 8-bit (n/64) plus fp32 second-level constants per 256 blocks with double quant."""
-    return sum(nf4_split(n, double_quant))
-
-
-def nf4_split(n: int, double_quant: bool | None = None) -> tuple[int, int]:
-    """(sharded, whole) bytes of n NF4 weights under FSDP2: the packed 4-bit codes n/2 are the Linear4bit's
-    parameter, so FSDP2 shards (and all-gathers) them; the quant state (absmax: 4n/64 fp32, or n/64 + 4·n/(64·256)
-    with double quant) lives on the module outside the parameters, so every GPU holds all of it."""
-    dq = NF4_DOUBLE_QUANT if double_quant is None else double_quant
-    blocks = _cdiv(n, 64)
-    return _cdiv(n, 2), (blocks + 4 * _cdiv(blocks, 256) if dq else 4 * blocks)
-
-
-def logits_chunk(cfg: PlanConfig) -> int:
-    """Positions per log-prob head chunk: the stages' default --chunk-size on the device planned for."""
-    return CHUNK_BY_DEVICE["cpu" if cfg.cpu else "cuda"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def layer_activation_bytes_per_token(s: Shape) -> int:
-    """Bytes one decoder layer keeps per token for its backward (also used as stage one's per-layer peak):
-
-        bf16 tensors: 5h (norm1 out, o_proj out, residual, norm2 out, down out) + 3·q_d (q, rotated q,
-                      attention out) + 3·kv_d (k, v, rotated k) + 4i (gate, up, act(gate), act·up)
-        fp32:         2h (the RMSNorm inputs upcast to fp32, both norms) + heads (SDPA logsumexp)
-        => 2·(5h + 3·q_d + 3·kv_d + 4i) + 4·(2h + heads)
-    """
-    q_d, kv_d = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return BF16 * (5 * s.hidden + 3 * q_d + 3 * kv_d + 4 * s.intermediate) + FP32 * (2 * s.hidden + s.heads)
-
-
-def lora_input_bytes_per_token(s: Shape, r: int) -> int:
-    """Extra per-token bytes LoRA keeps in one layer: each adapted linear saves its dropout-ed input (peft
-    copies x when lora_dropout > 0; an overestimate at dropout 0) and its r-dim A·x output, in bf16:
-        2·(3h [q,k,v] + q_d [o] + 2h [gate, up] + i [down]) + 2·7r"""
-    q_d = s.heads * s.head_dim
-    return BF16 * (5 * s.hidden + q_d + s.intermediate) + BF16 * 7 * r
-
-
-def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int]:
-    """Activation bytes per GPU for one training micro-step over T = batch·2·seq_len tokens.
-
-    checkpointing on : L·T·h·2 (one bf16 hidden state per layer boundary)
-                       + 2·T·a (the recomputed layer's saved tensors a = per-token layer bytes, plus their
-                       gradients while its backward runs)
-    checkpointing off: L·T·a (every layer's saved tensors) + T·a (gradients of one layer)
-    log-prob head    : C·V·(2+4+4+2) (stages.logprobs checkpoints each chunk, so at most one chunk's bf16
-                       logits, their fp32 copy, and the two gradients exist at once)
-                       + 3·T·h·2 (final hidden states, the gathered completion positions, their gradient)
-    """
-    T = cfg.batch * 2 * cfg.seq_len
-    a = layer_activation_bytes_per_token(s) + (lora_input_bytes_per_token(s, cfg.lora_r) if lora else 0)
-    C = min(logits_chunk(cfg), T)
-    head = C * s.vocab * (BF16 + FP32 + FP32 + BF16) + 3 * T * s.hidden * BF16
-    if cfg.gradient_checkpointing:
-        return {"activations: layer checkpoints": s.layers * T * s.hidden * BF16,
-                "activations: one layer recomputed + grads": 2 * T * a, "log-prob head": head}
-    return {"activations: all layers saved": s.layers * T * a, "activations: one layer grads": T * a,
-            "log-prob head": head}
-
-
-def inference_layer_bytes_per_token(s: Shape) -> int:
-    """Bytes alive at once inside one decoder layer's no-grad forward (nothing is saved for a backward, so
-    tensors die as soon as they are used): the larger of the attention phase (2h: normed input + attention
-    out; 3·q_d + 3·kv_d: q, k, v and their rotated copies) and the MLP phase (h + 3i: normed input, gate, up,
-    act(gate) - then gate dies and act·up takes its place), in bf16, plus the RMSNorm's fp32 input and output
-    (4·2h). Measured at Qwen2.5-72B widths (bench/bench_72b.py): the training figure
-    layer_activation_bytes_per_token() overstated stage one's transient 1.7x."""
-    q_d, kv_d = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return BF16 * max(2 * s.hidden + 3 * q_d + 3 * kv_d, s.hidden + 3 * s.intermediate) + FP32 * 2 * s.hidden
-
-
-def inference_activations(s: Shape, cfg: PlanConfig) -> dict[str, int]:
-    """Stage-one forward (no grad) over T1 = max_tokens_per_batch tokens:
-    hidden states 2·T1·h·2 (residual stream into and out of a layer) + T1·inference_layer_bytes_per_token
-    + C·V·(2+4) + T1·h·2 (one chunk of bf16 logits and its fp32 copy; the gathered completion positions)."""
-    T1 = cfg.max_tokens_per_batch
-    C = min(logits_chunk(cfg), T1)
-    return {"activations: hidden states": 2 * T1 * s.hidden * BF16,
-            "activations: one layer": T1 * inference_layer_bytes_per_token(s),
-            "log-prob head": C * s.vocab * (BF16 + FP32) + T1 * s.hidden * BF16}
-
-
-def _root_params(c: dict[str, int]) -> int:
-    """FSDP's root unit (embed, final norm, lm_head: everything outside the decoder layers); unsharded in bf16
-    from the forward through the backward under the usual transformer-layer wrap policy."""
-    return c["embed"] + c["lm_head"] + c["final_norm"]
-
-
-def _layer_nf4_gathered(c: dict[str, int]) -> int:
-    """One decoder layer as FSDP2 all-gathers it: the NF4 codes of its linears and its norms/biases in bf16 (the
-    absmax is not gathered: every GPU already holds it whole, see nf4_split)."""
-    return nf4_split(c["linear_per_layer"])[0] + BF16 * (c["per_layer"] - c["linear_per_layer"])
-
-
-def _base_nf4_per_gpu(c: dict[str, int], n: int) -> int:
-    """Whole model, NF4 linears + bf16 rest, per GPU: (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole."""
-    sharded, whole = nf4_split(c["linear_weights"])
-    return _cdiv(sharded + BF16 * c["other"], n) + whole
-
-
 def _finish(key: str, title: str, parts: dict[str, int], load: dict[str, int], capacity: int,
             cpu: bool = False) -> Scenario:
     """Add the fixed CUDA overhead to both phases (not with --cpu); the peak is the larger phase."""
@@ -237,69 +144,24 @@ def _finish(key: str, title: str, parts: dict[str, int], load: dict[str, int], c
     return Scenario(key, title, parts, total, total <= capacity, load, run, loading)
 
 
-def _nf4_slice(w: int, n: int) -> int:
-    """Weights one rank quantizes of an NF4 matrix of w weights: its ⌈⌈w/2⌉/N⌉ packed rows (2 weights each),
-    widened to whole 64-blocks (one more block at most, for where the range starts inside one)."""
-    mine = 2 * _cdiv(_cdiv(w, 2), n)
-    return min(w, _cdiv(mine, 64) * 64 + (64 if n > 1 else 0))
-
-
-def _slice_in_flight(s: Shape, cfg: PlanConfig, nf4: bool) -> int:
-    """Bytes per GPU of the largest tensor's slice while loading (`load` in the module docstring): FSDP2 shards
-    dim 0 (embed/lm_head [V, h], each linear [out, in]); plain slices count only with --cpu (on a GPU the host
-    buffer is not GPU memory), NF4 slices are quantized on the device in bf16."""
-    n, read = cfg.gpus, s.ckpt_bytes + (BF16 if s.ckpt_bytes != BF16 else 0)
-    linears = [(out, inp) for inp, out in linear_shapes(s).values()]
-    plain = [(s.vocab, s.hidden)] + ([] if nf4 else linears)
-    worst = read * max(_cdiv(rows, n) * cols for rows, cols in plain) if cfg.cpu else 0
-    for m in (_nf4_slice(rows * cols, n) for rows, cols in linears if nf4):
-        worst = max(worst, m * (read if cfg.cpu else BF16) + _cdiv(m, 2) + FP32 * _cdiv(m, 64))
-    return worst
-
-
-def _copy_out(n: int, root: int, layer: int) -> dict[str, int]:
-    """FSDP2's all-gather copy-out (`copy` in the module docstring): at N > 1 one more copy of the largest
-    gathered unit, the root (never resharded) or one layer, in bytes as gathered."""
-    return {"all-gather copy-out, largest unit (transient)": max(root, layer)} if n > 1 else {}
-
-
-def load_parts(s: Shape, cfg: PlanConfig, resident: int, nf4: bool, lora_params: int = 0) -> dict[str, int]:
-    """The loading peak per GPU (`load` in the module docstring): the stage's resident weight shards, the largest
-    tensor's slice in flight, and, with --cpu in stage two, the whole fp32 LoRA weights held once on the CPU
-    before sharding (on a GPU machine they sit in host memory, not on the GPU)."""
-    parts = {"load: weights resident (sharded)": resident,
-             "load: largest tensor's slice in flight": _slice_in_flight(s, cfg, nf4)}
-    if cfg.cpu and lora_params:
-        parts["load: whole LoRA weights, fp32, before sharding"] = FP32 * lora_params
-    return parts
-
-
-def _gathered(n: int, sharded_units: int, dequant: int = 0) -> dict[str, int]:
-    """FSDP's unsharded working set (n > 1), or, on one GPU where nothing is sharded, only the NF4 matmul's
-    dequantised bf16 copy of the largest linear (bitsandbytes materialises it for batched inputs)."""
-    if n > 1:
-        return {"all-gathered params (FSDP)": sharded_units + dequant}
-    return {"dequantised NF4 linear (one GPU)": dequant} if dequant else {}
-
-
 def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
     """Naive two-model DPO, full fine-tuning in bf16 with AdamW, policy and reference both FSDP-sharded:
         sharded    : 4P/N (policy bf16 weights + bf16 grads) + 12P/N (AdamW fp32 master, m, v)
                      + 2P/N (bf16 reference)                       = 18 bytes/param / N
         gathered   : 3·2·P_lay (current + prefetched layer, and that layer's unsharded grads)
                      + 2·2·P_root (root unit weights and grads); none on one GPU
-        copy-out   : max(2·P_root, 2·P_lay) at N > 1 (_copy_out)
+        copy-out   : max(2·P_root, 2·P_lay) at N > 1 (copy_out)
         activations: training_activations (same batch and checkpointing as stage two, no LoRA); the
                      reference forward runs before the policy's and needs less, so it adds nothing at peak.
     """
     n = cfg.gpus
-    parts = {"policy weights + grads, bf16 (sharded)": _cdiv(4 * c["total"], n),
-             "AdamW fp32 master + m + v (sharded)": _cdiv(12 * c["total"], n),
-             "reference weights (sharded)": _cdiv(BF16 * c["total"], n),
-             **_gathered(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * _root_params(c)),
-             **_copy_out(n, BF16 * _root_params(c), BF16 * c["per_layer"]),
+    parts = {"policy weights + grads, bf16 (sharded)": cdiv(4 * c["total"], n),
+             "AdamW fp32 master + m + v (sharded)": cdiv(12 * c["total"], n),
+             "reference weights (sharded)": cdiv(BF16 * c["total"], n),
+             **gathered_parts(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * root_params(c)),
+             **copy_out(n, BF16 * root_params(c), BF16 * c["per_layer"]),
              **training_activations(s, cfg, lora=False)}
-    load = load_parts(s, cfg, 2 * _cdiv(BF16 * c["total"], n), nf4=False)  # bf16 policy + reference, no grads
+    load = load_parts(s, cfg, 2 * cdiv(BF16 * c["total"], n), nf4=False)  # bf16 policy + reference, no grads
     return _finish("naive", "naive DPO", parts, load, capacity, cfg.cpu)
 
 
@@ -310,18 +172,18 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
               biases) + 2·P_root (embeddings and lm_head are not quantised) + 2·h·i (the largest linear,
               dequantised to bf16 for its matmul; also on one GPU)
         activations: inference_activations over max_tokens_per_batch tokens.
-        copy-out: one more root or layer at N > 1 (_copy_out).
+        copy-out: one more root or layer at N > 1 (copy_out).
         load: the sharded weights + the largest tensor's slice in flight (load_parts).
     """
     n = cfg.gpus
     if nf4:
-        weights = _base_nf4_per_gpu(c, n)
-        gathered = _gathered(n, 2 * _layer_nf4_gathered(c) + BF16 * _root_params(c), BF16 * largest_linear(s))
+        weights = base_nf4_per_gpu(c, n)
+        gathered = gathered_parts(n, 2 * layer_nf4_gathered(c) + BF16 * root_params(c), BF16 * largest_linear(s))
     else:
-        weights = _cdiv(BF16 * c["total"], n)
-        gathered = _gathered(n, 2 * BF16 * c["per_layer"] + BF16 * _root_params(c))
-    layer = _layer_nf4_gathered(c) if nf4 else BF16 * c["per_layer"]
-    parts = {"reference weights (sharded)": weights, **gathered, **_copy_out(n, BF16 * _root_params(c), layer),
+        weights = cdiv(BF16 * c["total"], n)
+        gathered = gathered_parts(n, 2 * BF16 * c["per_layer"] + BF16 * root_params(c))
+    layer = layer_nf4_gathered(c) if nf4 else BF16 * c["per_layer"]
+    parts = {"reference weights (sharded)": weights, **gathered, **copy_out(n, BF16 * root_params(c), layer),
              **inference_activations(s, cfg)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
     return _finish(key, title, parts, load_parts(s, cfg, weights, nf4), capacity, cfg.cpu)
@@ -330,11 +192,11 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
 def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
     n, a = cfg.gpus, lora_parameters_from_shape(s, cfg.lora_r)
     a_lay = a // s.layers
-    return {"base weights NF4 (sharded)": _base_nf4_per_gpu(c, n),
-            "LoRA weights + grads + AdamW (sharded)": _cdiv(18 * a, n),
-            **_gathered(n, 2 * (_layer_nf4_gathered(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * _root_params(c),
+    return {"base weights NF4 (sharded)": base_nf4_per_gpu(c, n),
+            "LoRA weights + grads + AdamW (sharded)": cdiv(18 * a, n),
+            **gathered_parts(n, 2 * (layer_nf4_gathered(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * root_params(c),
                         BF16 * largest_linear(s)),
-            **_copy_out(n, BF16 * _root_params(c), _layer_nf4_gathered(c) + BF16 * a_lay),
+            **copy_out(n, BF16 * root_params(c), layer_nf4_gathered(c) + BF16 * a_lay),
             **training_activations(s, cfg, lora=True)}
 
 
@@ -342,7 +204,7 @@ def _stage2_load(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]
     """Stage two's loading peak: the NF4 base shards and the fp32 LoRA weight shards (4A/N, as PEFT creates
     them; no gradient or optimizer state yet), plus load_parts' transient."""
     a = lora_parameters_from_shape(s, cfg.lora_r)
-    return load_parts(s, cfg, _base_nf4_per_gpu(c, cfg.gpus) + _cdiv(FP32 * a, cfg.gpus), True, lora_params=a)
+    return load_parts(s, cfg, base_nf4_per_gpu(c, cfg.gpus) + cdiv(FP32 * a, cfg.gpus), True, lora_params=a)
 
 
 def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -353,7 +215,7 @@ def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int)
                      codes + bf16 norms/biases, the absmax being resident) + 4·A_lay
                      (that layer's unsharded fp32 LoRA grads) + 2·P_root; + 2·h·i (largest linear dequantised,
                      forward and again in backward; also on one GPU)
-        copy-out   : max(2·P_root, layer_nf4 + 2·A_lay) at N > 1 (_copy_out)
+        copy-out   : max(2·P_root, layer_nf4 + 2·A_lay) at N > 1 (copy_out)
         activations: training_activations with the LoRA inputs added per layer.
         load       : _stage2_load.
     """
@@ -379,12 +241,6 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
     backward = (2 if cfg.gradient_checkpointing else 1) * T * a
     parts["reference forward, adapters off (extra at peak)"] = max(0, ref - backward)
     return _finish("online_ref", "QLoRA+online ref", parts, _stage2_load(s, c, cfg), capacity, cfg.cpu)
-
-
-def full_logits_bytes(s: Shape, cfg: PlanConfig) -> int:
-    """[2B, T, V] logits of one step when a trainer materialises them: bf16 logits + their fp32 log_softmax
-    (saved for backward) for the policy, and the same for the reference forward held alongside."""
-    return 2 * cfg.batch * 2 * cfg.seq_len * s.vocab * (BF16 + FP32)
 
 
 # ----------------------------------------------------------------------------------------------- plan

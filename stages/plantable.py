@@ -3,7 +3,8 @@ loading rows, the peak (max of the two), fits/does-not-fit, suggestions and note
 
 from __future__ import annotations
 
-from stages.plan import GIB, OVERHEAD_BYTES, Plan, full_logits_bytes, nf4_split
+from stages.plan import GIB, OVERHEAD_BYTES, Plan
+from stages.planterms import full_logits_bytes, nf4_split
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
               "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",

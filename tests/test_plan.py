@@ -12,11 +12,11 @@ from stages.plan import (
     OVERHEAD_BYTES,
     PlanConfig,
     format_plan,
-    nf4_split,
     parse_gpu_memory,
     plan_memory,
 )
 from stages.plancount import count_parameters, lora_parameters
+from stages.planterms import nf4_split
 
 torch.set_num_threads(1)
 
@@ -234,7 +234,7 @@ def test_config_loading(tmp_path):
 
 
 def test_nf4_bytes():
-    from stages.plan import nf4_bytes
+    from stages.planterms import nf4_bytes
     # 64·256·3 = 49152 weights: 24576 bytes of codes; 768 blocks
     assert nf4_bytes(49152, double_quant=False) == 24576 + 4 * 768          # fp32 absmax per block
     assert nf4_bytes(49152, double_quant=True) == 24576 + 768 + 4 * 3       # 8-bit absmax + fp32 per 256 blocks
@@ -322,7 +322,7 @@ def test_online_reference_scenario_by_hand(tmp_path):
     off = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
                                  max_tokens_per_batch=256, gradient_checkpointing=False))
     assert off.scenario("online_ref").breakdown[extra] == 780288 - 128 * (2768 + 1080) == 287744
-    from stages.plan import full_logits_bytes
+    from stages.planterms import full_logits_bytes
     assert full_logits_bytes(plan.shape, cfg) == 2 * 128 * 512 * (2 + 4) == 786432
     text = format_plan(plan)
     assert "QLoRA+online ref" in text and "TRL's default with PEFT" in text
