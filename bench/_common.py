@@ -184,9 +184,9 @@ def hwm_gib() -> float:
 # ------------------------------------------------------------------------------------------------ data
 def load_encoded(model_dir: Path, max_length: int | None, max_prompt_length: int | None):
     """All HH-RLHF harmless-test rows, tokenized as both stages do. Returns (tokenizer, encoded list)."""
-    from stages.data import load_examples
-    from stages.encode import TokenizeSettings, encode_examples
-    from stages.models import load_tokenizer
+    from stages.data.encode import TokenizeSettings, encode_examples
+    from stages.data.rows import load_examples
+    from stages.model.models import load_tokenizer
 
     if not HH_PATH.is_file():
         sys.exit(f"HH-RLHF data not found at {HH_PATH}")
@@ -207,7 +207,7 @@ def longest_rows(encoded: list, n: int) -> list:
 
 
 def ensure_model() -> Path:
-    from stages.smollm import ensure_smollm2
+    from stages.model.smollm import ensure_smollm2
 
     return ensure_smollm2(REPO / "cache" / "models")
 

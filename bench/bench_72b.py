@@ -107,9 +107,9 @@ def page_in(model) -> None:
 
 def stage_worker(stage: str, args: dict) -> None:
     """One rank of `dpo precompute-ref` / `dpo train` with the memory probe around shard_model."""
-    import stages.precompute as P
-    import stages.train as T
-    from stages.config import build as build_cfg
+    import stages.stage1.precompute as P
+    import stages.stage2.train as T
+    from stages.settings.yamlconfig import build as build_cfg
 
     rec = {"rank": int(os.environ.get("RANK", "0")), "runtime_rss_gib": C.mem_status().get("rss")}  # torch imported
     mod, cls = (P, P.PrecomputeConfig) if stage == "stage1" else (T, T.TrainConfig)
@@ -160,10 +160,10 @@ def torchrun(stage: str, args: dict, log: Path, nproc: int) -> list[dict]:
 
 def pick_rows(a, model_dir: Path, dest: Path):
     """The longest HH rows after truncation (similar lengths: little padding); written as prompt/chosen/rejected."""
-    from stages.precompute import plan_batches
+    from stages.stage1.precompute import plan_batches
 
     tok, encoded = C.load_encoded(model_dir, a.max_length, a.max_prompt_length)
-    from stages.data import load_examples
+    from stages.data.rows import load_examples
 
     by_id = {e.example_id: e for e in load_examples([C.HH_PATH])[0]}
     chosen = C.longest_rows(encoded, a.rows)
@@ -178,7 +178,7 @@ def pick_rows(a, model_dir: Path, dest: Path):
 
 
 def plan_for(model_dir: Path, gpus: int, seq_len: int, t1: int, cpu: bool, layers=None, gpu_memory=80.0):
-    from stages.plan import PlanConfig, plan_memory
+    from stages.tools.plan import PlanConfig, plan_memory
 
     return plan_memory(PlanConfig(str(model_dir), gpus=gpus, gpu_memory_gb=gpu_memory, seq_len=seq_len, batch=1,
                                   lora_r=16, max_tokens_per_batch=t1, layers=layers, cpu=cpu))

@@ -8,7 +8,7 @@ with MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072 (glibc hands freed blo
 tensors) and one torch thread.
 
 Each rank runs the CLI inside a wrapper (this file, --worker) that writes a per-rank JSON file at exit. Peak RSS:
-stages/memory.py resets VmHWM at each phase start (it writes 5 to /proc/self/clear_refs, which resets ru_maxrss
+stages/model/memory.py resets VmHWM at each phase start (it writes 5 to /proc/self/clear_refs, which resets ru_maxrss
 too), so the wrapper wraps that reset and reads VmRSS and VmHWM just before each one: the phase peaks are exact,
 the process peak is their max with the VmHWM at exit; a 20 ms VmRSS sampler runs beside as a cross-check.
 `baseline` = RSS at the start of loading (Python, torch, the process group, the tokenized data): the plan counts
@@ -126,7 +126,7 @@ def preload() -> None:
     import importlib
 
     for name in ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "peft",
-                 "bitsandbytes", "pyarrow.parquet", "stages.precompute", "stages.train", "stages.loading"):
+                 "bitsandbytes", "pyarrow.parquet", "stages.stage1.precompute", "stages.stage2.train", "stages.model.loading"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -155,7 +155,7 @@ def whole_preadv() -> None:
 
 def cli_worker(outdir: Path, argv: list[str]) -> None:
     """One rank: `dpo ARGV` with every VmHWM reset wrapped; writes outdir/rank{R}.json."""
-    import stages.memory as M
+    import stages.model.memory as M
     from stages.cli import main
 
     preload()
@@ -264,8 +264,8 @@ def launch(argv: list[str], n: int, outdir: Path, log: Path, timeout: float) -> 
 
 def write_rows(model_dir: Path, a, dest: Path) -> dict:
     """The longest HH rows after truncation, as prompt/chosen/rejected lines; their token shape for the plan."""
-    from stages.data import load_examples
-    from stages.precompute import batch_cost, plan_batches
+    from stages.data.rows import load_examples
+    from stages.stage1.precompute import batch_cost, plan_batches
 
     _, encoded = C.load_encoded(model_dir, a.max_length, a.max_prompt_length)
     by_id = {e.example_id: e for e in load_examples([C.HH_PATH])[0]}
@@ -296,7 +296,7 @@ def plan_cmd(model_dir: Path, n: int, shape: dict) -> str:
 
 def plan_gib(model_dir: Path, n: int, shape: dict) -> dict:
     """{stage: {total, load, run}} GiB per rank from `dpo plan --cpu` as it is now (same code as the CLI)."""
-    from stages.plan import PlanConfig, plan_memory
+    from stages.tools.plan import PlanConfig, plan_memory
 
     plan = plan_memory(PlanConfig(str(model_dir), gpus=n, seq_len=shape["seq_len"], batch=1, lora_r=16,
                                   max_tokens_per_batch=shape["padded"], cpu=True))
@@ -311,7 +311,7 @@ def plan_gib(model_dir: Path, n: int, shape: dict) -> dict:
 def unit_sizes(model_dir: Path) -> tuple[int, list[int], int]:
     """Bytes in bf16, from the checkpoint's header: (the FSDP root unit, each decoder layer, the largest tensor of
     a layer)."""
-    from stages.loading import index_checkpoint
+    from stages.model.loading import index_checkpoint
 
     sizes = {}
     for name, t in index_checkpoint(model_dir).items():
@@ -356,10 +356,10 @@ def run_one(key: str, stage: str, n: int, model_dir: Path, shape: dict, a) -> di
 
 
 def tool_memory(stage: str, work: Path) -> dict | None:
-    """What the run itself reports (stages/memory.py): the cache's metadata or summary.json's "memory"."""
+    """What the run itself reports (stages/model/memory.py): the cache's metadata or summary.json's "memory"."""
     try:
         if stage == "stage1":
-            from stages.refcache import read_meta
+            from stages.cache.refcache import read_meta
 
             return read_meta(work / "ref.parquet").get("memory")
         return json.loads((work / "run" / "summary.json").read_text()).get("memory")

@@ -127,7 +127,7 @@ def report(results: dict) -> str:
         "baseline; process peak RSS = the max VmHWM over "
         "the phases and at exit (raw, runtime included); sampled max = VmRSS sampled every 20 ms (cross-check); "
         "vs plan = (peak - baseline) / plan total - 1; run's own = the run's summary/cache `memory` for its "
-        "score/train phase (stages/memory.py)", "",
+        "score/train phase (stages/model/memory.py)", "",
         C.table(head, rows), "",
         "Targets (issue 20: each measured peak within 15 % of the plan; at N = 2 each rank below N = 1):", "",
         *[f"- {x}" for x in targets(results, plans)], "",

@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M, fp32 LoRA r16 on all linear layers, gradient checkpointing on - the `dpo train`
 defaults), same batch (the 4 longest HH-RLHF pairs after truncation), each variant in its own fresh process:
 
-  chunked    - stage two as implemented: `stages.train.policy_forward` -> `sequence_logps` (hidden states of
+  chunked    - stage two as implemented: `stages.stage2.train.policy_forward` -> `sequence_logps` (hidden states of
                completion positions only, projected through the LM head in checkpointed chunks); cached reference;
   full       - the plain path (written here): `model(...).logits` [2B, T, V] -> log_softmax -> gather -> masked sum,
                then the same `dpo_loss`; cached reference;
@@ -90,8 +90,8 @@ def factory(variant, policy, rows, cfg, spec, device, pad_id):
     """ref_fn/loss_fn for the variants of this bench; stage two's for the others."""
     import torch
 
-    from stages.logprobs import collate_pairs
-    from stages.loss import dpo_loss
+    from stages.model.logprobs import collate_pairs
+    from stages.objective.loss import dpo_loss
 
     if variant == "chunked":
         variant = "cache"

@@ -1,7 +1,7 @@
 """Stage one (`dpo precompute-ref`) throughput and padding waste on HH-RLHF rows with SmolLM2-135M (fp32, CPU).
 
 Four variants at the same token budget: {length-sorted, data order} x {prompt shared, plain}. Batches come from
-`stages.precompute.plan_batches` and are scored by `stages.precompute.score_batches` (the code the command runs,
+`stages.stage1.precompute.plan_batches` and are scored by `stages.stage1.precompute.score_batches` (the code the command runs,
 parts written to a scratch folder), one model in one process, variants interleaved and rotated each repeat.
 
   padding waste = 1 - real tokens / forwarded tokens (as the command's summary reports it), computed on the timed
@@ -69,7 +69,7 @@ def parse() -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ measuring
 def waste(batches, shared: bool) -> tuple[float, int, int]:
-    from stages.precompute import batch_tokens
+    from stages.stage1.precompute import batch_tokens
 
     real = padded = 0
     for b in batches:
@@ -87,9 +87,9 @@ def score(model, pad_id, batches, shared: bool):
     import pyarrow.parquet as pq
     import torch
 
-    from stages.distributed import DistEnv
-    from stages.precompute import PrecomputeConfig, score_batches
-    from stages.runguard import StopSignal
+    from stages.base.runguard import StopSignal
+    from stages.model.distributed import DistEnv
+    from stages.stage1.precompute import PrecomputeConfig, score_batches
 
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
@@ -119,7 +119,7 @@ def long_multiturn(encoded, tok, n: int):
 
 
 def timed_variants(model, pad_id, rows, variants, a, on_gpu: bool) -> dict:
-    from stages.precompute import plan_batches
+    from stages.stage1.precompute import plan_batches
 
     plans = {v: plan_batches(rows, a.budget, ALL[v][2], ALL[v][1]) for v in variants}
     times = {v: [] for v in variants}
@@ -159,7 +159,7 @@ def fsdp_world_size_one(model, device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from stages.distributed import decoder_layers
+    from stages.model.distributed import decoder_layers
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -181,8 +181,8 @@ def fsdp_world_size_one(model, device) -> None:
 def load(a):
     import torch
 
-    from stages.logprobs import supports_prompt_sharing
-    from stages.models import ModelSpec, load_model
+    from stages.model.logprobs import supports_prompt_sharing
+    from stages.model.models import ModelSpec, load_model
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     mdir = Path(a.model) if a.model else C.ensure_model()
@@ -208,7 +208,7 @@ def load(a):
 
 # ------------------------------------------------------------------------------------------------ report
 def main_table(run, rows, encoded, variants, a, n_params):
-    from stages.precompute import plan_batches
+    from stages.stage1.precompute import plan_batches
 
     base = "unsorted-plain" if "unsorted-plain" in variants else variants[-1]
     ref_key = "sorted-plain" if "sorted-plain" in variants else variants[0]
@@ -255,8 +255,8 @@ def main() -> None:
     C.set_threads(a.threads)
     import torch
 
-    from stages.precompute import PrecomputeConfig
-    from stages.settings import chunk_size_for
+    from stages.base.constants import chunk_size_for
+    from stages.stage1.precompute import PrecomputeConfig
 
     variants = a.variants.split(",")
     device, mdir, tok, encoded, pad, model, n_params = load(a)

@@ -1,6 +1,6 @@
 """Stage two (`dpo train --ref-cache`) against the two usual ways of getting the reference, same model/data/batch:
 
-  (a) cache     - stage two as implemented: `stages.train.policy_forward` with the reference as constants;
+  (a) cache     - stage two as implemented: `stages.stage2.train.policy_forward` with the reference as constants;
   (b) online    - same code, reference log-probs recomputed at every step by the policy with adapters disabled
                   (`with model.disable_adapter(), torch.no_grad(): sequence_logps(...)`);
   (c) two-model - a separate frozen reference copy (`load_model` a second time) run at every step.
@@ -77,7 +77,7 @@ def model_dir(a) -> Path:
 
 def synthetic_rows(n: int, vocab: int, seed: int = 0, scale: float = 1.0) -> list:
     """HH-like shapes (prompt ~125, chosen ~41, rejected ~51 tokens on average) of random token ids."""
-    from stages.encode import Encoded
+    from stages.data.encode import Encoded
 
     rng = random.Random(seed)
     rows = []
@@ -96,7 +96,7 @@ def write_rows(rows: list, name: str) -> Path:
 
 
 def read_rows(path: str) -> list:
-    from stages.encode import Encoded
+    from stages.data.encode import Encoded
 
     return [Encoded(i, tuple(p), tuple(c), tuple(r)) for i, p, c, r in json.loads(Path(path).read_text())]
 
@@ -298,8 +298,8 @@ def load_common(a):
 
     import torch
 
-    from stages.models import LoraSettings, ModelSpec, load_policy
-    from stages.train import TrainConfig
+    from stages.model.models import LoraSettings, ModelSpec, load_policy
+    from stages.stage2.train import TrainConfig
 
     mdir = model_dir(a)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -319,10 +319,10 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
     """Returns ref_fn(): (ref_c, ref_r) lists, and loss_fn(refs) -> scalar loss, for variants (a)-(c)."""
     import torch
 
-    from stages.logprobs import pair_logps
-    from stages.models import load_model
-    from stages.prepare import Item
-    from stages.train import policy_forward
+    from stages.model.logprobs import pair_logps
+    from stages.model.models import load_model
+    from stages.stage2.prepare import Item
+    from stages.stage2.train import policy_forward
 
     reference = None
     if variant == "two-model":
@@ -356,7 +356,7 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
 def run_steps(a, policy, ref_fn, loss_fn) -> dict:
     import torch
 
-    from stages.train import clip
+    from stages.stage2.train import clip
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -414,8 +414,8 @@ def worker(a, factory=None) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages.models import resolve_dtype
-    from stages.settings import chunk_size_for
+    from stages.model.models import resolve_dtype
+    from stages.base.constants import chunk_size_for
 
     if a.worker.startswith("trl"):
         import trl  # noqa: F401 - counted in the runtime baseline of TRL workers

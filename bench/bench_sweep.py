@@ -39,7 +39,7 @@ def main() -> None:
     n_train, n_eval, steps = (16, 8, 3) if args.quick else (48, 16, 6)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from stages.smollm import ensure_smollm2
+    from stages.model.smollm import ensure_smollm2
 
     model = str(ensure_smollm2(REPO / "cache" / "models", n_layers=2))
     rows = [json.loads(line) for _, line in zip(range(n_train + n_eval), gzip.open(HH, "rt"))]

@@ -111,7 +111,7 @@ missing = [m for m in ("torch", "transformers", "peft", "pyarrow", "polars", "cl
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing on this machine: {missing}; carry wheels in .whl (see the header of bench/gpu_bench.sh)")
-import stages.precompute, stages.train  # noqa: F401  (imports everything both stages need)
+import stages.stage1.precompute, stages.stage2.train  # noqa: F401  (imports everything both stages need)
 for m in ("transformers", "peft", "polars", "accelerate"):
     print(m, importlib.import_module(m).__version__)
 EOF

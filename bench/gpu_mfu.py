@@ -1,5 +1,5 @@
 """Tokens/s and MFU for bench/gpu_bench.sh: model FLOP utilisation against the dense bf16 peak of an H100/H200 SXM
-(989 TFLOP/s), from the NON-embedding parameters N (stages/plancount.py: total - embed - lm_head; the embedding is a
+(989 TFLOP/s), from the NON-embedding parameters N (stages/tools/plancount.py: total - embed - lm_head; the embedding is a
 lookup, and the LM head runs on reply positions only):
 
   inference (stage one): 2·N FLOP per token;  training (stage two): 6·N FLOP per token (the usual convention:
@@ -29,7 +29,7 @@ PEAK_FLOPS = 989e12  # bf16 dense, H100 SXM and H200 (the same tensor cores; the
 
 
 def non_embedding_params(model_dir: str | Path) -> int:
-    from stages.plancount import count_parameters, load_model_config
+    from stages.tools.plancount import count_parameters, load_model_config
 
     c = count_parameters(load_model_config(model_dir))
     return c["total"] - c["embed"] - c["lm_head"]

@@ -1,9 +1,9 @@
 """Ours against TRL 1.16's DPOTrainer on the same GPU, model, rows and dtype (issue 20, item 8; gpu_bench.sh runs it).
 
-  stage one: `dpo precompute-ref` (stages.precompute.run) against DPOTrainer(precompute_ref_log_probs=True) on the
+  stage one: `dpo precompute-ref` (stages.stage1.precompute.run) against DPOTrainer(precompute_ref_log_probs=True) on the
              same rows: scoring wall seconds (CUDA synchronised), tokens/s, MFU (2·N per forwarded token), and the
              largest |difference| of the per-example log-probs (bf16 on a GPU: small, not 0);
-  stage two: optimizer steps of `dpo train` (stages.train.run, reference from our stage-one cache) against TRL's
+  stage two: optimizer steps of `dpo train` (stages.stage2.train.run, reference from our stage-one cache) against TRL's
              trainer.train with its own precomputed reference: same LoRA (r16, alpha 32, all-linear, dropout 0),
              AdamW, batch, max_length, no gradient checkpointing. The train set is ONE batch, so every step sees the
              same pairs on both sides; median step wall seconds after the first, tokens/s, MFU (6·N per token).
@@ -68,8 +68,8 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def token_counts(model: Path, examples, max_length: int) -> dict:
-    from stages.encode import TokenizeSettings, encode_examples
-    from stages.models import load_tokenizer
+    from stages.data.encode import TokenizeSettings, encode_examples
+    from stages.model.models import load_tokenizer
 
     encoded, skipped = encode_examples(load_tokenizer(str(model)), examples, TokenizeSettings(max_length, max_length))
     prompts = sum(len(e.prompt_ids) for e in encoded)
@@ -85,7 +85,7 @@ def stage_one(a, model: Path, out: Path, path: Path, rows: list[dict]) -> dict:
 
 
 def stage_two(a, model: Path, out: Path, rows: list[dict]) -> dict:
-    from stages import train as T
+    from stages.stage2 import train as T
 
     path = V.write_jsonl(out / "batch.jsonl", rows)
     cfg = T.TrainConfig(model=str(model), data=(str(path),), ref_cache=str(out / "ours.parquet"),
@@ -119,7 +119,7 @@ def main() -> None:
     a = parse()
     import torch
 
-    from stages.data import load_examples
+    from stages.data.rows import load_examples
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:

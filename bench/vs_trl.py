@@ -179,11 +179,11 @@ PROFILE = {}
 
 
 def install_profiles() -> None:
-    """Time the LM-head part of each side: our chunked head (`stages.logprobs._chunk_logps`) and TRL's fused
+    """Time the LM-head part of each side: our chunked head (`stages.model.logprobs._chunk_logps`) and TRL's fused
     chunked log-prob kernel (torch fallback on CPU), to explain where the time goes."""
     from trl.kernels import chunked_logprob as ck
 
-    import stages.logprobs as lp
+    import stages.model.logprobs as lp
 
     PROFILE["ours_head"] = Accum(lp._chunk_logps)
     lp._chunk_logps = PROFILE["ours_head"]
@@ -214,8 +214,8 @@ def trl_config(out: Path, **kw):
 
 def ours_precompute(model_dir: Path, data: Path, out: Path, max_length: int, budget: int) -> dict:
     """`dpo precompute-ref` in this process; returns values by id and timings (total, scoring)."""
-    import stages.precompute as pc
-    from stages import refcache
+    import stages.stage1.precompute as pc
+    from stages.cache import refcache
 
     score = Accum(pc.score_batches)
     pc.score_batches, original = score, pc.score_batches
@@ -278,7 +278,7 @@ def rel(p) -> str:
 # ================================================================================================ phases
 def phase_token_ids(tok, text_ex, chat_ex, plan: Plan) -> dict:
     """Token ids of both tokenizations (no model): text rows equal? chat rows = ours + the template's newline?"""
-    from stages.encode import TokenizeSettings, encode_examples
+    from stages.data.encode import TokenizeSettings, encode_examples
 
     text_ex, chat_ex = text_ex[:plan.tok_rows], chat_ex[:plan.tok_rows]
     newline = tuple(tok("\n", add_special_tokens=False)["input_ids"])
@@ -335,8 +335,8 @@ def phase_chat(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> d
     """(i) conversational: ours vs TRL, and our sequence_logps on TRL's own token ids vs TRL (the convention gap)."""
     import torch
 
-    from stages.encode import Encoded
-    from stages.logprobs import collate_pairs, sequence_logps
+    from stages.data.encode import Encoded
+    from stages.model.logprobs import collate_pairs, sequence_logps
 
     mine = ours_precompute(model_dir, path, OUT / "chat.parquet", plan.max_length, budget)["values"]
     t = trl_precompute(model_dir, rows, OUT / "trl_chat", plan.max_length, trl_bs)
@@ -374,7 +374,7 @@ def timed(*targets):
 @contextlib.contextmanager
 def optimizer_stamps():
     """Per `dpo train` run: [train-loop start, end of optimizer step 1, step 2, ...] (optimizer post-step hook)."""
-    import stages.train as T
+    import stages.stage2.train as T
 
     stamps: list[list[float]] = []
     build, loop = T.build_optimizer, T.train_loop
@@ -418,9 +418,9 @@ def train_cmd(cfg, betas=None) -> str:
 
 def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
     """precompute-ref once + `dpo sweep` over four β, with a profile of where each run's time goes."""
-    import stages.checkpoint as ckpt
-    import stages.sweep as S
-    import stages.train as T
+    import stages.stage2.checkpoint as ckpt
+    import stages.stage2.train as T
+    import stages.tools.sweep as S
 
     cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
     shutil.rmtree(out, ignore_errors=True)
@@ -508,7 +508,7 @@ def phase_sweep(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> 
 def phase_stage_two(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int) -> dict:
     """(iv) step time on ONE fixed batch (the train set is exactly one batch, so every step sees the same pairs):
     `dpo train` vs TRL with precompute_ref_log_probs vs TRL with the reference computed online."""
-    from stages import train as T
+    from stages.stage2 import train as T
 
     cache, out = OUT / "iv-ref.parquet", OUT / "iv-ours"
     ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
@@ -711,7 +711,7 @@ def stage_two_lines(st: dict, plan: Plan) -> list[str]:
 def padded_tokens(encoded: list, budget: int, trl_bs: int) -> tuple[int, int]:
     """Tokens each side forwards (padding included): ours length-sorted [prompt|chosen|rejected] batches under the
     token budget; TRL batches of trl_bs in data order, chosen and rejected rows padded to one width."""
-    from stages.precompute import batch_cost, plan_batches
+    from stages.stage1.precompute import batch_cost, plan_batches
 
     ours = sum(batch_cost(b, True) for b in plan_batches(encoded, budget, True, True))
     trl = 0
@@ -724,7 +724,7 @@ def padded_tokens(encoded: list, budget: int, trl_bs: int) -> tuple[int, int]:
 def batch_positions(encoded: list) -> dict:
     """Positions one training forward runs over for this batch: ours [prompt|chosen|rejected] rows (stage two shares
     the prompt by default), TRL chosen and rejected rows padded to one width."""
-    from stages.precompute import batch_cost
+    from stages.stage1.precompute import batch_cost
 
     return {"ours": batch_cost(encoded, True), "trl": batch_cost(encoded, False)}
 
@@ -762,9 +762,9 @@ def curve_data(tok, model_dir: Path) -> dict:
     our fp32 reference cache of them, that cache exported for TRL, and one zero-B LoRA adapter both sides start from."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.data import load_examples
-    from stages.encode import TokenizeSettings, encode_examples
-    from stages.export_trl import export_trl
+    from stages.data.encode import TokenizeSettings, encode_examples
+    from stages.data.rows import load_examples
+    from stages.tools.export_trl import export_trl
 
     L = CURVE["max_length"]
     examples, _ = load_examples([HH_PATH])
@@ -772,7 +772,7 @@ def curve_data(tok, model_dir: Path) -> dict:
     fits = [e for e in examples if e.example_id in enc and enc[e.example_id].length <= L][:CURVE["pairs"]]
     path = write_jsonl(OUT / "curves.jsonl", explicit_rows(fits))
     cache = OUT / "curves-ref.parquet"
-    import stages.precompute as pc
+    import stages.stage1.precompute as pc
 
     pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
                                max_prompt_length=L - 1, overwrite=True))
@@ -792,7 +792,7 @@ def ours_curve(model_dir: Path, data: dict, steps: int, loss: dict, out: Path) -
     """`dpo train` from the shared adapter; returns its train records and the example ids in the order trained."""
     import torch
 
-    import stages.train as T
+    import stages.stage2.train as T
 
     order, forward = [], T.policy_forward
 
@@ -822,7 +822,7 @@ def trl_curve(model_dir: Path, data: dict, order: list[str], steps: int, loss: d
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from stages.export_trl import dpo_trainer_class
+    from stages.tools.export_trl import dpo_trainer_class
 
     shutil.rmtree(out, ignore_errors=True)
     args = trl_config(out, beta=CURVE["beta"], precompute_ref_log_probs=True,
@@ -965,10 +965,10 @@ def main() -> None:
         return
     import torch
 
-    from stages.data import load_examples
-    from stages.encode import TokenizeSettings, encode_examples
-    from stages.models import load_tokenizer
-    from stages.smollm import ensure_smollm2
+    from stages.data.encode import TokenizeSettings, encode_examples
+    from stages.data.rows import load_examples
+    from stages.model.models import load_tokenizer
+    from stages.model.smollm import ensure_smollm2
 
     torch.set_num_threads(args.threads)
     if args.curves:

@@ -8,8 +8,8 @@ import types
 
 import click
 
-from . import config as cfgmod, settings
-from .errors import Interrupted, UserError, one_line, os_error_line
+from stages.base.errors import Interrupted, UserError, one_line, os_error_line
+from stages.settings import commands as settings, yamlconfig as cfgmod
 
 
 def user_errors(fn):
@@ -29,7 +29,7 @@ def user_errors(fn):
             sys.exit(2)
         finally:  # commands may run several stages in one process group (sweep); end it once, here
             if "torch.distributed" in sys.modules:
-                from .distributed import end_process_group
+                from stages.model.distributed import end_process_group
 
                 end_process_group()
     wrapper.one_line_errors = True  # tests/test_faults.py checks that every command has it
@@ -69,7 +69,7 @@ def main():
 
 
 def options_from(cls, skip=(), config=True):
-    """Click options generated from a config dataclass (stages/settings.py): --field-name (+ older aliases), bools
+    """Click options generated from a config dataclass (stages/settings/commands.py): --field-name (+ older aliases), bools
     as --x/--no-x, Literal as a choice, tuples repeatable; help and the real default from the field. Click's own
     defaults are None, so that only flags actually given override the YAML config."""
     import dataclasses
@@ -127,7 +127,7 @@ def _shown_default(default, base) -> str:
 @user_errors
 def precompute_ref(config_path, **flags):
     """Stage one: reference log-probs of every chosen/rejected reply, written once to Parquet."""
-    from .precompute import run
+    from stages.stage1.precompute import run
 
     run(cfgmod.build(settings.PrecomputeConfig, config_path, flags, section="precompute-ref"))
 
@@ -142,7 +142,7 @@ def cache():
 @user_errors
 def cache_info(**flags):
     """Print a cache's metadata and statistics."""
-    from .refcache import info_text
+    from stages.cache.refcache import info_text
 
     click.echo(info_text(cfgmod.build(settings.CacheInfoConfig, None, flags).path))
 
@@ -152,7 +152,7 @@ def cache_info(**flags):
 @user_errors
 def cache_merge(**flags):
     """Join the caches of `precompute-ref --num-shards N` jobs (SHARD_FILES) into one cache for `dpo train`."""
-    from .shards import merge_shards
+    from stages.cache.shards import merge_shards
 
     cfg = cfgmod.build(settings.CacheMergeConfig, None, flags)
     meta = merge_shards(list(cfg.shard_files), cfg.output)
@@ -165,7 +165,7 @@ def cache_merge(**flags):
 @user_errors
 def cache_verify(**flags):
     """Check that every example of DATA has a finite entry in the cache (PATH) and the fingerprints match."""
-    from .verify import verify_cache
+    from stages.tools.verify import verify_cache
 
     c = cfgmod.build(settings.CacheVerifyConfig, None, flags)
     problems = verify_cache(c.path, c.data, (c.prompt_field, c.chosen_field, c.rejected_field), c.model, c.max_length,
@@ -189,7 +189,7 @@ def cache_export_trl(**flags):
     scored them), plus example_id. Every row must be in the cache, else nothing
     is written. Train with TRL 1.16 without any reference pass:
       from datasets import load_dataset
-      from stages.export_trl import dpo_trainer_class
+      from stages.tools.export_trl import dpo_trainer_class
       ds = load_dataset("parquet", data_files="OUT.parquet")["train"]
       dpo_trainer_class()(model, args=DPOConfig(precompute_ref_log_probs=True,
           max_length=<the cache's --max-length>, ...), train_dataset=ds, ...)
@@ -200,8 +200,8 @@ def cache_export_trl(**flags):
     numbers differ by that token's log-prob (about 12 nats per reply on a weak
     model); --trl-chat-convention adds it, so the values equal TRL's own.
     """
-    from .data import FieldMap
-    from .export_trl import export_trl
+    from stages.data.rows import FieldMap
+    from stages.tools.export_trl import export_trl
 
     c = cfgmod.build(settings.ExportTrlConfig, None, flags)
     report = export_trl(c.path, c.data, c.output, FieldMap(c.prompt_field, c.chosen_field, c.rejected_field),
@@ -216,7 +216,7 @@ def cache_export_trl(**flags):
 @user_errors
 def train(config_path, **flags):
     """Stage two: train a (Q)LoRA policy against a reference cache; no reference model is loaded."""
-    from .train import run
+    from stages.stage2.train import run
 
     run(cfgmod.build(settings.TrainConfig, config_path, flags, section="train"))
 
@@ -226,7 +226,7 @@ def train(config_path, **flags):
 @user_errors
 def sweep(config_path, **flags):
     """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
-    from .sweep import run_sweep
+    from stages.tools.sweep import run_sweep
 
     run_sweep(cfgmod.build(settings.SweepConfig, config_path, flags, section="sweep"))
 
@@ -236,7 +236,7 @@ def sweep(config_path, **flags):
 @user_errors
 def compare_cmd(**flags):
     """Table, CSV and plot of training runs (RUN_DIRS: `dpo train` outputs or whole `dpo sweep` folders)."""
-    from .compare import compare, format_table, samples_tables
+    from stages.tools.compare import compare, format_table, samples_tables
 
     c = cfgmod.build(settings.CompareConfig, None, flags)
     rows, png, csv_path = compare(c.run_dirs, c.output)
@@ -252,7 +252,7 @@ def compare_cmd(**flags):
 def plan(config_path, **flags):
     """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config.
     --config takes the stages' own YAML (shared, precompute-ref, train and plan sections)."""
-    from .plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
+    from stages.tools.plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
 
     c = cfgmod.build(settings.PlanConfig, config_path, flags, section="plan")
     cfg = PlanConfig(c.model, c.gpus, parse_gpu_memory(c.gpu_memory), c.max_length, c.batch_size, c.lora_r,
@@ -265,7 +265,7 @@ def plan(config_path, **flags):
 @user_errors
 def demo(**flags):
     """The whole pipeline on SmolLM2-135M-Instruct and the shipped demo data: precompute, sweep, compare."""
-    from .demo import run_demo
+    from stages.tools.demo import run_demo
 
     run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).quick)
 
@@ -281,7 +281,7 @@ def config_group():
 def config_from_trl(**flags):
     """Print our YAML (shared / precompute-ref / train) for a TRL DPOConfig YAML (PATH); unmapped keys are listed,
     with why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
-    from .trlconfig import from_trl
+    from stages.tools.trlconfig import from_trl
 
     click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).path), nl=False)
 
@@ -292,7 +292,7 @@ def config_from_trl(**flags):
 def sample_cmd(config_path, **flags):
     """Reference and policy replies side by side for held-out prompts, with each reply's implicit reward
     β·log π/π_ref; greedy unless --seed. Writes samples.md / samples.jsonl (into the run folder of --adapter)."""
-    from .sample import run
+    from stages.tools.sample import run
 
     run(cfgmod.build(settings.SampleConfig, config_path, flags, section="sample"))
 

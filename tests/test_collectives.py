@@ -2,7 +2,7 @@
 
 - init_distributed starts ONE process group for both device types on CUDA ("cpu:gloo,cuda:nccl", bound to the
   rank's GPU), plain gloo on CPU; checked with CUDA mocked, so it runs on any machine.
-- Every helper in stages/distributed.py hands its collective a tensor on env.device: with a fake env.device
+- Every helper in stages/model/distributed.py hands its collective a tensor on env.device: with a fake env.device
   ("meta", the one other device a CPU-only torch has), the mocked collective must see "meta", not the CPU tensor
   the caller made (the shape of the NCCL failure: a CPU tensor handed to a CUDA-only backend).
 - The guard the 2-process test installs does flag a tensor off the run's device and a direct call from a stage.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import stages.distributed as sd
-from stages.distributed import (
+import stages.model.distributed as sd
+from stages.model.distributed import (
     DistEnv,
     all_reduce_max,
     all_reduce_max_,
@@ -22,7 +22,7 @@ from stages.distributed import (
     broadcast_object,
     gather_rows,
 )
-from stages.metrics import Accumulator
+from stages.stage2.metrics import Accumulator
 from tests import collective_guard as guard
 
 

@@ -1,6 +1,6 @@
 """Both stages under `torchrun --nproc-per-node 2` (gloo, CPU) with every torch.distributed collective wrapped
 (tests/collective_guard.py): each tensor a collective is handed must be on the run's declared device (env.device)
-and of a type the group's backend takes, and the stages must call collectives only through stages/distributed.py.
+and of a type the group's backend takes, and the stages must call collectives only through stages/model/distributed.py.
 On NCCL the stages' collectives used to meet CPU tensors (stage one's stats, stage two's drift counts): the guard
 flags that shape of call on CPU too (a direct call, or a tensor off env.device).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import refcache
+from stages.cache import refcache
 from tests.test_train_dist import free_port, hh_rows, write_jsonl
 
 pytestmark = pytest.mark.dist
@@ -72,20 +72,20 @@ def test_every_collective_tensor_on_the_run_device_through_the_helpers(runs, sta
     violations = [v for log in logs for v in log["violations"]]
     assert not violations, violations[:10]
     # the guard saw the collectives that matter (so an empty violation list means something)
-    expected = ["broadcast_object_list @ stages.runguard.guarded_output",
-                "all_reduce @ stages.loading._fill_nf4",  # sharded NF4 loading: the absmax
-                "all_reduce @ stages.memory.PhaseMemory.report"]
+    expected = ["broadcast_object_list @ stages.base.runguard.guarded_output",
+                "all_reduce @ stages.model.loading._fill_nf4",  # sharded NF4 loading: the absmax
+                "all_reduce @ stages.model.memory.PhaseMemory.report"]
     if stage == "precompute":
-        expected += ["all_reduce @ stages.precompute.reference_pass",  # the stats, after the whole pass
-                     "all_reduce @ stages.runguard.StopSignal.requested < stages.precompute.score_batches",
-                     "broadcast @ stages.precompute.open_cache_everywhere"]  # broadcast_object's own tensors
+        expected += ["all_reduce @ stages.stage1.precompute.reference_pass",  # the stats, after the whole pass
+                     "all_reduce @ stages.base.runguard.StopSignal.requested < stages.stage1.precompute.score_batches",
+                     "broadcast @ stages.stage1.precompute.open_cache_everywhere"]  # broadcast_object's own tensors
         fsdp = ("all_gather_single", "all_gather_into_tensor")
     else:
-        expected += ["all_reduce @ stages.train.report_drift",  # the step-0 drift counts
-                     "all_reduce @ stages.metrics.Accumulator.reduce < stages.train.report_drift",
-                     "all_reduce @ stages.metrics.Accumulator.reduce < stages.train.evaluate",
-                     "all_reduce @ stages.metrics.Accumulator.reduce < stages.train.train_loop",
-                     "broadcast_object_list @ stages.checkpoint.save"]
+        expected += ["all_reduce @ stages.stage2.train.report_drift",  # the step-0 drift counts
+                     "all_reduce @ stages.stage2.metrics.Accumulator.reduce < stages.stage2.train.report_drift",
+                     "all_reduce @ stages.stage2.metrics.Accumulator.reduce < stages.stage2.train.evaluate",
+                     "all_reduce @ stages.stage2.metrics.Accumulator.reduce < stages.stage2.train.train_loop",
+                     "broadcast_object_list @ stages.stage2.checkpoint.save"]
         fsdp = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
     missing = [p for p in expected if calls_matching(logs, p) == 0]
     assert not missing, (missing, sorted(logs[0]["calls"]))

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.data import Example, FieldMap, LoadReport, content_id, ids_digest, load_examples
-from stages.errors import UserError
+from stages.base.errors import UserError
+from stages.data.rows import Example, FieldMap, LoadReport, content_id, ids_digest, load_examples
 
 HH_PATH = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf-harmless-test/test.jsonl.gz"
 FORMATS = ("jsonl", "jsonl.gz", "json", "parquet")
@@ -504,8 +504,8 @@ def test_hub_id_from_a_dataset_repo_in_a_local_folder(tmp_path, monkeypatch):
 
 HUB_OFFLINE_SCRIPT = """
 import json, sys
-from stages.data import load_examples
-from stages.errors import UserError
+from stages.data.rows import load_examples
+from stages.base.errors import UserError
 examples, report = load_examples([sys.argv[1]])
 print(json.dumps({"ids": [e.example_id for e in examples], "files": report.files}))
 try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import demodata
-from stages.data import load_examples
+from stages.data import demodata
+from stages.data.rows import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_shipped_demo_data_equal_the_generator_output():
     train, evaluation = demodata.generate()
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evaluation)):
         shipped = [json.loads(line) for line in (demodata.OUT / name).read_text().splitlines()]
-        assert shipped == rows, f"{name} differs from `python -m stages.demodata`; regenerate it"
+        assert shipped == rows, f"{name} differs from `python -m stages.data.demodata`; regenerate it"
 
 
 def test_demo_train_and_eval_questions_are_disjoint():
@@ -30,7 +30,7 @@ def test_demo_train_and_eval_questions_are_disjoint():
 
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):
-    from stages.demo import run_demo
+    from stages.tools.demo import run_demo
 
     summary = run_demo(quick=True, cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
                        models_dir=str(REPO / "cache" / "models"))

@@ -23,11 +23,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages import checkpoint, fsio, models, precompute, refcache, train
+from stages.base import fsio
+from stages.base.errors import MAX_CHARS, Interrupted, UserError
+from stages.cache import refcache
 from stages.cli import main as cli_main
-from stages.errors import MAX_CHARS, Interrupted, UserError
-from stages.precompute import PrecomputeConfig
-from stages.train import TrainConfig
+from stages.model import models
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import checkpoint, train
+from stages.stage2.train import TrainConfig
 from tests.hhrows import hh_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +154,7 @@ def test_stale_temporaries_of_dead_runs_are_removed(tiny_llama, rows, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------- 3. a second writer
-HOLD = ("import sys, time; from pathlib import Path; from stages.fsio import OutputLock; "
+HOLD = ("import sys, time; from pathlib import Path; from stages.base.fsio import OutputLock; "
         "OutputLock(Path(sys.argv[1]), Path(sys.argv[1]), '--out').__enter__(); print('held', flush=True); "
         "time.sleep(600)")
 
@@ -181,7 +185,7 @@ def test_second_writer_stops_at_once_and_a_dead_holder_is_taken_over(tiny_llama,
 def test_two_runs_started_together_one_wins_one_refuses(tiny_llama, rows, baseline, tmp_path):
     out = tmp_path / "ref.parquet"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    slow = ("import sys, time; from stages import precompute, cli; real = precompute.pair_logps; "
+    slow = ("import sys, time; from stages.stage1 import precompute; from stages import cli; real = precompute.pair_logps; "
             "precompute.pair_logps = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]; "
             "sys.argv = ['dpo'] + sys.argv[1:]; cli.main()")
     cmd = [sys.executable, "-c", slow, *pc_args(tiny_llama, [rows["twelve"]], out)]
@@ -524,8 +528,8 @@ def test_model_folder_that_does_not_exist(rows, tmp_path):
 
 
 def test_an_architecture_without_decoder_layers_or_head_call_is_one_line():
-    from stages.distributed import decoder_layers
-    from stages.logprobs import tapped_forward
+    from stages.model.distributed import decoder_layers
+    from stages.model.logprobs import tapped_forward
 
     class Odd(torch.nn.Module):
         def __init__(self):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from stages import smollm
-from stages.errors import UserError
+from stages.base.errors import UserError
+from stages.model import smollm
 from tests.tiny import CHATML_TEMPLATE, build_tiny_model, build_tokenizer
 
 TEXTS = [

@@ -12,9 +12,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from stages import config as cfgmod, settings, sweep, train
 from stages.cli import main as cli_main
-from stages.trainutil import FSDP2_OPTIMIZERS, OPTIMIZERS
+from stages.settings import commands as settings, yamlconfig as cfgmod
+from stages.stage2 import train
+from stages.stage2.trainutil import FSDP2_OPTIMIZERS, OPTIMIZERS
+from stages.tools import sweep
 
 EIGHT_BIT = [o for o in OPTIMIZERS if o not in FSDP2_OPTIMIZERS]
 
@@ -79,7 +81,7 @@ def test_one_process_without_a_gpu_is_told_it_needs_one(optimizer, monkeypatch, 
 
 def test_one_process_keeps_the_eight_bit_optimizers_on_a_gpu(monkeypatch):
     """The FSDP2 rule alone (no CUDA check in the way): one process may use them."""
-    from stages import trainutil
+    from stages.stage2 import trainutil
 
     monkeypatch.setattr(trainutil.torch.cuda, "is_available", lambda: True)
     for name in EIGHT_BIT:

@@ -32,11 +32,11 @@ def test_nf4_under_fsdp2_equals_unsharded(tiny_qwen2):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from stages.distributed import DistEnv, decoder_layers
-    from stages.encode import Encoded
-    from stages.loading import materialize
-    from stages.logprobs import pair_logps
-    from stages.models import ModelSpec, _meta_base, load_model
+    from stages.data.encode import Encoded
+    from stages.model.distributed import DistEnv, decoder_layers
+    from stages.model.loading import materialize
+    from stages.model.logprobs import pair_logps
+    from stages.model.models import ModelSpec, _meta_base, load_model
 
     cuda = torch.device("cuda", 0)
     spec = ModelSpec(str(tiny_qwen2), "bf16", load_in_4bit=True)

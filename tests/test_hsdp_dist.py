@@ -19,10 +19,10 @@ import polars as pl
 import pytest
 import torch
 
-from stages import train
-from stages.distributed import DistEnv, check_replicas
-from stages.errors import UserError
-from stages.train import TrainConfig
+from stages.base.errors import UserError
+from stages.model.distributed import DistEnv, check_replicas
+from stages.stage2 import train
+from stages.stage2.train import TrainConfig
 from tests.test_precompute import SHORT, VALUE_COLS, run_inproc
 from tests.test_train_dist import COMPARED, STEPS, common, free_port, read_jsonl, rel, setup  # noqa: F401 (fixture)
 
@@ -51,7 +51,7 @@ MESH_PROBE = textwrap.dedent("""
     import sys, torch
     from torch.distributed.tensor import Replicate, Shard
     from transformers import AutoModelForCausalLM
-    from stages.distributed import init_distributed, shard_model
+    from stages.model.distributed import init_distributed, shard_model
     env = init_distributed()
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
     full = model.model.layers[0].self_attn.q_proj.weight.shape

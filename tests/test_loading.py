@@ -1,4 +1,4 @@
-"""Sharded loading (stages/loading.py): values equal today's `from_pretrained` loading, bit for bit; each rank
+"""Sharded loading (stages/model/loading.py): values equal today's `from_pretrained` loading, bit for bit; each rank
 materializes only its shard, counted (not timed); NF4 codes are uint8 and survive a float round trip.
 
 The oracle is transformers' own loading (+ PEFT for adapters), as the stages did it before sharded loading:
@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.errors import UserError
-from stages.loading import index_checkpoint, read_flat, read_rows
-from stages.models import LoraSettings, ModelSpec, fix_bnb_cpu, load_model, load_policy
+from stages.base.errors import UserError
+from stages.model.loading import index_checkpoint, read_flat, read_rows
+from stages.model.models import LoraSettings, ModelSpec, fix_bnb_cpu, load_model, load_policy
 from tests.test_train_dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +85,9 @@ def test_uint8_codes_survive_the_float_round_trip_that_breaks_bf16(tiny_qwen2):
 
 
 def test_cache_records_the_storage(tiny_llama, hh_path, tmp_path):
-    from stages import precompute, refcache
-    from stages.settings import PrecomputeConfig
+    from stages.cache import refcache
+    from stages.settings.commands import PrecomputeConfig
+    from stages.stage1 import precompute
     from tests.hhrows import hh_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "rows.jsonl", hh_rows(hh_path, 0, 3))
@@ -153,7 +154,7 @@ def test_reads_exactly_the_rows_asked(tiny_qwen2):
 
 def test_long_reads_continue_and_a_cut_file_is_one_line(tiny_qwen2, tmp_path, monkeypatch):
     """os.preadv returns at most 2 GiB per call on Linux: a short read goes on where it stopped."""
-    import stages.loading as loading
+    import stages.model.loading as loading
 
     t = index_checkpoint(tiny_qwen2)["lm_head.weight"]
     real = os.preadv
@@ -201,9 +202,9 @@ def test_unused_checkpoint_tensors_are_counted(tiny_qwen2, tmp_path, capsys):
 
 PROBE = textwrap.dedent("""
     import json, sys, torch
-    from stages import loading
-    from stages.distributed import init_distributed
-    from stages.models import LoraSettings, ModelSpec, load_model, load_policy
+    from stages.model import loading
+    from stages.model.distributed import init_distributed
+    from stages.model.models import LoraSettings, ModelSpec, load_model, load_policy
     env = init_distributed()
     path, nf4, kind, out, dtype, adapter = sys.argv[1], sys.argv[2] == "1", *sys.argv[3:6], sys.argv[6] or None
     spec = ModelSpec(path, dtype, nf4, adapter)

@@ -1,4 +1,4 @@
-"""stages.logprobs: the one sequence log-prob function (issue 2) and its memory-lean head tap (issue 8).
+"""stages.model.logprobs: the one sequence log-prob function (issue 2) and its memory-lean head tap (issue 8).
 
 Every check compares against something independent of the tap: values worked out by hand from the model's full
 logits, a naive full-logits reference (log_softmax -> gather -> mask -> sum), and autograd through that reference
@@ -17,9 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from stages.data import Example
-from stages.encode import Encoded, TokenizeSettings, encode_examples
-from stages.logprobs import (
+from stages.data.encode import Encoded, TokenizeSettings, encode_examples
+from stages.data.rows import Example
+from stages.model.logprobs import (
     PairBatch,
     _chunk_logps,
     collate_pairs,
@@ -28,7 +28,7 @@ from stages.logprobs import (
     shared_prompt_logps,
     supports_prompt_sharing,
 )
-from stages.models import ModelSpec, load_model, load_tokenizer
+from stages.model.models import ModelSpec, load_model, load_tokenizer
 from tests.bounds import EPS32, ULPS, leaky_triple_mask, logit_scale, pair_sequences, sum_tol, token_tol
 
 torch.set_num_threads(1)  # 2 shared cores
@@ -377,7 +377,7 @@ def test_pair_logps_shares_the_prompt_only_when_asked_and_supported(monkeypatch,
     """The one entry point of both stages: the shared path needs --share-prompt AND an attention taking a 4D mask."""
     import types
 
-    from stages import logprobs
+    from stages.model import logprobs
 
     taken = []
     monkeypatch.setattr(logprobs, "shared_prompt_logps", lambda *a, **k: taken.append("shared"))
@@ -610,7 +610,7 @@ def test_smollm2_slice_lora_gradients_match_naive(smol):
 def test_shared_prompt_gradients_equal_plain_path(tiny_llama):
     """Stage two trains through the shared-prompt layout by default: its LoRA gradients must equal the plain
     layout's (with and without gradient checkpointing)."""
-    from stages.models import LoraSettings, ModelSpec, load_policy, load_tokenizer
+    from stages.model.models import LoraSettings, ModelSpec, load_policy, load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama))
     exs = [Example(f"g{i}", "Human: question number %d?" % i * (i + 1) + "\n\nAssistant:", " yes" * (i + 2),
@@ -670,7 +670,7 @@ def test_bounds_catch_off_by_one_and_wrong_masks(tiny_paths, arch, monkeypatch):
         first_key_masked[:, 0] = 0
         wrong = sequence_logps(model, PairBatch(batch.input_ids, first_key_masked, batch.score_mask, encoded))
         assert _outside(torch.cat([wrong.chosen_logps, wrong.rejected_logps]), got, n, z).all()
-        monkeypatch.setattr("stages.logprobs._triple_mask", leaky_triple_mask)
+        monkeypatch.setattr("stages.model.logprobs._triple_mask", leaky_triple_mask)
         leaky = shared_prompt_logps(model, encoded, pad)
         assert _outside(leaky.rejected_logps, ref["rejected"], ref["rejected_tokens"], z).all()
         assert not _outside(leaky.chosen_logps, ref["chosen"], ref["chosen_tokens"], z).any()  # chosen unaffected

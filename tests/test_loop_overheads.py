@@ -13,12 +13,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages import logprobs, precompute, refcache, settings, train, trainutil
+from stages.cache import refcache
 from stages.cli import main as cli_main
-from stages.distributed import DistEnv
-from stages.encode import Encoded
-from stages.loss import LOSS_TYPES
-from stages.metrics import SUM_KEYS, Accumulator
+from stages.data.encode import Encoded
+from stages.base import constants
+from stages.model import logprobs
+from stages.model.distributed import DistEnv
+from stages.objective.loss import LOSS_TYPES
+from stages.settings import commands as settings
+from stages.stage1 import precompute
+from stages.stage2 import train, trainutil
+from stages.stage2.metrics import SUM_KEYS, Accumulator
 from tests.bounds import logit_scale, pair_sequences, sum_tol
 from tests.hhrows import hh_rows, write_jsonl
 
@@ -228,10 +233,10 @@ def _read(path: Path):
 
 # -------------------------------------------------------------------------------- the LM-head chunk per device
 def test_chunk_size_resolves_per_device():
-    assert settings.chunk_size_for(None, "cpu") == 256 == settings.CHUNK_BY_DEVICE["cpu"]
-    assert settings.chunk_size_for(None, "cuda") == 2048 == settings.CHUNK_BY_DEVICE["cuda"]
-    assert settings.chunk_size_for(None, "mps") == 256  # any other device: CPU's
-    assert settings.chunk_size_for(7, "cuda") == 7 and settings.chunk_size_for(7, "cpu") == 7
+    assert constants.chunk_size_for(None, "cpu") == 256 == constants.CHUNK_BY_DEVICE["cpu"]
+    assert constants.chunk_size_for(None, "cuda") == 2048 == constants.CHUNK_BY_DEVICE["cuda"]
+    assert constants.chunk_size_for(None, "mps") == 256  # any other device: CPU's
+    assert constants.chunk_size_for(7, "cuda") == 7 and constants.chunk_size_for(7, "cpu") == 7
     assert settings.TrainConfig.__dataclass_fields__["chunk_size"].default is None
     assert settings.PrecomputeConfig.__dataclass_fields__["chunk_size"].default is None
 
@@ -258,7 +263,7 @@ def test_unset_chunk_size_uses_the_devices_default_in_the_head(tiny_llama, monke
     monkeypatch.setattr(logprobs, "_chunk_logps", recording)
     with torch.no_grad():
         want = logprobs.pair_logps(model, encoded, 0, 10_000)
-        monkeypatch.setitem(settings.CHUNK_BY_DEVICE, "cpu", 4)
+        monkeypatch.setitem(constants.CHUNK_BY_DEVICE, "cpu", 4)
         sizes.clear()
         got = logprobs.pair_logps(model, encoded, 0)  # chunk_size unset: the CPU default (4 here)
     assert max(sizes) == 4 and len(sizes) > 3, sizes

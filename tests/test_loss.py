@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from stages.errors import UserError
-from stages.loss import LOSS_TYPES, LossOutput, dpo_loss
+from stages.base.errors import UserError
+from stages.objective.loss import LOSS_TYPES, LossOutput, dpo_loss
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.logprobs import PairBatch, collate_pairs, sequence_logps, shared_prompt_logps
+from stages.model.logprobs import PairBatch, collate_pairs, sequence_logps, shared_prompt_logps
 from tests.test_logprobs import _assert_rel, _encode, _load, _lora
 
 torch.set_num_threads(1)

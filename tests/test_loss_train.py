@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import config as cfgmod, precompute, sweep, train
-from stages.compare import compare, format_table
-from stages.precompute import PrecomputeConfig
-from stages.train import TrainConfig
+from stages.settings import yamlconfig as cfgmod
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import train
+from stages.stage2.train import TrainConfig
+from stages.tools import sweep
+from stages.tools.compare import compare, format_table
 from tests.hhrows import hh_rows, write_jsonl
 from tests.test_train import assert_one_line_error, invoke, read_jsonl
 

@@ -18,9 +18,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from stages.logprobs import ld_sums
-from stages.loss import F_DIVERGENCE_LOSSES, LOSS_TYPES, SMOOTHED, dpo_loss, format_loss_spec, parse_loss_spec
-from stages.prepare import ld_reference
+from stages.model.logprobs import ld_sums
+from stages.objective.loss import F_DIVERGENCE_LOSSES, LOSS_TYPES, SMOOTHED, dpo_loss, format_loss_spec, parse_loss_spec
+from stages.stage2.prepare import ld_reference
 
 trl_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 DPOTrainer = trl_trainer.DPOTrainer

@@ -1,4 +1,4 @@
-"""stages/memory.py: per-phase peaks, reset at each phase start (CPU: VmHWM; CUDA: the allocator's peaks).
+"""stages/model/memory.py: per-phase peaks, reset at each phase start (CPU: VmHWM; CUDA: the allocator's peaks).
 The per-rank / max-over-ranks record of a 2-process run is checked in tests/test_collectives_dist.py."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import mmap
 import pytest
 import torch
 
-from stages import memory
-from stages.distributed import DistEnv
-from stages.memory import GB, PhaseMemory, memory_line, peak_memory_gb
+from stages.model import memory
+from stages.model.distributed import DistEnv
+from stages.model.memory import GB, PhaseMemory, memory_line, peak_memory_gb
 
 BUFFER = 256 * 2**20  # bytes held in phase one only; far above glibc's mmap threshold, so freed back to the OS
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import UserError
-from stages.plan import (
+from stages.base.errors import UserError
+from stages.tools.plan import (
     GIB,
     OVERHEAD_BYTES,
     PlanConfig,
@@ -15,8 +15,8 @@ from stages.plan import (
     parse_gpu_memory,
     plan_memory,
 )
-from stages.plancount import count_parameters, lora_parameters
-from stages.planterms import nf4_split
+from stages.tools.plancount import count_parameters, lora_parameters
+from stages.tools.planterms import nf4_split
 
 torch.set_num_threads(1)
 
@@ -147,7 +147,7 @@ def test_small_memory_by_hand(tmp_path):
     assert not plan.scenario("stage1_bf16").fits        # the 2 GiB overhead alone exceeds 1 GiB
 
     s2 = plan.scenario("stage2").breakdown
-    # NF4 as stages/models.py loads it (no double quant): codes n/2 sharded, fp32 absmax 4n/64 whole on each GPU
+    # NF4 as stages/model/models.py loads it (no double quant): codes n/2 sharded, fp32 absmax 4n/64 whole on each GPU
     # 73728 linear weights: codes 36864 + the other 33088 params in bf16, / 2 GPUs; absmax 4·1152 = 4608 whole
     assert s2["base weights NF4 (sharded)"] == (36864 + 2 * 33088) // 2 + 4 * 1152 == 56128
     assert s2["LoRA weights + grads + AdamW (sharded)"] == 18 * 8192 // 2 == 73728
@@ -234,7 +234,7 @@ def test_config_loading(tmp_path):
 
 
 def test_nf4_bytes():
-    from stages.planterms import nf4_bytes
+    from stages.tools.planterms import nf4_bytes
     # 64·256·3 = 49152 weights: 24576 bytes of codes; 768 blocks
     assert nf4_bytes(49152, double_quant=False) == 24576 + 4 * 768          # fp32 absmax per block
     assert nf4_bytes(49152, double_quant=True) == 24576 + 768 + 4 * 3       # 8-bit absmax + fp32 per 256 blocks
@@ -322,7 +322,7 @@ def test_online_reference_scenario_by_hand(tmp_path):
     off = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
                                  max_tokens_per_batch=256, gradient_checkpointing=False))
     assert off.scenario("online_ref").breakdown[extra] == 780288 - 128 * (2768 + 1080) == 287744
-    from stages.planterms import full_logits_bytes
+    from stages.tools.planterms import full_logits_bytes
     assert full_logits_bytes(plan.shape, cfg) == 2 * 128 * 512 * (2 + 4) == 786432
     text = format_plan(plan)
     assert "QLoRA+online ref" in text and "TRL's default with PEFT" in text
@@ -353,7 +353,7 @@ def test_nf4_absmax_is_whole_on_every_gpu(tmp_path, gpus):
 
 
 def test_loading_peak_by_hand(tmp_path):
-    """stages/loading.py reads each slice into a host buffer in the checkpoint dtype and copies it into the shard
+    """stages/model/loading.py reads each slice into a host buffer in the checkpoint dtype and copies it into the shard
     (one more copy only if the dtype differs); NF4 slices are quantized on the device from bf16."""
     path = str(write(tmp_path, SMALL))  # no torch_dtype: the checkpoint is taken as bf16
     plan = plan_memory(PlanConfig(path, gpus=2, cpu=True, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
@@ -448,7 +448,7 @@ def test_72b_on_8_gpus_absmax_whole_and_loading_peak(tmp_path):
 
 
 def test_log_prob_head_chunk_is_the_devices_default(tmp_path):
-    """--chunk-size defaults per device (stages.settings.CHUNK_BY_DEVICE): 2048 positions on CUDA, 256 on CPU."""
+    """--chunk-size defaults per device (stages.base.constants.CHUNK_BY_DEVICE): 2048 positions on CUDA, 256 on CPU."""
     path = str(write(tmp_path, QWEN25_72B))
     gpu, cpu = (plan_memory(PlanConfig(path, gpus=8, cpu=c)) for c in (False, True))
     # stage one, 16384 tokens per forward: one chunk of bf16 + fp32 logits, plus the gathered rows [T1, h] in bf16

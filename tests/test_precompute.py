@@ -25,13 +25,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from stages import logprobs, precompute, refcache
+from stages.base.errors import UserError
+from stages.cache import refcache
 from stages.cli import main as cli_main
-from stages.data import ids_digest, load_examples
-from stages.encode import TokenizeSettings, encode_examples
-from stages.errors import UserError
-from stages.logprobs import collate_pairs, sequence_logps
-from stages.precompute import PrecomputeConfig
+from stages.data.encode import TokenizeSettings, encode_examples
+from stages.data.rows import ids_digest, load_examples
+from stages.model import logprobs
+from stages.model.logprobs import collate_pairs, sequence_logps
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MAXLEN, MAXPROMPT = 256, 128  # keeps the HH rows short (and exercises truncation)
@@ -102,7 +104,7 @@ def direct_values(model_dir: Path, data: list[Path]) -> dict[str, tuple[float, f
     """Independent of precompute: each example alone through `sequence_logps` (fp32, no padding)."""
     from transformers import AutoModelForCausalLM
 
-    from stages.models import load_tokenizer
+    from stages.model.models import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -193,7 +195,7 @@ def test_e2e_values_equal_full_logits_textbook(e2e, tiny_llama, files):
     """sequence_logps itself against log_softmax over the full logits, for a text row and a chat row."""
     from transformers import AutoModelForCausalLM
 
-    from stages.models import load_tokenizer
+    from stages.model.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
@@ -257,7 +259,7 @@ def test_e2e_config_yaml_and_summary(e2e, tiny_llama, files):
     assert saved["model"] == str(tiny_llama) and saved["data"] == [str(files["train"]), str(files["eval"])]
     assert (saved["max_length"], saved["max_prompt_length"], saved["max_tokens_per_batch"]) == (MAXLEN, MAXPROMPT, 2048)
     # the saved YAML is a valid --config for the same command
-    from stages import config as cfgmod
+    from stages.settings import yamlconfig as cfgmod
     assert cfgmod.build(PrecomputeConfig, str(out.parent / (out.name + ".config.yaml")), {}) \
         == PrecomputeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     done = [line for line in e2e["proc"].stdout.splitlines() if line.startswith("done:")]
@@ -312,7 +314,7 @@ def test_store_token_logps_lists_sum_to_totals(share, tiny_llama, files, tmp_pat
 # -------------------------------------------------------------------------------------------- 3. resume
 KILL_DRIVER = """\
 import os, sys, time
-import stages.refcache as rc
+import stages.cache.refcache as rc
 _write = rc.write_part
 def slow_write(*a, **k):  # stretch the run so a kill lands mid-way (before and after a part is written)
     s = float(os.environ.get("SLOW_PART_S", "0"))
@@ -613,6 +615,6 @@ def test_smollm2_slice_share_prompt_matches_plain(smollm2_slice, files, tmp_path
         last = plain[f"ref_{side}_token_logps"].list.last().abs()
         assert (last > tol).sum() >= plain.height // 2, (last / tol).to_list()
     # wrong mask: the rejected reply attends to the chosen one -> far outside the bound
-    monkeypatch.setattr("stages.logprobs._triple_mask", leaky_triple_mask)
+    monkeypatch.setattr("stages.model.logprobs._triple_mask", leaky_triple_mask)
     leaky = run_inproc(smollm2_slice, data, tmp_path / "l.parquet", **kw)
     assert ((leaky["ref_rejected_logps"] - plain["ref_rejected_logps"]).abs() > sum_tol(plain["rejected_tokens"], z)).all()

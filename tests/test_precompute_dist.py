@@ -15,11 +15,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from stages import refcache
-from stages.data import load_examples
-from stages.encode import TokenizeSettings, encode_examples
-from stages.models import load_tokenizer
-from stages.precompute import plan_batches
+from stages.cache import refcache
+from stages.data.encode import TokenizeSettings, encode_examples
+from stages.data.rows import load_examples
+from stages.model.models import load_tokenizer
+from stages.stage1.precompute import plan_batches
 from tests.bounds import logit_scale_of_files, min_token_nats, sum_tol
 from tests.test_precompute import (  # noqa: F401
     MAXLEN,

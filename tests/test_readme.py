@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages import config as cfgmod
 from stages.cli import main
+from stages.settings import yamlconfig as cfgmod
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -101,9 +101,9 @@ def test_multi_node_recipes_parse_with_shards_and_replicas():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_builds(path):
-    from stages.precompute import PrecomputeConfig
-    from stages.sweep import SweepConfig
-    from stages.train import TrainConfig
+    from stages.stage1.precompute import PrecomputeConfig
+    from stages.stage2.train import TrainConfig
+    from stages.tools.sweep import SweepConfig
 
     raw = cfgmod.yaml.safe_load(path.read_text())
     classes = {"precompute-ref": PrecomputeConfig, "train": TrainConfig, "sweep": SweepConfig}
@@ -115,7 +115,7 @@ def test_every_config_file_builds(path):
 
 
 def test_demo_config_equals_the_embedded_demo_settings():
-    from stages.demo import SETTINGS
+    from stages.tools.demo import SETTINGS
 
     assert cfgmod.yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text()) == SETTINGS
 

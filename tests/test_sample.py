@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from stages.cli import main
-from stages.sample import SampleConfig, sample
+from stages.tools.sample import SampleConfig, sample
 
 ROWS = [
     {"prompt": "The quick brown fox", "chosen": " jumps.", "rejected": " sleeps."},
@@ -46,7 +46,7 @@ def run_with_adapter(tiny_llama, tmp_path_factory):
 
 
 def plain_logp(model, prompt_ids: list[int], reply_ids: list[int]) -> float:
-    """Σ log p(reply | prompt) from one ordinary forward and log_softmax (independent of stages.logprobs)."""
+    """Σ log p(reply | prompt) from one ordinary forward and log_softmax (independent of stages.model.logprobs)."""
     ids = torch.tensor([prompt_ids + reply_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
@@ -122,7 +122,7 @@ def test_compare_plot_labels_and_coinciding_runs(tmp_path, monkeypatch):
     another's drawn with larger hollow markers and dashes so both stay visible."""
     from matplotlib.figure import Figure
 
-    from stages import compare
+    from stages.tools import compare
 
     records = [{"step": s, "loss": 0.7 - s / 100, "eval/rewards/accuracies": 0.5, "eval/rewards/margins": s / 10}
                for s in (1, 2, 3)]

@@ -1,4 +1,4 @@
-"""Issue 12: one source of truth per command (stages/settings.py), checks before any side effect, help without torch,
+"""Issue 12: one source of truth per command (stages/settings/commands.py), checks before any side effect, help without torch,
 the drift from the first step's own forward, progress bars with real tokens/s."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages import config as cfgmod, resume, settings, train
 from stages.cli import main as cli_main
+from stages.settings import commands as settings, yamlconfig as cfgmod
+from stages.stage2 import resume, train
 from tests.hhrows import hh_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_plan_reads_the_stages_config_file(repo_root):
 # ------------------------------------------------------------------- checks before any side effect, in < 1 s
 @pytest.fixture(scope="module")
 def finished(tiny_llama, hh_path, tmp_path_factory) -> dict:
-    from stages import precompute
+    from stages.stage1 import precompute
 
     d = tmp_path_factory.mktemp("settings")
     data = write_jsonl(d / "rows.jsonl", hh_rows(hh_path, 0, 8))

@@ -16,12 +16,13 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from stages import precompute, refcache, shards
-from stages.data import ids_digest, load_examples
-from stages.encode import Encoded, TokenizeSettings, encode_examples
-from stages.errors import UserError
-from stages.models import load_tokenizer
-from stages.precompute import PrecomputeConfig
+from stages.base.errors import UserError
+from stages.cache import refcache, shards
+from stages.data.encode import Encoded, TokenizeSettings, encode_examples
+from stages.data.rows import ids_digest, load_examples
+from stages.model.models import load_tokenizer
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
 from tests.test_precompute import (  # noqa: F401
     CHAT_ROWS,
     MAXLEN,
@@ -155,8 +156,8 @@ def test_merge_equals_the_single_job(sharded, tmp_path):
 
 
 def test_train_takes_the_merged_cache(sharded, tiny_llama, tmp_path):
-    from stages import train
-    from stages.train import TrainConfig
+    from stages.stage2 import train
+    from stages.stage2.train import TrainConfig
 
     out = tmp_path / "merged.parquet"
     shards.merge_shards(list(map(str, sharded["files"])), out)

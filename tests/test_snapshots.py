@@ -95,12 +95,12 @@ n: 2
 max_prompt_length: 64
 """
 RUNS = {  # name: (command, yaml text, flags, module and function the command calls)
-    "train-flat": (["train"], FLAT, ["--epochs", "2"], "stages.train", "run"),
-    "train-sectioned": (["train"], SECTIONED, ["--beta", "0.3", "--eval-data", "e.jsonl"], "stages.train", "run"),
-    "precompute-sectioned": (["precompute-ref"], SECTIONED, ["--num-shards", "2"], "stages.precompute", "run"),
-    "sweep-sectioned": (["sweep"], SECTIONED, ["--loss", "robust", "--label-smoothing", "0.1"], "stages.sweep",
+    "train-flat": (["train"], FLAT, ["--epochs", "2"], "stages.stage2.train", "run"),
+    "train-sectioned": (["train"], SECTIONED, ["--beta", "0.3", "--eval-data", "e.jsonl"], "stages.stage2.train", "run"),
+    "precompute-sectioned": (["precompute-ref"], SECTIONED, ["--num-shards", "2"], "stages.stage1.precompute", "run"),
+    "sweep-sectioned": (["sweep"], SECTIONED, ["--loss", "robust", "--label-smoothing", "0.1"], "stages.tools.sweep",
                         "run_sweep"),
-    "sample-flat": (["sample"], SAMPLE, ["--seed", "3"], "stages.sample", "run"),
+    "sample-flat": (["sample"], SAMPLE, ["--seed", "3"], "stages.tools.sample", "run"),
 }
 
 
@@ -108,7 +108,7 @@ RUNS = {  # name: (command, yaml text, flags, module and function the command ca
 def test_resolved_config_is_unchanged(name, tmp_path, monkeypatch):
     import importlib
 
-    from stages import config as cfgmod
+    from stages.settings import yamlconfig as cfgmod
 
     command, text, flags, module, function = RUNS[name]
     (tmp_path / "c.yaml").write_text(text)

@@ -22,13 +22,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import config, precompute, prepare, refcache, train
+from stages.base.errors import UserError
+from stages.cache import refcache
 from stages.cli import main as cli_main
-from stages.compare import compare, format_table
-from stages.errors import UserError
-from stages.models import LOAD_COUNT
-from stages.precompute import PrecomputeConfig
-from stages.sweep import SweepConfig, run_name, run_sweep
+from stages.model.models import LOAD_COUNT
+from stages.settings import yamlconfig as config
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import prepare, train
+from stages.tools.compare import compare, format_table
+from stages.tools.sweep import SweepConfig, run_name, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.01, 0.1, 0.5)
@@ -129,8 +132,8 @@ def test_sweep_yaml_saved_and_round_trips(swept):
 
 
 def test_importing_sweep_does_not_import_stage_one():
-    code = ("import sys, stages.sweep, stages.compare; "
-            "assert 'stages.precompute' not in sys.modules, 'stage one imported'; print('ok')")
+    code = ("import sys, stages.tools.sweep, stages.tools.compare; "
+            "assert 'stages.stage1.precompute' not in sys.modules, 'stage one imported'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 

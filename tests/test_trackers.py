@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import trackers
-from stages.distributed import DistEnv
-from stages.errors import UserError
-from stages.metrics import MetricsWriter
+from stages.base.errors import UserError
+from stages.model.distributed import DistEnv
+from stages.stage2 import trackers
+from stages.stage2.metrics import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -86,8 +86,8 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-from stages.distributed import DistEnv
-from stages.metrics import MetricsWriter
+from stages.model.distributed import DistEnv
+from stages.stage2.metrics import MetricsWriter
 
 run, records, config = Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 writer = MetricsWriter(run / "metrics.jsonl", DistEnv(0, 1, 0, torch.device("cpu")), [",".join(sys.argv[5:])], config)

@@ -31,12 +31,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from stages import config as cfgmod, models, precompute, train
 from stages.cli import main as cli_main
-from stages.logprobs import collate_pairs, sequence_logps
-from stages.precompute import PrecomputeConfig
-from stages.prepare import prepare
-from stages.train import TrainConfig
+from stages.model import models
+from stages.model.logprobs import collate_pairs, sequence_logps
+from stages.settings import yamlconfig as cfgmod
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import train
+from stages.stage2.prepare import prepare
+from stages.stage2.train import TrainConfig
 from tests.bounds import logit_scale, logit_scale_of_files, loss_tol, pair_sequences, sum_tol, token_tol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +220,7 @@ def test_e2e_config_and_summary(e2e):
     assert summary == e2e["summary"]
     evals = [r for r in e2e["records"] if "eval/loss" in r]
     assert summary["steps"] == 5 and summary["seconds"] > 0 and summary["peak_memory_gb"] > 0
-    memory = summary["memory"]  # per phase and rank (stages/memory.py); peak_memory_gb: max over both
+    memory = summary["memory"]  # per phase and rank (stages/model/memory.py); peak_memory_gb: max over both
     assert list(memory) == ["load", "train"] and all(len(r["per_rank_gb"]) == 1 for r in memory.values())
     assert summary["peak_memory_gb"] == max(r["max_gb"] for r in memory.values())
     assert summary["final_eval"] == evals[-1]
@@ -257,7 +260,7 @@ def test_e2e_adapter_reloads_to_the_trained_policy(e2e, fp32_files):
 def test_exactly_one_model_load_and_no_reference_anywhere(files, tmp_path, monkeypatch, capsys):
     from transformers import PreTrainedModel
 
-    from stages import loading
+    from stages.model import loading
 
     loads: list[str] = []
     real, hf = loading.index_checkpoint, PreTrainedModel.from_pretrained.__func__
@@ -285,7 +288,7 @@ def test_exactly_one_model_load_and_no_reference_anywhere(files, tmp_path, monke
 
 
 def test_stage_two_never_imports_stage_one():
-    code = "import stages.train, stages.cli, sys; assert 'stages.precompute' not in sys.modules, 'imported'"
+    code = "import stages.stage2.train, stages.cli, sys; assert 'stages.stage1.precompute' not in sys.modules, 'imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -309,7 +312,7 @@ def test_join_by_example_id_shuffled_subset(files, tmp_path):
             c["prompt_tokens"], c["chosen_tokens"], c["rejected_tokens"])
         assert it == by_id[it.enc.example_id]  # same tokens and reference values as in the unshuffled file
     # the file's order is kept (not the cache's), so the join cannot have been by position
-    from stages.data import load_examples
+    from stages.data.rows import load_examples
 
     examples, _ = load_examples([subset])
     assert [it.enc.example_id for it in part.train] == [e.example_id for e in examples]
@@ -439,7 +442,7 @@ def test_no_model_flags_inherit_the_caches_model_settings(sharp, tmp_path, capsy
 
 # ------------------------------------------------------------------------------ 5. bitsandbytes CPU fix
 def _nf4_policy(model_dir: Path):
-    from stages.models import LoraSettings, ModelSpec, load_policy
+    from stages.model.models import LoraSettings, ModelSpec, load_policy
 
     torch.manual_seed(0)
     policy = load_policy(ModelSpec(str(model_dir), "fp32", True), LoraSettings(4, 8, 0.0), torch.device("cpu"), False)

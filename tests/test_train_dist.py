@@ -21,9 +21,10 @@ import polars as pl
 import pytest
 import torch
 
-from stages import precompute, train
-from stages.precompute import PrecomputeConfig
-from stages.train import TrainConfig
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import train
+from stages.stage2.train import TrainConfig
 from tests.bounds import grad_norm_tol, logit_scale_of_files, loss_tol, sum_tol, token_tol, weight_tol
 
 pytestmark = pytest.mark.dist

@@ -17,7 +17,7 @@ Pinned here:
   5. truncation: TRL 1.16 has no max_prompt_length (keeps the start of prompt + completion); ours cuts long prompts
      from the left. Same numbers when the cache's --max-prompt-length equals --max-length (tested).
 - Interop: TRL 1.16 with precompute_ref_log_probs=True ALWAYS runs its reference pass (even when the columns are
-  there) and then fails on the duplicated columns; `stages.export_trl.dpo_trainer_class()` keeps the exported
+  there) and then fails on the duplicated columns; `stages.tools.export_trl.dpo_trainer_class()` keeps the exported
   columns: no reference forward runs (counted on the backbone and on compute_ref_log_probs), two steps train, and
   at step 1 rewards are 0 and the loss is ln 2 (a control with shifted values moves the rewards by -β·shift).
 - `dpo cache export-trl`: formats (text strings, conversational message lists, parquet/jsonl) and its errors.
@@ -50,13 +50,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from bench.vs_trl import chat_source_rows, explicit_rows, trl_tokenize, write_jsonl  # noqa: E402
-from stages import precompute, refcache  # noqa: E402
+from stages.cache import refcache  # noqa: E402
 from stages.cli import main as cli_main  # noqa: E402
-from stages.data import load_examples  # noqa: E402
-from stages.encode import Encoded, TokenizeSettings, encode_examples, tokenize_example  # noqa: E402
-from stages.export_trl import dpo_trainer_class  # noqa: E402
-from stages.logprobs import collate_pairs, sequence_logps  # noqa: E402
-from stages.precompute import PrecomputeConfig  # noqa: E402
+from stages.data.encode import Encoded, TokenizeSettings, encode_examples, tokenize_example  # noqa: E402
+from stages.data.rows import load_examples  # noqa: E402
+from stages.model.logprobs import collate_pairs, sequence_logps  # noqa: E402
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig  # noqa: E402
+from stages.tools.export_trl import dpo_trainer_class  # noqa: E402
 from tests.bounds import EPS32, logit_scale, logit_scale_of_files, loss_tol, pair_sequences, sum_tol  # noqa: E402
 
 BETA = 0.1
@@ -169,7 +170,7 @@ def one_trl(tok, prompt, chosen, rejected, tmp: Path) -> tuple:
 
 
 def one_ours(tok, prompt, chosen, rejected) -> tuple:
-    from stages.data import Example
+    from stages.data.rows import Example
 
     chat = not isinstance(prompt, str)
     to = (lambda v: tuple(v)) if chat else (lambda v: v)  # noqa: E731

@@ -9,12 +9,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import config as cfgmod
+from stages.base.errors import UserError
 from stages.cli import main
-from stages.errors import UserError
-from stages.precompute import PrecomputeConfig
-from stages.train import TrainConfig
-from stages.trlconfig import HANDLED, RENAMES, convert, from_trl, loss_string
+from stages.settings import yamlconfig as cfgmod
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2.train import TrainConfig
+from stages.tools.trlconfig import HANDLED, RENAMES, convert, from_trl, loss_string
 
 TRL_YAML = """\
 # as `trl dpo --config dpo.yaml` reads it (script + model + DPOConfig keys in one flat mapping)

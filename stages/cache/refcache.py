@@ -1,0 +1,292 @@
+"""The cache format: the only contract between stage one (writes) and stage two (reads).
+
+One Parquet file, one row per example, keyed by the content id:
+  example_id (str), ref_chosen_logps, ref_rejected_logps (float64 sums over completion tokens, TRL's names),
+  chosen_tokens, rejected_tokens, prompt_tokens (int32), and optionally per-token lists
+  ref_chosen_token_logps, ref_rejected_token_logps (list<float32>).
+Metadata is JSON under the schema key `dpo_stages`. While stage one runs, each rank writes parts into
+`<out>.parts/` with a manifest of the settings; rank 0 merges them by example id and renames into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.base import fsio
+from stages.base.errors import UserError
+
+FORMAT_VERSION = 1
+META_KEY = b"dpo_stages"
+# Settings that decide token ids: a mismatch means the cached numbers are for other sequences.
+TOKENIZATION_KEYS = ("max_length", "max_prompt_length", "truncation", "plain_text_convention")
+FINGERPRINT_KEYS = ("tokenizer_hash", "chat_template_hash")  # --allow-cache-mismatch waives only these
+
+SCHEMA = pa.schema([
+    ("example_id", pa.string()),
+    ("ref_chosen_logps", pa.float64()),
+    ("ref_rejected_logps", pa.float64()),
+    ("chosen_tokens", pa.int32()),
+    ("rejected_tokens", pa.int32()),
+    ("prompt_tokens", pa.int32()),
+])
+TOKEN_FIELDS = [("ref_chosen_token_logps", pa.list_(pa.float32())), ("ref_rejected_token_logps", pa.list_(pa.float32()))]
+
+
+def schema(store_token_logps: bool) -> pa.Schema:
+    return pa.schema(list(SCHEMA) + [pa.field(n, t) for n, t in TOKEN_FIELDS]) if store_token_logps else SCHEMA
+
+
+def rows_to_table(rows: list[dict], store_token_logps: bool) -> pa.Table:
+    """rows: dicts with the schema's columns; refuses non-finite values, naming the example."""
+    for r in rows:
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if not math.isfinite(r[key]):
+                raise UserError(
+                    f"example {r['example_id']}: {key} is {r[key]} (non-finite); the reference model overflowed - "
+                    "use --dtype fp32 or bf16 instead of fp16, or check the model weights"
+                )
+    sch = schema(store_token_logps)
+    return pa.Table.from_pylist([{k: r[k] for k in sch.names} for r in rows], schema=sch)
+
+
+def write_atomic(table: pa.Table, path: Path, meta: dict | None = None) -> None:
+    """Temporary name in the same folder, fsync, rename: never a half-written file that looks complete."""
+    if meta is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    fsio.write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+REQUIRED_META = ("manifest", "tokenization", "model")
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such cache file; run `dpo precompute-ref --out {path}` first")
+    try:
+        raw = pq.read_schema(p).metadata or {}
+        meta = json.loads(raw[META_KEY]) if META_KEY in raw else None
+    except (pa.ArrowException, OSError, ValueError) as e:  # truncated, not Parquet, damaged footer or metadata
+        raise UserError(f"{path}: damaged or not a cache ({_first_line(e)}); rerun `dpo precompute-ref`") from None
+    if meta is None:
+        raise UserError(f"{path}: a Parquet file without dpo_stages metadata; it was not written by "
+                        "`dpo precompute-ref`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: cache format {meta.get('format_version')}, this tool reads {FORMAT_VERSION}; "
+                        "rerun precompute-ref")
+    missing = [k for k in REQUIRED_META if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise UserError(f"{path}: cache metadata lacks {missing[0]!r}; not written by this tool - rerun precompute-ref")
+    return meta
+
+
+def read_cache(path: str | Path) -> tuple[pl.DataFrame, dict]:
+    """Rows and metadata, checked: anything stage one would never write (damaged pages, wrong columns, duplicate
+    ids, non-finite values, impossible counts) is one UserError naming the file."""
+    meta = read_meta(path)
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - polars raises ComputeError/OSError/... for damaged data pages
+        raise UserError(f"{path}: damaged cache data ({_first_line(e)}); rerun `dpo precompute-ref`") from None
+    problem = table_problem(df, bool(meta["manifest"].get("store_token_logps")))
+    if problem:
+        raise UserError(f"{path}: {problem}; this file was not written by `dpo precompute-ref` - rerun it")
+    return df, meta
+
+
+_POLARS_TYPES = {"example_id": (pl.String,), "ref_chosen_logps": (pl.Float64,), "ref_rejected_logps": (pl.Float64,),
+                 "chosen_tokens": (pl.Int32,), "rejected_tokens": (pl.Int32,), "prompt_tokens": (pl.Int32,)}
+
+
+def table_problem(df: pl.DataFrame, store_token_logps: bool) -> str | None:
+    """The first way df differs from what stage one writes: columns and types, unique ids, finite values, counts."""
+    for name, types in _POLARS_TYPES.items():
+        if name not in df.columns:
+            return f"column {name!r} is missing"
+        if df.schema[name] not in types:
+            return f"column {name!r} has type {df.schema[name]}, expected {types[0]}"
+    ids = df["example_id"]
+    if ids.null_count() or ids.is_duplicated().any():
+        return "an example_id is empty" if ids.null_count() else f"example {ids.filter(ids.is_duplicated())[0]} appears twice"
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        bad = df.filter(~pl.col(col).is_finite() | pl.col(col).is_null())
+        if bad.height:
+            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]} (non-finite)"
+    for col, least in (("chosen_tokens", 1), ("rejected_tokens", 1), ("prompt_tokens", 0)):
+        bad = df.filter((pl.col(col) < least) | pl.col(col).is_null())
+        if bad.height:
+            return f"example {bad['example_id'][0]}: {col} is {bad[col][0]}"
+    if store_token_logps and not all(n in df.columns for n, _ in TOKEN_FIELDS):
+        return "per-token columns are missing although the metadata says they were stored"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:60]
+
+
+# -------------------------------------------------------------------------------------------------- parts
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def config_path(out: Path) -> Path:
+    """The resolved settings of the run that wrote `out`, saved next to it."""
+    return out.with_name(out.name + ".config.yaml")
+
+
+VALUE_FREE = ("ids_digest",)  # manifest keys that do not change any cached value (which rows, not how scored)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every differing leaf, nested keys joined with dots."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b and k not in VALUE_FREE:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _leaf(difference: str) -> str:
+    """'tokenization.max_length: 256 -> 200' -> 'max_length: 256 -> 200' (keeps one-line errors short)."""
+    key, rest = difference.split(": ", 1)
+    return f"{key.split('.')[-1]}: {rest}"
+
+
+def clean_leftovers(out: Path) -> None:
+    """Under the output's lock: what a killed run left — temporaries next to the cache and in its parts folder, and
+    the renamed parts folder of a finished merge whose delete was cut short."""
+    shutil.rmtree(out.with_name(out.name + ".parts.done"), ignore_errors=True)
+    fsio.remove_stale_temporaries(out.parent, (out.name, config_path(out).name, "manifest.json"))
+    fsio.remove_stale_temporaries(parts_dir(out))
+
+
+def finished_rows(out: Path, manifest: dict, overwrite: bool) -> pa.Table | None:
+    """The rows of a finished cache at `out` made with the same settings (which rows aside): stage one computes only
+    what is not in it and writes the union. Other settings refuse (or --overwrite: recompute, replace at the end)."""
+    if overwrite or not out.exists():
+        return None
+    if not out.is_file():
+        raise UserError(f"--out {out}: a folder, not a cache file; give a file name such as {out}/ref.parquet")
+    diff = _differences(read_meta(out)["manifest"], manifest)
+    if diff:
+        raise UserError(f"--out {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse it, "
+                        "--overwrite recomputes")
+    df, _ = read_cache(out)
+    return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps"))))
+
+
+def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
+    """Parts folder for this run. An existing one is resumed only if it was made with the same settings."""
+    d = parts_dir(out)
+    mf = d / "manifest.json"
+    if d.exists() and overwrite:
+        shutil.rmtree(d)
+    if mf.is_file():
+        old = json.loads(mf.read_text())
+        diff = _differences(old, manifest)
+        if diff:
+            raise UserError(f"{d}: parts made with other settings ({_leaf(diff[0])}); the same settings "
+                            "resume, --overwrite restarts")
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    fsio.write_text_atomic(mf, json.dumps(manifest, sort_keys=True, indent=1))
+    return d
+
+
+def done_ids(d: Path) -> set[str]:
+    """Ids already written by any rank (parts are renamed into place, so a listed part is whole)."""
+    ids: set[str] = set()
+    for part in sorted(d.glob("part-*.parquet")):
+        ids.update(pq.read_table(part, columns=["example_id"]).column(0).to_pylist())
+    return ids
+
+
+def write_part(d: Path, rank: int, index: int, rows: list[dict], store_token_logps: bool) -> None:
+    if rows:
+        write_atomic(rows_to_table(rows, store_token_logps), d / f"part-r{rank:04d}-{index:06d}.parquet")
+
+
+def next_part_index(d: Path, rank: int) -> int:
+    return len(list(d.glob(f"part-r{rank:04d}-*.parquet")))
+
+
+def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_token_logps: bool,
+                base: pa.Table | None = None, write_config=None) -> pa.Table:
+    """Rank 0: the finished rows (`base`) plus every part, joined by example id, into one file. Each id once, every
+    expected id present. Order of the end game, each step safe to kill and rerun: settings file, cache (renamed
+    into place), parts folder renamed away, then deleted (a rerun deletes a leftover `.parts.done`)."""
+    parts = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))] if d.is_dir() else []
+    table = pa.concat_tables(parts) if parts else schema(store_token_logps).empty_table()
+    ids = table.column("example_id").to_pylist()
+    if len(ids) != len(set(ids)):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{d}: example {twice} was written twice; delete the folder (or --overwrite) and rerun")
+    table = table.filter(pa.array([i in expected_ids for i in ids], type=pa.bool_()))
+    if base is not None:  # finished rows not recomputed since (all of them, unless a kill came after the write)
+        fresh = set(ids)
+        old = base.filter(pa.array([i not in fresh for i in base.column("example_id").to_pylist()], type=pa.bool_()))
+        table = pa.concat_tables([old, table])
+    missing = expected_ids - set(table.column("example_id").to_pylist())
+    if missing:
+        raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same "
+                        "command to finish")
+    table = table.sort_by("example_id")
+    if write_config is not None:
+        write_config()
+    write_atomic(table, out, meta)
+    if d.is_dir():
+        trash = d.with_name(d.name + ".done")  # rename first: a kill mid-delete never leaves parts without manifest
+        os.replace(d, trash)
+        shutil.rmtree(trash)
+    return table
+
+
+# ----------------------------------------------------------------------------------------- checks for readers
+def tokenization_problems(meta: dict, tokenization: dict, allow_fingerprint_mismatch: bool) -> list[str]:
+    """Differences between the cache's tokenization and this run's; fingerprints are waivable, lengths are not."""
+    cached = meta.get("tokenization", {})
+    keys = TOKENIZATION_KEYS + (() if allow_fingerprint_mismatch else FINGERPRINT_KEYS)
+    return [f"{k}: cache {cached.get(k)!r}, now {tokenization.get(k)!r}"
+            for k in keys if cached.get(k) != tokenization.get(k)]
+
+
+def coverage_problems(df: pl.DataFrame, example_ids: list[str]) -> list[str]:
+    """Every example needs a finite cached entry."""
+    have = df.select("example_id", "ref_chosen_logps", "ref_rejected_logps")
+    want = pl.DataFrame({"example_id": example_ids})
+    joined = want.join(have, on="example_id", how="left")
+    problems = []
+    missing = joined.filter(pl.col("ref_chosen_logps").is_null())["example_id"]
+    if len(missing):
+        problems.append(f"{len(missing)} of {len(example_ids)} examples are not in the cache (e.g. {missing[0]})")
+    bad = joined.filter(~pl.col("ref_chosen_logps").is_finite() | ~pl.col("ref_rejected_logps").is_finite())
+    if bad.height:
+        problems.append(f"{bad.height} examples have non-finite cached log-probs (e.g. {bad['example_id'][0]})")
+    return problems
+
+
+def info_text(path: str | Path) -> str:
+    df, meta = read_cache(path)
+    lines = [f"cache {path}", f"  rows: {df.height}"]
+    from stages.cache.shards import describe  # a shard job's cache, or one merged from N shards
+
+    lines += [line for line in [describe(meta)] if line]
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        lines.append(f"  {col}: mean {df[col].mean():.4f}  min {df[col].min():.4f}  max {df[col].max():.4f}")
+    for col in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        lines.append(f"  {col}: mean {df[col].mean():.1f}  total {df[col].sum()}")
+    lines.append("  metadata:")
+    lines += ["    " + line for line in json.dumps(meta, indent=2, sort_keys=True).splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Stage one: the frozen reference scores every reply once and writes the cache."""

@@ -1,0 +1,1 @@
+"""Stage two: data joined with the cache, the loss, the training loop, checkpoints, metrics and trackers."""

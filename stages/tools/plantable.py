@@ -1,0 +1,105 @@
+"""`dpo plan`'s table: the Plan of stages/tools/plan.py as GiB per GPU, one column per scenario, with the run rows, the
+loading rows, the peak (max of the two), fits/does-not-fit, suggestions and notes."""
+
+from __future__ import annotations
+
+from stages.tools.plan import GIB, OVERHEAD_BYTES, Plan
+from stages.tools.planterms import full_logits_bytes, nf4_split
+
+_ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
+              "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",
+              "all-gathered params (FSDP)", "all-gather copy-out, largest unit (transient)",
+              "dequantised NF4 linear (one GPU)", "activations: hidden states",
+              "activations: one layer",
+              "activations: layer checkpoints", "activations: one layer recomputed + grads",
+              "activations: all layers saved", "activations: one layer grads", "log-prob head",
+              "reference forward, adapters off (extra at peak)", "CUDA/NCCL overhead (fixed)",
+              "load: weights resident (sharded)", "load: largest tensor's slice in flight",
+              "load: whole LoRA weights, fp32, before sharding", "load: CUDA/NCCL overhead (fixed)")
+
+
+def _b(n: float) -> str:
+    """A parameter count in billions or millions."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _header(plan: Plan) -> list[str]:
+    c, cfg, s = plan.counts, plan.config, plan.shape
+    tokens = cfg.batch * 2 * cfg.seq_len
+    return [
+        f"model: {cfg.model}",
+        f"  {s.model_type}, {s.layers} layers{' (--layers override)' if cfg.layers else ''}, hidden {s.hidden}, "
+        f"intermediate {s.intermediate}, "
+        f"{s.heads} heads / {s.kv_heads} KV heads x {s.head_dim}, vocab {s.vocab}, "
+        f"{'tied' if s.tied else 'untied'} lm_head",
+        f"  parameters {c['total']:,} ({_b(c['total'])}): decoder linear weights {_b(c['linear_weights'])} "
+        f"(NF4-quantisable), other {_b(c['other'])}",
+        f"  LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down: {plan.lora_params:,} ({_b(plan.lora_params)}, "
+        f"{100 * plan.lora_params / c['total']:.2f}% of the model)",
+        f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {cfg.gpu_memory_gb:g} GiB; "
+        f"training {cfg.batch} pair(s) x 2 x seq_len "
+        f"{cfg.seq_len} = {tokens:,} tokens per GPU per step, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
+    ]
+
+
+def _labels(plan: Plan, field: str) -> list[str]:
+    """The union of the scenarios' rows of one phase (breakdown or load_breakdown), in _ROW_ORDER."""
+    labels: list[str] = []
+    for sc in plan.scenarios:
+        labels += [k for k in getattr(sc, field) if k not in labels]
+    return sorted(labels, key=lambda k: _ROW_ORDER.index(k) if k in _ROW_ORDER else len(_ROW_ORDER))
+
+
+def _rows(plan: Plan, labels: list[str], field: str, width: int, col: int) -> list[str]:
+    lines = []
+    for label in labels:
+        cells = [f"{getattr(sc, field)[label] / GIB:.1f}" if label in getattr(sc, field) else "-"
+                 for sc in plan.scenarios]
+        lines.append(f"  {label}".ljust(width) + "".join(x.rjust(col) for x in cells))
+    return lines
+
+
+def format_table(plan: Plan) -> str:
+    """The plan as a table of GiB per GPU (one column per scenario), with fits/does-not-fit and suggestions."""
+    labels = _labels(plan, "breakdown")
+    width = max(len(x) for x in labels + _labels(plan, "load_breakdown") + ["per GPU, GiB"]) + 2
+    col = max(len(sc.title) for sc in plan.scenarios) + 2
+    lines = _header(plan) + ["", "per GPU, GiB".ljust(width) + "".join(sc.title.rjust(col) for sc in plan.scenarios)]
+    lines += _rows(plan, labels, "breakdown", width, col)
+    lines.append("  run peak".ljust(width) + "".join(f"{sc.run / GIB:.1f}".rjust(col) for sc in plan.scenarios))
+    lines += _rows(plan, _labels(plan, "load_breakdown"), "load_breakdown", width, col)
+    lines.append("  load peak".ljust(width) + "".join(f"{sc.load / GIB:.1f}".rjust(col) for sc in plan.scenarios))
+    lines.append("  total = max(run, load)".ljust(width) +
+                 "".join(f"{sc.total / GIB:.1f}".rjust(col) for sc in plan.scenarios))
+    cap = f"fits in {plan.config.gpu_memory_gb:g} GiB?"
+    lines.append(cap.ljust(width) + "".join(("yes" if sc.fits else "NO").rjust(col) for sc in plan.scenarios))
+    lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
+    lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [
+        "  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
+        "  - --cpu: one CPU process per 'GPU', no CUDA overhead; weights counted whole as a GPU holds them (the "
+        "process's Python/torch runtime is not counted)" if plan.config.cpu else
+        f"  - every column includes a fixed {OVERHEAD_BYTES / GIB:.0f} GiB per GPU for the CUDA context, "
+        f"cuBLAS workspaces and NCCL buffers",
+        "  - weights and optimizer state are FSDP-sharded over all GPUs; activations and all-gathered layers are not"
+        if plan.config.gpus > 1 else "  - one GPU: nothing is sharded, so nothing is all-gathered",
+        "  - naive DPO = full fine-tuning of a bf16 policy with AdamW (16 B/param) plus a resident bf16 "
+        "reference (2 B/param); its activations are counted as in stage two, so the gap is weights and optimizer",
+        "  - QLoRA+online ref = what most users run (TRL's default with PEFT): the same NF4 base + LoRA as stage 2, "
+        "the reference recomputed each step with the adapters off - same memory give or take the reference "
+        "forward's transient, but one more forward per step (~+25% compute with checkpointing)",
+        f"  - a trainer that materialises full logits (plain HF forward) holds [2B, T, V] bf16 + fp32 for the "
+        f"policy and the online reference: +{full_logits_bytes(plan.shape, plan.config) / GIB:.1f} GiB per GPU "
+        f"at this batch and seq_len (chunked here and in TRL 1.16)",
+        "  - load = the loading peak: each GPU's weight shards + the largest tensor's 1/N slice in flight (" +
+        ("read in the checkpoint dtype, converted if it is not bf16; NF4 quantized" if plan.config.cpu else
+         "plain weights pass through host memory; NF4 quantized on the GPU from bf16") +
+        (") + stage two's whole fp32 LoRA weights before sharding" if plan.config.cpu else ")") +
+        "; each column's total is the larger of its run and load peaks",
+        "  - all-gather copy-out: FSDP2 copies a gathered unit out of its buffer while both exist; the root "
+        "(embeddings, head) stays gathered, so one more copy of the largest unit is counted"
+        if plan.config.gpus > 1 else None,
+        f"  - NF4 absmax (fp32, one per 64 weights) is not sharded by FSDP2: "
+        f"{nf4_split(plan.counts['linear_weights'])[1] / GIB:.2f} GiB whole on every GPU in the NF4 columns",
+    ]
+    return "\n".join(x for x in lines if x is not None)

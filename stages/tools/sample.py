@@ -1,0 +1,219 @@
+"""`dpo sample`: what the policy now writes, next to what the reference wrote, for held-out prompts.
+
+  read the data (held-out rows) -> the first N distinct prompts, tokenized as training does (prompt end kept) ->
+  load the base once, the policy adapter on top -> generate with the adapter off (reference) and on (policy),
+  greedy unless --seed -> score both replies under both models: implicit reward β·(log π(y|x) − log π_ref(y|x))
+  -> samples.jsonl + samples.md (atomically) in the run folder, and a side-by-side print.
+The reference is the base with adapters off (what stage one caches when it ran without --adapter); with
+--ref-adapter it is the base plus that adapter (an SFT adapter the cache was made with).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from stages.base.errors import UserError
+from stages.data.encode import Encoded, tokenize_example
+from stages.data.rows import FieldMap, load_examples
+from stages.model.logprobs import collate_pairs, sequence_logps
+from stages.model.models import ModelSpec, load_model, load_tokenizer
+from stages.settings.commands import SampleConfig
+
+DEFAULT_BETA = 0.1  # when neither --beta nor the run's config.yaml says
+
+
+@dataclass
+class Sample:
+    example_id: str
+    source: str
+    row: int
+    prompt: object          # text, or a list of messages
+    prompt_text: str        # the prompt as the model saw it (decoded)
+    reference: str
+    policy: str | None
+    reference_reward: float | None   # β·(log π − log π_ref) of the reference's reply
+    policy_reward: float | None      # the same for the policy's reply
+    reference_tokens: int
+    policy_tokens: int | None
+
+
+def run_folder(adapter: str | None) -> Path | None:
+    """RUN for RUN/adapter written by `dpo train` (a config.yaml beside it), else None."""
+    if adapter and (Path(adapter).parent / "config.yaml").is_file():
+        return Path(adapter).parent
+    return None
+
+
+def resolve_beta(cfg: SampleConfig) -> float:
+    if cfg.beta is not None:
+        return cfg.beta
+    run = run_folder(cfg.adapter)
+    saved = yaml.safe_load((run / "config.yaml").read_text()) if run else None
+    return float(saved.get("beta", DEFAULT_BETA)) if isinstance(saved, dict) else DEFAULT_BETA
+
+
+def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]:
+    """The first N examples with distinct prompts, in data order, as (example, prompt ids with the end kept)."""
+    if cfg.n < 1 or cfg.max_new_tokens < 1:
+        raise UserError("-n and --max-new-tokens must be >= 1")
+    examples, _ = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+                                split=cfg.data_split)
+    picked, seen = [], set()
+    for ex in examples:
+        key = json.dumps(ex.prompt, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        ids = tokenize_example(tokenizer, ex)[0]
+        if cfg.max_prompt_length:
+            ids = ids[-cfg.max_prompt_length:]
+        picked.append((ex, ids))
+        if len(picked) == cfg.n:
+            break
+    return picked
+
+
+def generate(model, prompt_ids: list[int], cfg: SampleConfig, tokenizer) -> list[int]:
+    """Reply ids, ending with EOS when the model ended its turn within --max-new-tokens."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
+    kwargs = dict(do_sample=False) if cfg.seed is None else dict(do_sample=True, temperature=cfg.temperature,
+                                                                   top_p=cfg.top_p)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)  # the same seed for reference and policy: they differ only by the adapter
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    reply = out[0, len(prompt_ids):].tolist()
+    eos = tokenizer.eos_token_id
+    return reply[: reply.index(eos) + 1] if eos in reply else reply
+
+
+def reply_logps(model, prompt_ids: list[int], a: list[int], b: list[int]) -> tuple[float, float]:
+    """log p(a | prompt), log p(b | prompt) under `model`, summed over reply tokens (the training log-probs)."""
+    enc = Encoded("sample", tuple(prompt_ids), tuple(a), tuple(b))
+    with torch.no_grad():
+        lp = sequence_logps(model, collate_pairs([enc], pad_id=0))
+    return float(lp.chosen_logps[0]), float(lp.rejected_logps[0])
+
+
+def _reference_mode(model, cfg: SampleConfig):
+    """A context in which `model` is the reference: adapters off, or the --ref-adapter active."""
+    import contextlib
+
+    if cfg.adapter is None:
+        return contextlib.nullcontext()
+    if cfg.ref_adapter is None:
+        return model.disable_adapter()
+
+    @contextlib.contextmanager
+    def ref():
+        model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter("default")
+    return ref()
+
+
+def sample(cfg: SampleConfig) -> list[Sample]:
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts = pick_prompts(cfg, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), device)
+    if cfg.ref_adapter:
+        if cfg.adapter is None:
+            raise UserError("--ref-adapter needs --adapter (the policy); without it only the reference is sampled")
+        model.load_adapter(cfg.ref_adapter, adapter_name="reference")
+    model.eval()
+    beta, out = resolve_beta(cfg), []
+    for ex, prompt_ids in prompts:
+        with _reference_mode(model, cfg):
+            ref_reply = generate(model, prompt_ids, cfg, tokenizer)
+        policy_reply = generate(model, prompt_ids, cfg, tokenizer) if cfg.adapter else None
+        rewards = (None, None)
+        if policy_reply is not None:
+            pol = reply_logps(model, prompt_ids, ref_reply, policy_reply)
+            with _reference_mode(model, cfg):
+                ref = reply_logps(model, prompt_ids, ref_reply, policy_reply)
+            rewards = (beta * (pol[0] - ref[0]), beta * (pol[1] - ref[1]))
+        text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        out.append(Sample(ex.example_id, ex.source, ex.row, list(ex.prompt) if ex.is_chat else ex.prompt,
+                          tokenizer.decode(prompt_ids), text(ref_reply), text(policy_reply) if policy_reply else None,
+                          rewards[0], rewards[1], len(ref_reply), len(policy_reply) if policy_reply else None))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def last_user_text(s: Sample | dict) -> str:
+    """The prompt's last user turn (or the text prompt's end): what a reader needs to judge the replies."""
+    prompt = s["prompt"] if isinstance(s, dict) else s.prompt
+    if isinstance(prompt, list):
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        return users[-1] if users else prompt[-1]["content"]
+    cut = prompt.rfind("Human:")
+    return (prompt[cut + len("Human:"):] if cut >= 0 else prompt).replace("\n\nAssistant:", "").strip()
+
+
+def _cell(text: str | None, limit: int = 400) -> str:
+    if text is None:
+        return "-"
+    one = " ".join(text.split()).replace("|", "\\|")
+    return one if len(one) <= limit else one[: limit - 3] + "..."
+
+
+def _reward(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def markdown(samples: list[Sample | dict], heading: str = "Samples") -> str:
+    rows = [s if isinstance(s, dict) else s.__dict__ for s in samples]
+    lines = [f"## {heading}", "", "Implicit reward = β·(log π − log π_ref) of each generated reply.", "",
+             "| # | prompt (last user turn) | reference | policy |", "|---|---|---|---|"]
+    for i, s in enumerate(rows, start=1):
+        lines.append(f"| {i} | {_cell(last_user_text(s), 200)} | {_cell(s['reference'])} "
+                     f"(reward {_reward(s['reference_reward'])}) | {_cell(s['policy'])} "
+                     f"(reward {_reward(s['policy_reward'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side(s: Sample, index: int, width: int = 100) -> str:
+    """One sample as two wrapped columns: reference | policy."""
+    col = (width - 3) // 2
+    left = textwrap.wrap(f"reference (reward {_reward(s.reference_reward)}): {s.reference}", col) or [""]
+    right = textwrap.wrap(f"policy (reward {_reward(s.policy_reward)}): {s.policy}", col) if s.policy else []
+    lines = [f"── {index}. {_cell(last_user_text(s), width - 8)}"]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        lines.append(f"{a:<{col}} │ {b}" if right else a)
+    return "\n".join(lines)
+
+
+def run(cfg: SampleConfig) -> tuple[list[Sample], Path]:
+    """Generate, write samples.jsonl / samples.md, print them; returns the samples and the folder."""
+    from stages.base.progress import say
+
+    samples = sample(cfg)
+    folder = Path(cfg.output) if cfg.output else (run_folder(cfg.adapter) or Path("samples"))
+    _atomic_write(folder / "samples.jsonl", "".join(json.dumps(s.__dict__, ensure_ascii=False) + "\n" for s in samples))
+    mode = "greedy" if cfg.seed is None else f"sampled, seed {cfg.seed}"
+    _atomic_write(folder / "samples.md", markdown(samples, f"Samples ({mode}, β={resolve_beta(cfg):g})"))
+    for i, s in enumerate(samples, start=1):
+        say(None, side_by_side(s, i))
+    say(None, f"samples: {folder / 'samples.md'} and {folder / 'samples.jsonl'}")
+    return samples, folder
