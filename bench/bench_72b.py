@@ -177,10 +177,11 @@ def pick_rows(a, model_dir: Path, dest: Path):
     return pair_tokens, padded, len(batches)
 
 
-def plan_for(model_dir: Path, gpus: int, seq_len: int, t1: int, cpu: bool, layers=None, gpu_memory=80.0):
-    from stages.tools.plan import PlanConfig, plan_memory
+def plan_for(model_dir: Path, gpus: int, seq_len: int, t1: int, cpu: bool, layers=None, gpu_memory="80GB"):
+    from stages.settings.commands import PlanConfig
+    from stages.tools.plan import plan_memory
 
-    return plan_memory(PlanConfig(str(model_dir), gpus=gpus, gpu_memory_gb=gpu_memory, seq_len=seq_len, batch=1,
+    return plan_memory(PlanConfig(str(model_dir), gpus=gpus, gpu_memory=gpu_memory, max_length=seq_len, batch_size=1,
                                   lora_r=16, max_tokens_per_batch=t1, layers=layers, cpu=cpu))
 
 
@@ -254,7 +255,8 @@ def report(a, model_dir, results, pair_tokens, padded, n_batches, seq_len) -> st
                          C.fmt(plan_w), C.fmt(r["after_shard"]["rss"]), C.fmt(r["peak_rss_after_shard_gib"]),
                          C.fmt(r["transient_gib"]), C.fmt(plan_rest), C.fmt(r["measured_total_gib"]),
                          C.fmt(sc.total / GIB), f"{100 * (total_ratio - 1):+.1f}%", f"{r['seconds']:.0f}"])
-    lines = [f"## `dpo plan` vs a measurement at Qwen2.5-72B widths, {a.layers} layer(s) (section `72b-width-{a.layers}l`)",
+    lines = [f"## `dpo plan` vs a measurement at Qwen2.5-72B widths, {a.layers} layer(s) "
+             f"(section `72b-width-{a.layers}l`)",
              "", C.provenance(1).rstrip(),
              f"- model: random init from `configs/models/qwen2.5-72b-width-2layers/config.json` with {a.layers} "
              f"decoder layer(s), bf16 safetensors; {a.rows} longest HH rows at --max-length {a.max_length} "

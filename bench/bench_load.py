@@ -126,7 +126,8 @@ def preload() -> None:
     import importlib
 
     for name in ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "peft",
-                 "bitsandbytes", "pyarrow.parquet", "stages.stage1.precompute", "stages.stage2.train", "stages.model.loading"):
+                 "bitsandbytes", "pyarrow.parquet", "stages.stage1.precompute", "stages.stage2.train",
+                 "stages.model.loading"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -296,9 +297,10 @@ def plan_cmd(model_dir: Path, n: int, shape: dict) -> str:
 
 def plan_gib(model_dir: Path, n: int, shape: dict) -> dict:
     """{stage: {total, load, run}} GiB per rank from `dpo plan --cpu` as it is now (same code as the CLI)."""
-    from stages.tools.plan import PlanConfig, plan_memory
+    from stages.settings.commands import PlanConfig
+    from stages.tools.plan import plan_memory
 
-    plan = plan_memory(PlanConfig(str(model_dir), gpus=n, seq_len=shape["seq_len"], batch=1, lora_r=16,
+    plan = plan_memory(PlanConfig(str(model_dir), gpus=n, max_length=shape["seq_len"], batch_size=1, lora_r=16,
                                   max_tokens_per_batch=shape["padded"], cpu=True))
     out = {}
     for stage, key in STAGE_KEYS.items():

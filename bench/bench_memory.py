@@ -149,7 +149,8 @@ def main() -> None:
         lines.append(f"{labels[base]} vs {labels[other]}: peak RSS {mem:.2f}x, step working set {work:.2f}x"
                      + (f" (target <= 0.4x: {'met' if mem <= 0.4 else 'MISSED'} on peak, "
                         f"{'met' if work <= 0.4 else 'MISSED'} on working set)" if target else "")
-                     + f"; step time {t:.2f}x" + (f" (target <= 1.1x: {'met' if t <= 1.1 else 'MISSED'})" if target else ""))
+                     + f"; step time {t:.2f}x"
+                     + (f" (target <= 1.1x: {'met' if t <= 1.1 else 'MISSED'})" if target else ""))
     first = next((r for r in m.values() if r), None)
     body = (f"## Log-prob memory: chunked head vs full logits vs TRL (section `{S.section_key('memory', a)}`)\n\n"
             f"{C.provenance(a.threads)}"

@@ -109,7 +109,8 @@ def commands(model: Path, paths: dict[str, Path]) -> dict[str, list[str]]:
                   "--no-gradient-checkpointing", *flags(**train_flags)],
         "compare": ["compare", rel(run), "--out", rel(WORK)],
         "sample": ["sample", "--model", rel(model), "--adapter", rel(run / "adapter"), "--data", rel(paths["heldout"]),
-                   "-n", str(SAMPLES), "--max-new-tokens", "64", "--beta", str(s["beta"]), "--out", rel(WORK / "samples"),
+                   "-n", str(SAMPLES), "--max-new-tokens", "64", "--beta", str(s["beta"]),
+                   "--out", rel(WORK / "samples"),
                    "--max-prompt-length", str(s["max_prompt_length"]), "--dtype", "fp32"],
     }
 

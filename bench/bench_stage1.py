@@ -1,8 +1,8 @@
 """Stage one (`dpo precompute-ref`) throughput and padding waste on HH-RLHF rows with SmolLM2-135M (fp32, CPU).
 
 Four variants at the same token budget: {length-sorted, data order} x {prompt shared, plain}. Batches come from
-`stages.stage1.precompute.plan_batches` and are scored by `stages.stage1.precompute.score_batches` (the code the command runs,
-parts written to a scratch folder), one model in one process, variants interleaved and rotated each repeat.
+`stages.stage1.precompute.plan_batches` and are scored by `stages.stage1.precompute.score_batches` (the code the command
+runs, parts written to a scratch folder), one model in one process, variants interleaved and rotated each repeat.
 
   padding waste = 1 - real tokens / forwarded tokens (as the command's summary reports it), computed on the timed
   sample AND on all 2,308 rows (planning only, no model);
@@ -281,7 +281,8 @@ def main() -> None:
             f"{a.repeats} repeat(s) per variant, interleaved; times are {timing}"
             + (f"; peak GPU memory {gpu_mem:.1f} GiB" if gpu_mem is not None else ""))
     key = "stage1" + ("-quick" if a.quick else "") + ("-gpu" if on_gpu else "") + ("-fsdp1" if a.fsdp1 else "")
-    text = f"## Stage one: tokens/s and padding waste (section `{key}`)\n\n{C.provenance(a.threads)}- workload: {desc}\n\n{t1}\n"
+    text = (f"## Stage one: tokens/s and padding waste (section `{key}`)\n\n"
+            f"{C.provenance(a.threads)}- workload: {desc}\n\n{t1}\n")
     if long_rows:
         long_run = timed_variants(model, pad, long_rows, ["sorted-shared", "sorted-plain"], a, on_gpu)
         t2, diff_long, _ = long_table(long_run, long_rows)

@@ -167,9 +167,9 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
     m = {v: merged(rs) for v, rs in results.items()}
     b = m[base]
     tag = labels[base].split()[0]
-    head = ["variant", "step s (CPU: user, GPU: wall)", "sys s", "wall s", "ref fwd", "policy fwd", "backward", "optimizer",
-            "peak RSS GiB", "after load GiB", "of which mapped files GiB", "step working set GiB", "peak anon GiB",
-            f"time {tag}/this", f"peak RSS {tag}/this", f"working set {tag}/this"]
+    head = ["variant", "step s (CPU: user, GPU: wall)", "sys s", "wall s", "ref fwd", "policy fwd", "backward",
+            "optimizer", "peak RSS GiB", "after load GiB", "of which mapped files GiB", "step working set GiB",
+            "peak anon GiB", f"time {tag}/this", f"peak RSS {tag}/this", f"working set {tag}/this"]
     rows = []
     for v, r in m.items():
         if r is None:
@@ -179,11 +179,13 @@ def results_table(results: dict[str, list[dict]], labels: dict[str, str], base: 
         t = C.median(step_times(r))
         work = r["peak_steps_gib"] - r["loaded_gib"]
         b_work = (b["peak_steps_gib"] - b["loaded_gib"]) if b else float("nan")
-        rows.append([labels.get(v, v), C.fmt(t, 1), C.fmt(C.median(r["step_sys"]), 1), C.fmt(C.median(r["step_wall"]), 1),
+        rows.append([labels.get(v, v), C.fmt(t, 1), C.fmt(C.median(r["step_sys"]), 1),
+                     C.fmt(C.median(r["step_wall"]), 1),
                      C.fmt(ph.get("ref", 0.0), 1), C.fmt(ph["forward"], 1), C.fmt(ph["backward"], 1),
                      C.fmt(ph["optimizer"], 2), C.fmt(r["peak_gib"]), C.fmt(r["loaded_gib"]),
                      C.fmt(r["loaded_file"]), C.fmt(work), C.fmt(r["peak_anon"]),
-                     C.fmt(C.median(step_times(b)) / t) if b else "-", C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
+                     C.fmt(C.median(step_times(b)) / t) if b else "-",
+                     C.fmt(b["peak_gib"] / r["peak_gib"]) if b else "-",
                      C.fmt(b_work / work) if b else "-"])
     return C.table(head, rows), m
 
@@ -223,7 +225,8 @@ def device_desc(r: dict, a) -> str:
     return (f"{r['device']}, {r['dtype']}, {'NF4 base' if r['four_bit'] else 'no 4-bit'}, LoRA r16 all-linear "
             f"({r['trainable'] / 1e6:.1f}M trainable), gradient checkpointing {'on' if r['grad_ckpt'] else 'off'}, "
             f"prompt sharing {'on' if r.get('share_prompt') else 'off'} (stage two's default is on), "
-            f"log-prob chunk {r['chunk_size']}, {malloc if r['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}")
+            f"log-prob chunk {r['chunk_size']}, "
+            f"{malloc if r['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'}")
 
 
 def section_key(prefix: str, a) -> str:
@@ -414,8 +417,8 @@ def worker(a, factory=None) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages.model.models import resolve_dtype
     from stages.base.constants import chunk_size_for
+    from stages.model.models import resolve_dtype
 
     if a.worker.startswith("trl"):
         import trl  # noqa: F401 - counted in the runtime baseline of TRL workers

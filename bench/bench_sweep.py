@@ -49,7 +49,8 @@ def main() -> None:
     train = [*common, "--data", str(out / "train.jsonl"), "--eval-data", str(out / "eval.jsonl"), "--no-load-in-4bit",
              "--max-steps", str(steps), "--batch-size", "4", "--eval-steps", "0", "--no-gradient-checkpointing",
              "--no-resume"]
-    pre = ["precompute-ref", *common, "--data", str(out / "train.jsonl"), "--data", str(out / "eval.jsonl"), "--overwrite"]
+    pre = ["precompute-ref", *common, "--data", str(out / "train.jsonl"), "--data", str(out / "eval.jsonl"),
+           "--overwrite"]
 
     shared = dpo(*pre, "--out", str(out / "ref.parquet"))
     shared += dpo("sweep", *train, "--ref-cache", str(out / "ref.parquet"), "--output", str(out / "sweep"),

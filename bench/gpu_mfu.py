@@ -1,6 +1,6 @@
 """Tokens/s and MFU for bench/gpu_bench.sh: model FLOP utilisation against the dense bf16 peak of an H100/H200 SXM
-(989 TFLOP/s), from the NON-embedding parameters N (stages/tools/plancount.py: total - embed - lm_head; the embedding is a
-lookup, and the LM head runs on reply positions only):
+(989 TFLOP/s), from the NON-embedding parameters N (stages/tools/plancount.py: total - embed - lm_head; the embedding
+is a lookup, and the LM head runs on reply positions only):
 
   inference (stage one): 2·N FLOP per token;  training (stage two): 6·N FLOP per token (the usual convention:
   forward 2N + backward 4N; with a frozen base and gradient checkpointing the work is forward 2N + recompute 2N +

@@ -1,7 +1,7 @@
 """Ours against TRL 1.16's DPOTrainer on the same GPU, model, rows and dtype (issue 20, item 8; gpu_bench.sh runs it).
 
-  stage one: `dpo precompute-ref` (stages.stage1.precompute.run) against DPOTrainer(precompute_ref_log_probs=True) on the
-             same rows: scoring wall seconds (CUDA synchronised), tokens/s, MFU (2·N per forwarded token), and the
+  stage one: `dpo precompute-ref` (stages.stage1.precompute.run) against DPOTrainer(precompute_ref_log_probs=True) on
+             the same rows: scoring wall seconds (CUDA synchronised), tokens/s, MFU (2·N per forwarded token), and the
              largest |difference| of the per-example log-probs (bf16 on a GPU: small, not 0);
   stage two: optimizer steps of `dpo train` (stages.stage2.train.run, reference from our stage-one cache) against TRL's
              trainer.train with its own precomputed reference: same LoRA (r16, alpha 32, all-linear, dropout 0),

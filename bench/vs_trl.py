@@ -764,6 +764,8 @@ def curve_data(tok, model_dir: Path) -> dict:
 
     from stages.data.encode import TokenizeSettings, encode_examples
     from stages.data.rows import load_examples
+    from stages.settings.commands import TrlExport
+    from stages.settings.groups import DataSpec
     from stages.tools.export_trl import export_trl
 
     L = CURVE["max_length"]
@@ -777,7 +779,7 @@ def curve_data(tok, model_dir: Path) -> dict:
     pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
                                max_prompt_length=L - 1, overwrite=True))
     exported = OUT / "curves-trl.jsonl"
-    export_trl(str(cache), [str(path)], str(exported))
+    export_trl(str(cache), DataSpec(data=(str(path),)), TrlExport(output=str(exported)))
     model, _ = load_hf(model_dir)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     import torch

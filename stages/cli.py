@@ -10,6 +10,7 @@ import click
 
 from stages.base.errors import Interrupted, UserError, one_line, os_error_line
 from stages.settings import commands as settings, yamlconfig as cfgmod
+from stages.settings.options import Option, options
 
 
 def user_errors(fn):
@@ -68,48 +69,42 @@ def main():
     """DPO on big models: cache the reference once (precompute-ref), train QLoRA policies against it (train)."""
 
 
-def options_from(cls, skip=(), config=True):
-    """Click options generated from a config dataclass (stages/settings/commands.py): --field-name (+ older aliases), bools
-    as --x/--no-x, Literal as a choice, tuples repeatable; help and the real default from the field. Click's own
-    defaults are None, so that only flags actually given override the YAML config."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-
+def options_from(cls, config=True):
+    """Click options generated from a command's settings (stages/settings/options.py): --name (+ older aliases),
+    bools as --x/--no-x, Literal as a choice, tuples repeatable; help and the real default from the setting.
+    Click's own defaults are None, so that only flags actually given override the YAML config."""
     def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name not in skip:
-                fn = _option(f, hints[f.name])(fn)
+        for o in reversed(options(cls)):
+            fn = _option(o)(fn)
         if not config:
             return fn
         return click.option("--config", "config_path", type=click.Path(), default=None,
-                            help="YAML config (flat, or sectioned: shared + one block per command); flags override.")(fn)
+                            help="YAML config (flat, or sectioned: shared + one block per command); flags "
+                                 "override.")(fn)
     return decorate
 
 
-def _option(f, hint):
-    import dataclasses
+def _option(o: Option):
     import typing
 
+    hint = o.hint
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) \
         if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-    if f.metadata.get("argument"):  # positional; its help is in the command's docstring
+    if o.metadata.get("argument"):  # positional; its help is in the command's docstring
         tuple_ = typing.get_origin(base) is tuple
-        return click.argument(f.name, nargs=-1 if tuple_ else 1, required=True,
-                              metavar=f.name.upper() + ("..." if tuple_ else ""))
-    names = [f"-{n}" if len(n) == 1 else f"--{n.replace('_', '-')}" for n in (f.name, *f.metadata.get("aliases", ()), *f.metadata.get("flags", ()))]
-    text = f.metadata.get("help", "") + _shown_default(f.default, base)
-    if f.default is dataclasses.MISSING:
-        text += " (required)"
+        return click.argument(o.name, nargs=-1 if tuple_ else 1, required=True,
+                              metavar=o.name.upper() + ("..." if tuple_ else ""))
+    names = [f"-{n}" if len(n) == 1 else f"--{n.replace('_', '-')}"
+             for n in (o.name, *o.metadata.get("aliases", ()), *o.metadata.get("flags", ()))]
+    text = o.metadata.get("help", "") + _shown_default(o.default, base) + (" (required)" if o.required else "")
     if base is bool:
-        return click.option(f"{names[0]}/--no-{names[0][2:]}", f.name, default=None, help=text)
+        return click.option(f"{names[0]}/--no-{names[0][2:]}", o.name, default=None, help=text)
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
-        return click.option(*names, f.name, multiple=True, type=inner if inner in (int, float) else str, help=text)
+        return click.option(*names, o.name, multiple=True, type=inner if inner in (int, float) else str, help=text)
     if typing.get_origin(base) is typing.Literal:
-        return click.option(*names, f.name, type=click.Choice(typing.get_args(base)), default=None, help=text)
-    return click.option(*names, f.name, type=base if base in (int, float) else str, default=None, help=text)
+        return click.option(*names, o.name, type=click.Choice(typing.get_args(base)), default=None, help=text)
+    return click.option(*names, o.name, type=base if base in (int, float) else str, default=None, help=text)
 
 
 def _shown_default(default, base) -> str:
@@ -144,7 +139,7 @@ def cache_info(**flags):
     """Print a cache's metadata and statistics."""
     from stages.cache.refcache import info_text
 
-    click.echo(info_text(cfgmod.build(settings.CacheInfoConfig, None, flags).path))
+    click.echo(info_text(cfgmod.build(settings.CacheInfoConfig, None, flags).cache.path))
 
 
 @cache.command("merge", context_settings={"show_default": False})
@@ -154,7 +149,7 @@ def cache_merge(**flags):
     """Join the caches of `precompute-ref --num-shards N` jobs (SHARD_FILES) into one cache for `dpo train`."""
     from stages.cache.shards import merge_shards
 
-    cfg = cfgmod.build(settings.CacheMergeConfig, None, flags)
+    cfg = cfgmod.build(settings.CacheMergeConfig, None, flags).merge
     meta = merge_shards(list(cfg.shard_files), cfg.output)
     n = sum(s["examples"] for s in meta["merged_from"]["shards"])
     click.echo(f"merged {meta['merged_from']['num_shards']} shards, {n} examples -> {cfg.output}")
@@ -168,13 +163,12 @@ def cache_verify(**flags):
     from stages.tools.verify import verify_cache
 
     c = cfgmod.build(settings.CacheVerifyConfig, None, flags)
-    problems = verify_cache(c.path, c.data, (c.prompt_field, c.chosen_field, c.rejected_field), c.model, c.max_length,
-                            c.max_prompt_length)
+    problems = verify_cache(c.cache.path, c.data, c.model.model, c.lengths)
     for p in problems:
         click.echo(f"MISMATCH {p}")
     if problems:
         sys.exit(1)
-    click.echo(f"ok: {c.path} covers every example of {', '.join(c.data)}")
+    click.echo(f"ok: {c.cache.path} covers every example of {', '.join(c.data.data)}")
 
 
 @cache.command("export-trl", context_settings={"show_default": False})
@@ -200,12 +194,10 @@ def cache_export_trl(**flags):
     numbers differ by that token's log-prob (about 12 nats per reply on a weak
     model); --trl-chat-convention adds it, so the values equal TRL's own.
     """
-    from stages.data.rows import FieldMap
     from stages.tools.export_trl import export_trl
 
     c = cfgmod.build(settings.ExportTrlConfig, None, flags)
-    report = export_trl(c.path, c.data, c.output, FieldMap(c.prompt_field, c.chosen_field, c.rejected_field),
-                        c.strict, c.trl_chat_convention, c.model)
+    report = export_trl(c.cache.path, c.data, c.export)
     for note in report.notes:
         click.echo(note)
     click.echo(report.summary())
@@ -238,7 +230,7 @@ def compare_cmd(**flags):
     """Table, CSV and plot of training runs (RUN_DIRS: `dpo train` outputs or whole `dpo sweep` folders)."""
     from stages.tools.compare import compare, format_table, samples_tables
 
-    c = cfgmod.build(settings.CompareConfig, None, flags)
+    c = cfgmod.build(settings.CompareConfig, None, flags).compare
     rows, png, csv_path = compare(c.run_dirs, c.output)
     click.echo(format_table(rows))
     click.echo(f"plot: {png}\ntable: {csv_path}")
@@ -247,17 +239,15 @@ def compare_cmd(**flags):
 
 
 @main.command(context_settings={"show_default": False})
-@options_from(settings.PlanConfig)
+@options_from(settings.PlanCommand)
 @user_errors
 def plan(config_path, **flags):
     """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config.
     --config takes the stages' own YAML (shared, precompute-ref, train and plan sections)."""
-    from stages.tools.plan import PlanConfig, format_plan, parse_gpu_memory, plan_memory
+    from stages.tools.plan import format_plan, plan_memory
 
-    c = cfgmod.build(settings.PlanConfig, config_path, flags, section="plan")
-    cfg = PlanConfig(c.model, c.gpus, parse_gpu_memory(c.gpu_memory), c.max_length, c.batch_size, c.lora_r,
-                     c.max_tokens_per_batch, c.gradient_checkpointing, c.layers, c.cpu)
-    click.echo(format_plan(plan_memory(cfg)))
+    c = cfgmod.build(settings.PlanCommand, config_path, flags, section="plan").plan
+    click.echo(format_plan(plan_memory(c)))
 
 
 @main.command(context_settings={"show_default": False})
@@ -267,7 +257,7 @@ def demo(**flags):
     """The whole pipeline on SmolLM2-135M-Instruct and the shipped demo data: precompute, sweep, compare."""
     from stages.tools.demo import run_demo
 
-    run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).quick)
+    run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).demo.quick)
 
 
 @main.group("config")
@@ -283,7 +273,7 @@ def config_from_trl(**flags):
     with why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
     from stages.tools.trlconfig import from_trl
 
-    click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).path), nl=False)
+    click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).source.path), nl=False)
 
 
 @main.command("sample", context_settings={"show_default": False})

@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages"
-HELPERS = STAGES / "distributed.py"
+HELPERS = STAGES / "model" / "distributed.py"
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
                "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "broadcast_object_list",
                "all_gather_object", "gather_object", "scatter_object_list", "reduce", "gather", "scatter",
@@ -68,8 +68,8 @@ def device_problems(op: str, tensors: list[torch.Tensor], declared: torch.device
 def caller_problem(op: str, filename: str, line: int) -> str | None:
     """A collective called straight from a stages module other than stages/model/distributed.py."""
     path = Path(filename).resolve()
-    if path.parent == STAGES and path != HELPERS:
-        return f"{op}: called directly from stages/{path.name}:{line}, not through stages/model/distributed.py"
+    if STAGES in path.parents and path != HELPERS:
+        return f"{op}: called directly from {path.relative_to(REPO)}:{line}, not through stages/model/distributed.py"
     return None
 
 
@@ -79,7 +79,7 @@ def site(frame) -> str:
     names = []
     while frame is not None and len(names) < 2:
         path = Path(frame.f_code.co_filename)
-        if path.parent == STAGES and path != HELPERS:
+        if STAGES in path.parents and path != HELPERS:
             names.append(f"stages.{path.stem}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}")
         frame = frame.f_back
     return " < ".join(names)

@@ -442,7 +442,8 @@ def _rows_for_sources(kind: str = "chat") -> list[dict]:
     columns (Arrow takes them from the first row; a missing prompt is null, which means absent)."""
     if kind == "text":
         rows = [SHAPES["explicit"][0], SHAPES["implicit_hh"][0], {"prompt": "1+1=", "chosen": " 2", "rejected": " 3"},
-                {"chosen": HH_CHOSEN + " Red.", "rejected": HH_REJECTED}, {"prompt": "Hi", "chosen": "!", "rejected": "?"}]
+                {"chosen": HH_CHOSEN + " Red.", "rejected": HH_REJECTED},
+                {"prompt": "Hi", "chosen": "!", "rejected": "?"}]
     else:
         rows = [SHAPES["chat_no_prompt"][0], {"prompt": "Hey", "chosen": [assistant("Hi!")],
                                               "rejected": [assistant("No.")]}]
@@ -538,7 +539,8 @@ def test_hub_id_offline_from_the_local_hf_cache(tmp_path):
     result, error = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert result["ids"] == [e.example_id for e in expected]
     assert result["files"] == {"trl-lib/ultrafeedback_binarized:train": 5}
-    assert error["error"].startswith("nobody/not-cached:train: cannot load the dataset (") and "\n" not in error["error"]
+    assert error["error"].startswith("nobody/not-cached:train: cannot load the dataset (")
+    assert "\n" not in error["error"]
 
 
 @pytest.mark.parametrize("kind", ["chat", "text"])

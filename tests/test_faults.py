@@ -111,7 +111,8 @@ KILL_POINTS = {
     "writing the settings file": ("replace", lambda src, dst: str(dst).endswith(".config.yaml")),
     "renaming the cache into place": ("replace", lambda src, dst: str(dst).endswith("ref.parquet")),
     "renaming the parts folder away": ("replace", lambda src, dst: str(dst).endswith(".parts.done")),
-    "deleting the renamed parts": ("rmtree", lambda path, *a: str(path).endswith(".parts.done") and Path(path).exists()),
+    "deleting the renamed parts": ("rmtree",
+                                   lambda path, *a: str(path).endswith(".parts.done") and Path(path).exists()),
 }
 
 
@@ -185,7 +186,8 @@ def test_second_writer_stops_at_once_and_a_dead_holder_is_taken_over(tiny_llama,
 def test_two_runs_started_together_one_wins_one_refuses(tiny_llama, rows, baseline, tmp_path):
     out = tmp_path / "ref.parquet"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    slow = ("import sys, time; from stages.stage1 import precompute; from stages import cli; real = precompute.pair_logps; "
+    slow = ("import sys, time; from stages.stage1 import precompute; from stages import cli; "
+            "real = precompute.pair_logps; "
             "precompute.pair_logps = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]; "
             "sys.argv = ['dpo'] + sys.argv[1:]; cli.main()")
     cmd = [sys.executable, "-c", slow, *pc_args(tiny_llama, [rows["twelve"]], out)]
@@ -383,7 +385,8 @@ def test_sigterm_in_stage_two_checkpoints_then_resumes_exactly(tiny_llama, rows,
     assert info.value.exit_code == 128 + signal.SIGTERM and "at step 1 of 3" in str(info.value)
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-1"]
     train.run(tc(tiny_llama, rows, cache12, out))
-    got = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if "loss" in r}
     want = {r["step"]: r["loss"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
             if "loss" in r}
     assert got == want
@@ -455,8 +458,8 @@ def _set(t, name, values, keep_type=True):
 
 BAD_CACHES = {
     "missing column": (lambda t, m: (t.drop(["prompt_tokens"]), m), "column 'prompt_tokens' is missing"),
-    "wrong column type": (lambda t, m: (_set(t, "chosen_tokens", [float(v) for v in t["chosen_tokens"].to_pylist()], False),
-                                        m), "column 'chosen_tokens' has type"),
+    "wrong column type": (lambda t, m: (_set(t, "chosen_tokens", [float(v) for v in t["chosen_tokens"].to_pylist()],
+                                             False), m), "column 'chosen_tokens' has type"),
     "duplicate ids": (lambda t, m: (_set(t, "example_id", [t["example_id"][0].as_py()] * t.num_rows), m),
                       "appears twice"),
     "infinite value": (lambda t, m: (_set(t, "ref_rejected_logps", [float("inf")] * t.num_rows), m), "non-finite"),

@@ -5,6 +5,7 @@ One process keeps them (on a GPU). The shipped multi-GPU config follows."""
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,11 @@ from click.testing import CliRunner
 
 from stages.cli import main as cli_main
 from stages.settings import commands as settings, yamlconfig as cfgmod
+from stages.settings.groups import FSDP2_OPTIMIZERS, Optimizer, OptimSettings
 from stages.stage2 import train
-from stages.stage2.trainutil import FSDP2_OPTIMIZERS, OPTIMIZERS
 from stages.tools import sweep
 
-EIGHT_BIT = [o for o in OPTIMIZERS if o not in FSDP2_OPTIMIZERS]
+EIGHT_BIT = [o for o in typing.get_args(Optimizer) if o not in FSDP2_OPTIMIZERS]
 
 
 class ReachedInit(Exception):
@@ -81,14 +82,17 @@ def test_one_process_without_a_gpu_is_told_it_needs_one(optimizer, monkeypatch, 
 
 def test_one_process_keeps_the_eight_bit_optimizers_on_a_gpu(monkeypatch):
     """The FSDP2 rule alone (no CUDA check in the way): one process may use them."""
-    from stages.stage2 import trainutil
+    from stages.base.errors import UserError
+    from stages.settings import groups
 
-    monkeypatch.setattr(trainutil.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(groups, "_cuda_available", lambda: True)
     for name in EIGHT_BIT:
-        trainutil.check_optimizer(name, 1)
-        with pytest.raises(trainutil.UserError, match="1633"):
-            trainutil.check_optimizer(name, 8)
-    trainutil.check_optimizer("adamw", 8)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        OptimSettings(optimizer=name).check()
+        monkeypatch.setenv("WORLD_SIZE", "8")
+        with pytest.raises(UserError, match="1633"):
+            OptimSettings(optimizer=name).check()
+    OptimSettings(optimizer="adamw").check()
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])
@@ -109,6 +113,6 @@ def test_multi_gpu_configs_use_adamw(repo_root):
         for section, cls in (("train", settings.TrainConfig), ("sweep", settings.SweepConfig)):
             if section in (yaml.safe_load(path.read_text()) or {}):
                 cfg = cfgmod.build(cls, str(path), {}, section=section)
-                assert cfg.optimizer in FSDP2_OPTIMIZERS, (path.name, section, cfg.optimizer)
+                assert cfg.optim.optimizer in FSDP2_OPTIMIZERS, (path.name, section, cfg.optim.optimizer)
                 checked += 1
     assert checked >= 2  # configs/qwen2.5-72b-8xh100.yaml: train and sweep

@@ -63,7 +63,8 @@ MESH_PROBE = textwrap.dedent("""
     assert w.to_local().shape[0] * 2 == full[0] and w.full_tensor().shape == full
     group = mesh.get_local_rank("replicate")
     assert group == env.rank // 2, (env.rank, group)  # ranks 0,1 are one replica group (one node), 2,3 the other
-    print(f"rank {env.rank}: mesh {tuple(mesh.shape)} group {group} placements {w.placements} local {tuple(w.to_local().shape)}")
+    print(f"rank {env.rank}: mesh {tuple(mesh.shape)} group {group} placements {w.placements} "
+          f"local {tuple(w.to_local().shape)}")
 """)
 
 

@@ -305,7 +305,8 @@ def test_lora_gradients_match_naive(tiny_paths, arch, head, gradient_checkpointi
     encoded, pad = _encode(path)
     targets = LM_BODY + (["lm_head"] if head == "with_lm_head" else [])
     model = _lora(_load(path), targets)
-    grads = _grads_ours_vs_naive(model, collate_pairs(encoded, pad), chunk=3, gradient_checkpointing=gradient_checkpointing)
+    grads = _grads_ours_vs_naive(model, collate_pairs(encoded, pad), chunk=3,
+                                 gradient_checkpointing=gradient_checkpointing)
     on_head = [n for n in grads if "lm_head" in n]
     assert bool(on_head) == (head == "with_lm_head")
     assert all(g.abs().max() > 0 for g in grads.values())
@@ -493,7 +494,8 @@ class _VocabTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab and t.numel():
                 if t.untyped_storage().data_ptr() not in inputs:
@@ -574,7 +576,8 @@ def test_memory_logits_never_exceed_chunk(tiny_llama, head_lora):
 # --------------------------------------------------------------------------------- slow: SmolLM2 slice
 SMOL_EXAMPLES = [
     _ex(20, "Human: What is the capital of France?\n\nAssistant:", " The capital of France is Paris.", " Lyon."),
-    _ex(21, ((_chat("user", "Say hi")),), (_chat("assistant", "Hi!"),), (_chat("assistant", "Hello there, friend."),), True),
+    _ex(21, ((_chat("user", "Say hi")),), (_chat("assistant", "Hi!"),), (_chat("assistant", "Hello there, friend."),),
+        True),
 ]
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from stages.base import constants
 from stages.cache import refcache
 from stages.cli import main as cli_main
 from stages.data.encode import Encoded
-from stages.base import constants
 from stages.model import logprobs
 from stages.model.distributed import DistEnv
 from stages.objective.loss import LOSS_TYPES

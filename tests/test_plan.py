@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from stages.base.errors import UserError
+from stages.settings.commands import PlanConfig
 from stages.tools.plan import (
     GIB,
     OVERHEAD_BYTES,
-    PlanConfig,
     format_plan,
     parse_gpu_memory,
     plan_memory,
@@ -124,7 +124,7 @@ def test_lora_matches_peft():
 
 
 def test_small_memory_by_hand(tmp_path):
-    cfg = PlanConfig(str(write(tmp_path, SMALL)), gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
+    cfg = PlanConfig(str(write(tmp_path, SMALL)), gpus=2, gpu_memory="1GB", max_length=64, batch_size=1, lora_r=4,
                      max_tokens_per_batch=256)
     plan = plan_memory(cfg)
     # per-token bytes of one layer: 2·(5h + 3q_d + 3kv_d + 4i) + 4·(2h + heads)
@@ -176,7 +176,7 @@ def test_small_memory_by_hand(tmp_path):
 
 
 def test_72b_naive_does_not_fit_stage_two_does(tmp_path):
-    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory_gb=80))
+    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory="80GB"))
     naive, s2 = plan.scenario("naive"), plan.scenario("stage2")
     # 18 bytes/param / 8 GPUs = 72.7e9·18/8 ≈ 163.6e9 bytes ≈ 152 GiB before activations
     assert naive.breakdown["policy weights + grads, bf16 (sharded)"] + \
@@ -192,20 +192,20 @@ def test_72b_naive_does_not_fit_stage_two_does(tmp_path):
 
 def test_suggestions_when_things_do_not_fit(tmp_path):
     path = str(write(tmp_path, QWEN25_72B))
-    plan = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=80, gradient_checkpointing=False))
+    plan = plan_memory(PlanConfig(path, gpus=2, gpu_memory="80GB", gradient_checkpointing=False))
     assert not plan.scenario("stage1_bf16").fits and plan.scenario("stage1_nf4").fits
     assert any("NF4" in x for x in plan.suggestions)
     assert any("gradient checkpointing on" in x for x in plan.suggestions)
-    small = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=32))
+    small = plan_memory(PlanConfig(path, gpus=1, gpu_memory="32GB"))
     assert any("stage 2 needs at least" in x for x in small.suggestions)
     # 24 GiB: what no number of GPUs shards (the 4.1 GiB of absmax, the gathered layers, the activations, the
     # 2048-position head chunk, the 2 GiB overhead) already exceeds it at seq_len 2048
-    tiny = plan_memory(PlanConfig(path, gpus=1, gpu_memory_gb=24))
+    tiny = plan_memory(PlanConfig(path, gpus=1, gpu_memory="24GB"))
     assert any("stage 2 does not fit on any number" in x for x in tiny.suggestions)
 
 
 def test_llama_8b_single_gpu(tmp_path):
-    plan = plan_memory(PlanConfig(str(write(tmp_path, LLAMA31_8B)), gpus=1, gpu_memory_gb=80))
+    plan = plan_memory(PlanConfig(str(write(tmp_path, LLAMA31_8B)), gpus=1, gpu_memory="80GB"))
     assert not plan.scenario("naive").fits     # 8.03e9 · 18 B ≈ 135 GiB
     assert plan.scenario("stage1_bf16").fits and plan.scenario("stage2").fits
 
@@ -231,6 +231,9 @@ def test_config_loading(tmp_path):
         plan_memory(PlanConfig(str(moe)))
     with pytest.raises(UserError, match="--gpus"):
         plan_memory(PlanConfig(str(folder), gpus=0))
+    with pytest.raises(UserError, match="--gpu-memory 'lots' is not a size"):  # the setting's text, parsed in the plan
+        plan_memory(PlanConfig(str(folder), gpu_memory="lots"))
+    assert plan_memory(PlanConfig(str(folder), gpu_memory="24GB")).capacity == 24 * GIB
 
 
 def test_nf4_bytes():
@@ -282,14 +285,14 @@ def test_the_qwen_constants_here_are_the_shipped_config():
 
 def test_layer_override_and_cpu_mode(tmp_path):
     path = str(write(tmp_path, SMALL))
-    one = plan_memory(PlanConfig(path, gpus=2, layers=1, cpu=True, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    one = plan_memory(PlanConfig(path, gpus=2, layers=1, cpu=True, max_length=64, max_tokens_per_batch=256, lora_r=4))
     # 1 layer: 36992 + embed 32768 (tied) + final norm 64
     assert one.counts["total"] == 36992 + 32768 + 64 and one.shape.layers == 1
     assert one.lora_params == 8192 // 2
     for sc in one.scenarios:
         assert "CUDA/NCCL overhead (fixed)" not in sc.breakdown and sc.run == sum(sc.breakdown.values())
         assert "load: CUDA/NCCL overhead (fixed)" not in sc.load_breakdown
-    gpu = plan_memory(PlanConfig(path, gpus=2, layers=1, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    gpu = plan_memory(PlanConfig(path, gpus=2, layers=1, max_length=64, max_tokens_per_batch=256, lora_r=4))
     assert gpu.scenario("stage1_bf16").total == one.scenario("stage1_bf16").total + OVERHEAD_BYTES
     text = format_plan(one)
     assert "1 layers (--layers override)" in text and "CPU processes" in text and "CUDA" not in text.split("notes:")[0]
@@ -298,7 +301,8 @@ def test_layer_override_and_cpu_mode(tmp_path):
 
 
 def test_one_gpu_gathers_nothing(tmp_path):
-    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=1, seq_len=64, max_tokens_per_batch=256, lora_r=4))
+    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=1, max_length=64, max_tokens_per_batch=256,
+                                  lora_r=4))
     s1 = plan.scenario("stage1_bf16").breakdown
     assert "all-gathered params (FSDP)" not in s1 and s1["reference weights (sharded)"] == 2 * 106816
     # NF4 still dequantises its largest linear (h·i = 64·128) to bf16 for the matmul
@@ -311,7 +315,7 @@ def test_one_gpu_gathers_nothing(tmp_path):
 
 def test_online_reference_scenario_by_hand(tmp_path):
     path = str(write(tmp_path, SMALL))
-    cfg = PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256)
+    cfg = PlanConfig(path, gpus=2, gpu_memory="1GB", max_length=64, batch_size=1, lora_r=4, max_tokens_per_batch=256)
     plan = plan_memory(cfg)
     online, s2 = plan.scenario("online_ref").breakdown, plan.scenario("stage2").breakdown
     extra = "reference forward, adapters off (extra at peak)"
@@ -319,7 +323,7 @@ def test_online_reference_scenario_by_hand(tmp_path):
     # T = 128 tokens. reference forward: 2·T·h·2 + T·a + chunk(128)·V·(2+4) = 32768 + 128·2768 + 393216 = 780288;
     # the backward's own transient with checkpointing: 2·T·(a + lora_in) = 2·128·(2768 + 1080) = 985088 -> 0 extra
     assert online[extra] == max(0, 780288 - 985088) == 0
-    off = plan_memory(PlanConfig(path, gpus=2, gpu_memory_gb=1.0, seq_len=64, batch=1, lora_r=4,
+    off = plan_memory(PlanConfig(path, gpus=2, gpu_memory="1GB", max_length=64, batch_size=1, lora_r=4,
                                  max_tokens_per_batch=256, gradient_checkpointing=False))
     assert off.scenario("online_ref").breakdown[extra] == 780288 - 128 * (2768 + 1080) == 287744
     from stages.tools.planterms import full_logits_bytes
@@ -343,7 +347,7 @@ def test_plan_cli_options():
 def test_nf4_absmax_is_whole_on_every_gpu(tmp_path, gpus):
     """FSDP2 shards the NF4 codes (the parameter) but not the quant state bitsandbytes keeps on the module."""
     assert nf4_split(73728) == (36864, 4 * 1152)  # SMALL's linear weights: n/2 codes, fp32 absmax per 64-block
-    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=gpus, seq_len=64, max_tokens_per_batch=256,
+    plan = plan_memory(PlanConfig(str(write(tmp_path, SMALL)), gpus=gpus, max_length=64, max_tokens_per_batch=256,
                                   lora_r=4))
     # codes 36864 + the other 33088 params in bf16, sharded (rounded up); the 4608 bytes of absmax whole
     weights = -(-(36864 + 2 * 33088) // gpus) + 4608
@@ -356,7 +360,8 @@ def test_loading_peak_by_hand(tmp_path):
     """stages/model/loading.py reads each slice into a host buffer in the checkpoint dtype and copies it into the shard
     (one more copy only if the dtype differs); NF4 slices are quantized on the device from bf16."""
     path = str(write(tmp_path, SMALL))  # no torch_dtype: the checkpoint is taken as bf16
-    plan = plan_memory(PlanConfig(path, gpus=2, cpu=True, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
+    plan = plan_memory(PlanConfig(path, gpus=2, cpu=True, max_length=64, batch_size=1, lora_r=4,
+                                  max_tokens_per_batch=256))
     # the largest tensor is the embedding [512, 64]: 256 rows per process x 64 = 16384 weights, read in bf16 and
     # copied into the shard as they are (2 bytes); the linears' slices are smaller (gate [128, 64]: 64 x 64)
     s1 = plan.scenario("stage1_bf16")
@@ -371,7 +376,7 @@ def test_loading_peak_by_hand(tmp_path):
     assert s2.load == 56128 + 16384 + 32768 + 32768 == 138048
     assert s1.total == s1.run > s1.load and s2.total == s2.run > s2.load  # the run dominates here
     fp32 = str(write(tmp_path, {**SMALL, "torch_dtype": "float32"}, "fp32.json"))
-    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, max_length=64, lora_r=4, max_tokens_per_batch=256))
     # an fp32 checkpoint loaded as bf16: the fp32 host buffer (4 bytes) + its bf16 conversion (2 bytes)
     assert conv.scenario("stage1_bf16").load_breakdown["load: largest tensor's slice in flight"] == 6 * 16384
 
@@ -382,46 +387,46 @@ def test_loading_nf4_slice_by_hand(tmp_path):
     key = "load: largest tensor's slice in flight"
     # the largest linears hold 64·128 = 8192 weights. 2 processes: 2·⌈4096/2⌉ = 4096 weights, widened to
     # ⌈4096/64⌉·64 + 64 = 4160: bf16 host buffer 2·4160 + codes 2080 + absmax 4·65 = 10660
-    cpu = plan_memory(PlanConfig(str(write(tmp_path, small_vocab)), gpus=2, cpu=True, seq_len=64, lora_r=4,
+    cpu = plan_memory(PlanConfig(str(write(tmp_path, small_vocab)), gpus=2, cpu=True, max_length=64, lora_r=4,
                                  max_tokens_per_batch=256))
     assert cpu.scenario("stage2").load_breakdown[key] == 2 * 4160 + 2080 + 4 * 65 == 10660
     assert cpu.scenario("stage1_nf4").load_breakdown[key] == 10660
     assert cpu.scenario("stage1_bf16").load_breakdown[key] == 2 * 64 * 64  # plain gate/up/down slices [64, 64]
     fp32 = str(write(tmp_path, {**small_vocab, "torch_dtype": "float32"}, "fp32.json"))
-    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    conv = plan_memory(PlanConfig(fp32, gpus=2, cpu=True, max_length=64, lora_r=4, max_tokens_per_batch=256))
     assert conv.scenario("stage2").load_breakdown[key] == (4 + 2) * 4160 + 2080 + 4 * 65 == 27300
     # GPUs (3): plain slices pass through host memory (0 on the GPU); NF4: 2·⌈4096/3⌉ = 2732 weights, widened to
     # 43·64 + 64 = 2816, moved to the GPU in bf16 (2 bytes) + codes 1408 + absmax 4·44
     path = str(write(tmp_path, SMALL, "big_vocab.json"))
-    gpu = plan_memory(PlanConfig(path, gpus=3, seq_len=64, batch=1, lora_r=4, max_tokens_per_batch=256))
+    gpu = plan_memory(PlanConfig(path, gpus=3, max_length=64, batch_size=1, lora_r=4, max_tokens_per_batch=256))
     assert gpu.scenario("stage2").load_breakdown == {
         "load: weights resident (sharded)": -(-(36864 + 2 * 33088) // 3) + 4608 + -(-4 * 8192 // 3),
         key: 2 * 2816 + 1408 + 4 * 44,
         "load: CUDA/NCCL overhead (fixed)": OVERHEAD_BYTES}  # the whole LoRA copy sits in host memory
     assert gpu.scenario("stage1_bf16").load_breakdown[key] == 0
     # one process: the whole matrix, 8192 weights in bf16 + 4096 codes + 4·128 absmax; plain weights 0 on a GPU
-    one = plan_memory(PlanConfig(path, gpus=1, seq_len=64, lora_r=4, max_tokens_per_batch=256))
+    one = plan_memory(PlanConfig(path, gpus=1, max_length=64, lora_r=4, max_tokens_per_batch=256))
     assert one.scenario("stage1_nf4").load_breakdown[key] == 2 * 8192 + 4096 + 512
 
 
 def test_loading_peak_can_decide_the_fit(tmp_path):
     """A big vocabulary and a short stage-one batch: loading, not scoring, is the peak, and decides the fit."""
     path = str(write(tmp_path, {**SMALL, "vocab_size": 65536}))
-    cfg = PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4, gpu_memory_gb=0.015)
+    cfg = PlanConfig(path, gpus=1, cpu=True, max_length=16, max_tokens_per_batch=16, lora_r=4, gpu_memory="0.015GB")
     s1 = plan_memory(cfg).scenario("stage1_bf16")
     weights = 2 * (2 * 36992 + 65536 * 64 + 64)                      # P = 4,268,352 in bf16, one GPU
     assert s1.load == weights + 2 * 65536 * 64 == 16925312            # + the whole embedding read in bf16
     # run: hidden states 2·16·64·2 + one layer 16·1408 + head 16·65536·(2+4) + 16·64·2
     assert s1.run == weights + 4096 + 22528 + 6291456 + 2048 == 14856832
     assert s1.total == s1.load and s1.run < 0.015 * GIB < s1.total and not s1.fits  # the run alone would fit
-    assert plan_memory(PlanConfig(path, gpus=1, cpu=True, seq_len=16, max_tokens_per_batch=16, lora_r=4,
-                                  gpu_memory_gb=0.016)).scenario("stage1_bf16").fits
+    assert plan_memory(PlanConfig(path, gpus=1, cpu=True, max_length=16, max_tokens_per_batch=16, lora_r=4,
+                                  gpu_memory="0.016GB")).scenario("stage1_bf16").fits
     text = format_plan(plan_memory(cfg))
     assert "load peak" in text and "total = max(run, load)" in text and "  run peak" in text
 
 
 def test_72b_on_8_gpus_absmax_whole_and_loading_peak(tmp_path):
-    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory_gb=80))
+    plan = plan_memory(PlanConfig(str(write(tmp_path, QWEN25_72B)), gpus=8, gpu_memory="80GB"))
     p_lin = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568)   # 70,212,648,960 NF4-quantised
     p_oth = 72_706_203_648 - p_lin                                         # 2,493,554,688 kept in bf16
     codes, absmax = p_lin // 2, 4 * p_lin // 64                           # 35,106,324,480 and 4,388,290,560
@@ -451,8 +456,9 @@ def test_log_prob_head_chunk_is_the_devices_default(tmp_path):
     """--chunk-size defaults per device (stages.base.constants.CHUNK_BY_DEVICE): 2048 positions on CUDA, 256 on CPU."""
     path = str(write(tmp_path, QWEN25_72B))
     gpu, cpu = (plan_memory(PlanConfig(path, gpus=8, cpu=c)) for c in (False, True))
-    # stage one, 16384 tokens per forward: one chunk of bf16 + fp32 logits, plus the gathered rows [T1, h] in bf16
-    assert gpu.scenario("stage1_bf16").breakdown["log-prob head"] == 2048 * 152064 * 6 + 16384 * 8192 * 2
-    assert cpu.scenario("stage1_bf16").breakdown["log-prob head"] == 256 * 152064 * 6 + 16384 * 8192 * 2
+    # stage one, T1 = 8192 tokens per forward (the default --max-tokens-per-batch): one chunk of bf16 + fp32 logits,
+    # plus the gathered rows [T1, h] in bf16
+    assert gpu.scenario("stage1_bf16").breakdown["log-prob head"] == 2048 * 152064 * 6 + 8192 * 8192 * 2
+    assert cpu.scenario("stage1_bf16").breakdown["log-prob head"] == 256 * 152064 * 6 + 8192 * 8192 * 2
     # stage two, T = 4096: chunk min(2048, T) with both gradients (2+4+4+2), plus 3 bf16 [T, h]
     assert gpu.scenario("stage2").breakdown["log-prob head"] == 2048 * 152064 * 12 + 3 * 4096 * 8192 * 2

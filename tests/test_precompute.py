@@ -172,7 +172,8 @@ def compare_to_direct(df: pl.DataFrame, want: dict, z: float) -> float:
     worst = 0.0
     for r in df.iter_rows(named=True):
         c, rj, ct, rt, pt = want[r["example_id"]]
-        worst = max(worst, abs(r["ref_chosen_logps"] - c) / sum_tol(ct, z), abs(r["ref_rejected_logps"] - rj) / sum_tol(rt, z))
+        worst = max(worst, abs(r["ref_chosen_logps"] - c) / sum_tol(ct, z),
+                    abs(r["ref_rejected_logps"] - rj) / sum_tol(rt, z))
         assert (r["chosen_tokens"], r["rejected_tokens"], r["prompt_tokens"]) == (ct, rt, pt)
         assert r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0
     return worst
@@ -208,7 +209,8 @@ def test_e2e_values_equal_full_logits_textbook(e2e, tiny_llama, files):
     with torch.inference_mode():
         for e in encoded:
             for reply, col in ((e.chosen_ids, "ref_chosen_logps"), (e.rejected_ids, "ref_rejected_logps")):
-                assert abs(full_logits_logp(model, e.prompt_ids, reply) - cached[e.example_id][col]) <= sum_tol(len(reply), z)
+                diff = abs(full_logits_logp(model, e.prompt_ids, reply) - cached[e.example_id][col])
+                assert diff <= sum_tol(len(reply), z)
 
 
 def test_e2e_readable_by_polars_pyarrow_pandas(e2e):
@@ -220,7 +222,8 @@ def test_e2e_readable_by_polars_pyarrow_pandas(e2e):
     assert t.num_rows == 30
     pd = pytest.importorskip("pandas")
     pdf = pd.read_parquet(out)
-    assert len(pdf) == 30 and str(pdf["ref_chosen_logps"].dtype) == "float64" and str(pdf["chosen_tokens"].dtype) == "int32"
+    assert len(pdf) == 30
+    assert str(pdf["ref_chosen_logps"].dtype) == "float64" and str(pdf["chosen_tokens"].dtype) == "int32"
     assert sorted(pdf["example_id"]) == sorted(df["example_id"].to_list())
 
 
@@ -289,7 +292,8 @@ def test_share_prompt_and_sorting_do_not_change_values(arch, request, files, tmp
     unsorted = run_inproc(model, data, tmp_path / "u.parquet", max_tokens_per_batch=1500, sort_by_length=False)
     assert shared.height == plain.height == unsorted.height == 30
     z = logit_scale_of_files(model, data, MAXLEN, MAXPROMPT)  # tests/bounds.py; every token >= min_token_nats
-    assert min_token_nats(VOCAB_SIZE, z) > sum_tol(max(shared["chosen_tokens"].max(), shared["rejected_tokens"].max()), z)
+    longest = max(shared["chosen_tokens"].max(), shared["rejected_tokens"].max())
+    assert min_token_nats(VOCAB_SIZE, z) > sum_tol(longest, z)
     for other in (plain, unsorted):
         assert shared.select(VALUE_COLS[2:]).equals(other.select(VALUE_COLS[2:]))
         for side in ("chosen", "rejected"):
@@ -360,7 +364,8 @@ def test_kill9_resume_equals_uninterrupted_run(tiny_llama, files, tmp_path):
             time.sleep(rng.uniform(0.0, 0.12))
             proc.kill()
             proc.wait()
-        assert proc.returncode == -9, f"attempt {attempt}: the run finished before it was killed\n{log.read_text()[-2000:]}"
+        assert proc.returncode == -9, (f"attempt {attempt}: the run finished before it was killed\n"
+                                       f"{log.read_text()[-2000:]}")
         assert not out.exists()
         ids = part_ids(parts)
         assert len(ids) == len(set(ids)), "a resumed run wrote an example twice"
@@ -404,7 +409,8 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
     """A crash after the last part but before the merge: the rerun only merges."""
     out = tmp_path / "ref.parquet"
     parts = out.with_name(out.name + ".parts")
-    full = run_inproc(tiny_llama, [files["eval"]], tmp_path / "full.parquet", batches_per_part=1, max_tokens_per_batch=1)
+    full = run_inproc(tiny_llama, [files["eval"]], tmp_path / "full.parquet", batches_per_part=1,
+                      max_tokens_per_batch=1)
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed before the merge")
@@ -423,7 +429,8 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
 # --------------------------------------------------------------------------------------------- 4. errors
 def test_missing_model_folder_is_one_line(files, tmp_path):
     missing = tmp_path / "no" / "such-model"
-    res = invoke("precompute-ref", "--model", str(missing), "--data", str(files["eval"]), "--out", str(tmp_path / "r.parquet"))
+    res = invoke("precompute-ref", "--model", str(missing), "--data", str(files["eval"]),
+                 "--out", str(tmp_path / "r.parquet"))
     assert res.exit_code == 2, f"{res.exception!r}"
     assert_one_line_error(res.stderr, str(missing))
 
@@ -433,7 +440,8 @@ def test_model_folder_without_weights_is_one_line(files, tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, bare)
     for w in bare.glob("*.safetensors"):
         w.unlink()
-    res = invoke("precompute-ref", "--model", str(bare), "--data", str(files["eval"]), "--out", str(tmp_path / "r.parquet"))
+    res = invoke("precompute-ref", "--model", str(bare), "--data", str(files["eval"]),
+                 "--out", str(tmp_path / "r.parquet"))
     assert res.exit_code == 2, res.output[-3000:]
     assert_one_line_error(res.stderr, "safetensors")
 
@@ -441,7 +449,8 @@ def test_model_folder_without_weights_is_one_line(files, tmp_path, tiny_llama):
 def test_bad_data_file_is_one_line(tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(CHAT_ROWS[0]) + "\n{not json\n")
-    res = run_cli("precompute-ref", "--model", str(tiny_llama), "--data", str(bad), "--out", str(tmp_path / "r.parquet"))
+    res = run_cli("precompute-ref", "--model", str(tiny_llama), "--data", str(bad),
+                  "--out", str(tmp_path / "r.parquet"))
     assert res.returncode == 2
     line = assert_one_line_error(res.stderr, "/".join(bad.parts[-2:]))  # long absolute paths keep their tail
     assert "row 2" in line or "line 2" in line, line
@@ -584,7 +593,8 @@ def test_cache_verify_flags_non_finite_entries(e2e, files, tmp_path):
     orig = pq.read_table(e2e["out"])
     col = orig.column("ref_chosen_logps").to_pylist()
     col[3] = float("inf")
-    table = orig.set_column(1, "ref_chosen_logps", pa.array(col, pa.float64())).replace_schema_metadata(orig.schema.metadata)
+    table = orig.set_column(1, "ref_chosen_logps", pa.array(col, pa.float64()))
+    table = table.replace_schema_metadata(orig.schema.metadata)
     pq.write_table(table, bad)
     res = invoke("cache", "verify", str(bad), "--data", str(files["train"]), "--data", str(files["eval"]))
     assert res.exit_code == 2, res.output  # a value stage one never writes: the file is refused, in one line
@@ -617,4 +627,5 @@ def test_smollm2_slice_share_prompt_matches_plain(smollm2_slice, files, tmp_path
     # wrong mask: the rejected reply attends to the chosen one -> far outside the bound
     monkeypatch.setattr("stages.model.logprobs._triple_mask", leaky_triple_mask)
     leaky = run_inproc(smollm2_slice, data, tmp_path / "l.parquet", **kw)
-    assert ((leaky["ref_rejected_logps"] - plain["ref_rejected_logps"]).abs() > sum_tol(plain["rejected_tokens"], z)).all()
+    gap = (leaky["ref_rejected_logps"] - plain["ref_rejected_logps"]).abs()
+    assert (gap > sum_tol(plain["rejected_tokens"], z)).all()

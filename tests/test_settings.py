@@ -1,5 +1,5 @@
-"""Issue 12: one source of truth per command (stages/settings/commands.py), checks before any side effect, help without torch,
-the drift from the first step's own forward, progress bars with real tokens/s."""
+"""Issue 12: one source of truth per command (stages/settings/commands.py), checks before any side effect, help
+without torch, the drift from the first step's own forward, progress bars with real tokens/s."""
 
 from __future__ import annotations
 

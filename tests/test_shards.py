@@ -225,8 +225,8 @@ def test_merge_refuses_inconsistent_shards(sharded, tmp_path):
     assert "shard of 4" in merge_error(tmp_path, f0, four, f2)
     t0 = pq.read_table(f0)
     overlap = rewrite(f1, tmp_path / "overlap.parquet",
-                      edit_table=lambda t: __import__("pyarrow").concat_tables([t.replace_schema_metadata(None),
-                                                                                t0.slice(0, 1).replace_schema_metadata(None)]))
+                      edit_table=lambda t: __import__("pyarrow").concat_tables(
+                          [t.replace_schema_metadata(None), t0.slice(0, 1).replace_schema_metadata(None)]))
     assert "is in both" in merge_error(tmp_path, f0, overlap, f2)
     short = rewrite(f2, tmp_path / "short.parquet", edit_table=lambda t: t.slice(1))
     assert "not the 30 of the data" in merge_error(tmp_path, f0, f1, short)

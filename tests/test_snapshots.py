@@ -96,7 +96,8 @@ max_prompt_length: 64
 """
 RUNS = {  # name: (command, yaml text, flags, module and function the command calls)
     "train-flat": (["train"], FLAT, ["--epochs", "2"], "stages.stage2.train", "run"),
-    "train-sectioned": (["train"], SECTIONED, ["--beta", "0.3", "--eval-data", "e.jsonl"], "stages.stage2.train", "run"),
+    "train-sectioned": (["train"], SECTIONED, ["--beta", "0.3", "--eval-data", "e.jsonl"], "stages.stage2.train",
+                        "run"),
     "precompute-sectioned": (["precompute-ref"], SECTIONED, ["--num-shards", "2"], "stages.stage1.precompute", "run"),
     "sweep-sectioned": (["sweep"], SECTIONED, ["--loss", "robust", "--label-smoothing", "0.1"], "stages.tools.sweep",
                         "run_sweep"),

@@ -15,6 +15,7 @@ import torch
 
 from stages.base.errors import UserError
 from stages.model.distributed import DistEnv
+from stages.settings import groups
 from stages.stage2 import trackers
 from stages.stage2.metrics import MetricsWriter
 
@@ -47,7 +48,7 @@ def test_parse_report_to():
 
 
 def test_missing_package_is_one_line_naming_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setattr(trackers, "_installed", lambda name: name != "wandb")
+    monkeypatch.setattr(groups, "_installed", lambda name: name != "wandb")
     with pytest.raises(UserError) as info:
         MetricsWriter(tmp_path / "metrics.jsonl", cpu_env(), ("tensorboard", "wandb"))
     assert str(info.value) == "--report-to wandb needs the wandb package: pip install 'dpo-stages[wandb]'"

@@ -288,7 +288,8 @@ def test_exactly_one_model_load_and_no_reference_anywhere(files, tmp_path, monke
 
 
 def test_stage_two_never_imports_stage_one():
-    code = "import stages.stage2.train, stages.cli, sys; assert 'stages.stage1.precompute' not in sys.modules, 'imported'"
+    code = ("import stages.stage2.train, stages.cli, sys; "
+            "assert 'stages.stage1.precompute' not in sys.modules, 'imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

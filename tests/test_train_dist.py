@@ -68,8 +68,9 @@ def setup(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     caches = {}
     for name, q in (("nf4", True), ("fp32", False)):
         caches[name] = d / f"ref-{name}.parquet"
-        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_f), str(eval_f)), output=str(caches[name]),
-                                        load_in_4bit=q, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
+        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_f), str(eval_f)),
+                                        output=str(caches[name]), load_in_4bit=q, max_length=MAXLEN,
+                                        max_prompt_length=MAXPROMPT))
     return {"dir": d, "model": tiny_llama, "train": train_f, "eval": eval_f, "caches": caches}
 
 

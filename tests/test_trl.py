@@ -55,7 +55,7 @@ from stages.cli import main as cli_main  # noqa: E402
 from stages.data.encode import Encoded, TokenizeSettings, encode_examples, tokenize_example  # noqa: E402
 from stages.data.rows import load_examples  # noqa: E402
 from stages.model.logprobs import collate_pairs, sequence_logps  # noqa: E402
-from stages.stage1 import precompute
+from stages.stage1 import precompute  # noqa: E402
 from stages.stage1.precompute import PrecomputeConfig  # noqa: E402
 from stages.tools.export_trl import dpo_trainer_class  # noqa: E402
 from tests.bounds import EPS32, logit_scale, logit_scale_of_files, loss_tol, pair_sequences, sum_tol  # noqa: E402

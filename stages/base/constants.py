@@ -3,6 +3,8 @@ the math layers can all read them without importing one another."""
 
 from __future__ import annotations
 
+import os
+
 # LM-head positions per chunk when --chunk-size is unset, per device (CHUNK_HELP says why; chunk_size_for applies it)
 CHUNK_BY_DEVICE = {"cpu": 256, "cuda": 2048}
 CHUNK_HELP = ("Positions per LM-head chunk (bounds the head's memory; no effect on the cache's fingerprint). Default "
@@ -16,3 +18,9 @@ def chunk_size_for(chunk_size: int | None, device_type: str) -> int:
     """--chunk-size when given, else the default of the device the LM head runs on (CHUNK_BY_DEVICE; CPU's for
     any other device type)."""
     return chunk_size if chunk_size is not None else CHUNK_BY_DEVICE.get(device_type, CHUNK_BY_DEVICE["cpu"])
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started (its WORLD_SIZE; 1 without a launcher): readable before any process group, so
+    settings that depend on it are checked before anything is read."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -277,12 +277,45 @@ def coverage_problems(df: pl.DataFrame, example_ids: list[str]) -> list[str]:
     return problems
 
 
+def token_count_problems(df: pl.DataFrame, encoded) -> list[str]:
+    """Per example: this run's prompt/chosen/rejected token counts (`encoded`: data.encode.Encoded items) must
+    equal the cached ones."""
+    mine = pl.DataFrame({
+        "example_id": [e.example_id for e in encoded],
+        "p": [len(e.prompt_ids) for e in encoded],
+        "c": [len(e.chosen_ids) for e in encoded],
+        "r": [len(e.rejected_ids) for e in encoded],
+    })
+    j = mine.join(df.select("example_id", "prompt_tokens", "chosen_tokens", "rejected_tokens"), on="example_id")
+    bad = j.filter((pl.col("p") != pl.col("prompt_tokens")) | (pl.col("c") != pl.col("chosen_tokens"))
+                   | (pl.col("r") != pl.col("rejected_tokens")))
+    if not bad.height:
+        return []
+    row = bad.row(0, named=True)
+    return [f"{bad.height} examples tokenize to other lengths than cached (e.g. {row['example_id']}: prompt/chosen/"
+            f"rejected {row['p']}/{row['c']}/{row['r']} now, {row['prompt_tokens']}/{row['chosen_tokens']}/"
+            f"{row['rejected_tokens']} cached)"]
+
+
+# ----------------------------------------------------------------------------------------- `dpo cache info`
+def origin_line(meta: dict) -> str | None:
+    """One line for `dpo cache info`: where a shard or a merged cache came from (the `shard` and `merged_from`
+    metadata that stages.cache.shards writes), or None for a cache of one job."""
+    if "merged_from" in meta:
+        shards = meta["merged_from"]["shards"]
+        sizes = ", ".join(str(s["examples"]) for s in shards)
+        return f"  merged from {len(shards)} shards (examples per shard: {sizes})"
+    if "shard" in meta:
+        s = meta["shard"]
+        return (f"  shard {s['index']} of {s['num_shards']}: {s['examples']} of {s['all_examples']} examples; "
+                f"merge all {s['num_shards']} with `dpo cache merge`")
+    return None
+
+
 def info_text(path: str | Path) -> str:
     df, meta = read_cache(path)
     lines = [f"cache {path}", f"  rows: {df.height}"]
-    from stages.cache.shards import describe  # a shard job's cache, or one merged from N shards
-
-    lines += [line for line in [describe(meta)] if line]
+    lines += [line for line in [origin_line(meta)] if line]  # a shard job's cache, or one merged from N shards
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         lines.append(f"  {col}: mean {df[col].mean():.4f}  min {df[col].min():.4f}  max {df[col].max():.4f}")
     for col in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):

@@ -186,16 +186,3 @@ def merged_metadata(paths: list[str], metas: list[dict]) -> dict:
                     "created": m.get("created")} for p, m in by_index],
     }
     return meta
-
-
-def describe(meta: dict) -> str | None:
-    """One line for `dpo cache info`: where a shard or a merged cache came from."""
-    if "merged_from" in meta:
-        shards = meta["merged_from"]["shards"]
-        sizes = ", ".join(str(s["examples"]) for s in shards)
-        return f"  merged from {len(shards)} shards (examples per shard: {sizes})"
-    if "shard" in meta:
-        s = meta["shard"]
-        return (f"  shard {s['index']} of {s['num_shards']}: {s['examples']} of {s['all_examples']} examples; "
-                f"merge all {s['num_shards']} with `dpo cache merge`")
-    return None

@@ -1,9 +1,9 @@
 """Tokenization: prompt and completion ids such that prompt_ids + completion_ids is exactly what the model sees.
 
-Plain rows follow TRL's DPOTrainer convention: prompt text tokenized (with BOS when the tokenizer adds one),
-completion text tokenized separately with EOS appended (once: a reply already ending with EOS keeps it). Chat rows use the tokenizer's chat template: prompt rendered with the
-generation prompt, the completion is what the full conversation adds after it, cut after the last end-of-turn
-(EOS) token so trailing template whitespace is not scored.
+Plain rows follow TRL's DPOTrainer convention: prompt text tokenized (with BOS when the tokenizer adds one), completion
+text tokenized separately with EOS appended (once: a reply already ending with EOS keeps it). Chat rows use the
+tokenizer's chat template: prompt rendered with the generation prompt, the completion is what the full conversation adds
+after it, cut after the last end-of-turn (EOS) token so trailing template whitespace is not scored.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list
                 "use an instruct model's tokenizer or convert the rows to prompt/chosen/rejected text"
             )
         prompt = _chat_ids(tokenizer, ex.prompt, generation_prompt=True)
-        return prompt, _chat_completion(tokenizer, prompt, ex, ex.chosen), _chat_completion(tokenizer, prompt, ex, ex.rejected)
+        return (prompt, _chat_completion(tokenizer, prompt, ex, ex.chosen),
+                _chat_completion(tokenizer, prompt, ex, ex.rejected))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token; set one in tokenizer_config.json")

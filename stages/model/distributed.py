@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stages.base.constants import launched_world_size  # noqa: F401  (torchrun's WORLD_SIZE; declared there)
 from stages.base.errors import UserError
 
 
@@ -33,12 +34,6 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def launched_world_size() -> int:
-    """Processes torchrun started (its WORLD_SIZE; 1 without a launcher): readable before any process group, so
-    settings that depend on it are checked before anything is read."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed() -> DistEnv:

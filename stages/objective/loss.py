@@ -24,6 +24,7 @@ to that dtype. `F.logsigmoid` is used everywhere a log σ appears, so large |βh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.objective.lossspec import (  # noqa: F401  (re-exported: the loss names and settings live there, without torch)
-    BATCH_LEVEL,
     F_DIVERGENCE_LOSSES,
     F_DIVERGENCES,
     LOSS_TYPES,
@@ -213,7 +213,39 @@ def ld_token_weights(position: Tensor, shared: Tensor, alpha: float) -> Tensor:
                                                                                               dtype=torch.float64))
 
 
-# ------------------------------------------------------------------------------------------------ dpo_loss
+# ------------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Term:
+    """One loss type: its function, the prepared values it takes first, in argument order (h, h_norm, rho_c, rho_r,
+    pi_diff, ref_diff, sft_c, n_c: see `DPOLoss.values` and `_PER_TERM`), then the settings it takes (beta: β,
+    eps: ε = label_smoothing, tau: discopop_tau)."""
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[str, ...]
+    params: tuple[str, ...] = ("beta",)
+
+
+_H, _H_NORM, _RHO = ("h",), ("h_norm",), ("rho_c", "rho_r")
+TERMS: dict[str, Term] = {  # every LOSS_TYPES name, in that order
+    "sigmoid": Term(sigmoid_loss, _H, ("beta", "eps")),
+    "hinge": Term(hinge_loss, _H),
+    "ipo": Term(ipo_loss, _H_NORM),
+    "exo_pair": Term(exo_pair_loss, _H, ("beta", "eps")),
+    "nca_pair": Term(nca_pair_loss, _RHO),
+    "robust": Term(robust_loss, _H, ("beta", "eps")),
+    "bco_pair": Term(bco_pair_loss, _RHO),
+    "sppo_hard": Term(sppo_hard_loss, _RHO),
+    "aot": Term(aot_loss, ("pi_diff", "ref_diff"), ("beta", "eps")),
+    "aot_unpaired": Term(aot_unpaired_loss, _RHO, ("beta", "eps")),
+    "apo_zero": Term(apo_zero_loss, _RHO),
+    "apo_down": Term(apo_down_loss, _RHO),
+    "discopop": Term(discopop_loss, _H, ("beta", "tau")),
+    "sft": Term(sft_loss, ("sft_c", "n_c"), ()),
+    "sigmoid_norm": Term(sigmoid_norm_loss, _H_NORM),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the loss
 def _tokens(tokens: Tensor | None, like: Tensor, name: str) -> Tensor:
     if tokens is None:
         raise ValueError(f"{name} is required here (length normalisation needs completion token counts)")
@@ -223,26 +255,96 @@ def _tokens(tokens: Tensor | None, like: Tensor, name: str) -> Tensor:
     return tokens
 
 
-def _term(name: str, v: dict, s: LossSettings) -> Tensor:
-    """One loss type from the prepared values v (see dpo_loss)."""
-    b, eps = s.beta, s.label_smoothing
-    if name in ("sigmoid", "hinge", "exo_pair", "robust", "discopop"):
-        h = v["h"]
-        return {"sigmoid": lambda: sigmoid_loss(h, b, eps), "hinge": lambda: hinge_loss(h, b),
-                "exo_pair": lambda: exo_pair_loss(h, b, eps), "robust": lambda: robust_loss(h, b, eps),
-                "discopop": lambda: discopop_loss(h, b, s.discopop_tau)}[name]()
-    if name in ("ipo", "sigmoid_norm"):
-        h_norm = v["s_c"] / v["n_c"].clamp(min=1) - v["s_r"] / v["n_r"].clamp(min=1)
-        return ipo_loss(h_norm, b) if name == "ipo" else sigmoid_norm_loss(h_norm, b)
-    if name == "aot":
-        return aot_loss(v["pi_c"] - v["pi_r"], v["r_c"] - v["r_r"], b, eps)
-    if name == "aot_unpaired":
-        return aot_unpaired_loss(v["rho_c"], v["rho_r"], b, eps)
-    if name == "sft":
-        return sft_loss(v["sft_c"], v["n_c"])
-    fn = {"nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
-          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}[name]
-    return fn(v["rho_c"], v["rho_r"], b)
+def _check_shapes(policy_chosen_logps: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.shape != policy_chosen_logps.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(policy_chosen_logps.shape)}")
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """A loss mixture built once per run by `build_loss` (checked, its spec parsed, each term bound to its
+    settings); calling it computes a LossOutput per micro-batch with no parsing or checking of settings."""
+
+    terms: tuple[tuple[str, float, Term, tuple[float, ...]], ...]  # (type, weight, its Term, its settings' values)
+    beta: float
+    sft_weight: float
+    f_divergence: str
+    f_alpha: float
+    use_weighting: bool          # WPO: every term times `wpo_weights`
+    needs: frozenset[str]        # the prepared values the terms read
+    wants_n_c: bool              # chosen_tokens: h_norm, WPO, the sft terms, sft_weight
+    wants_n_r: bool              # rejected_tokens: h_norm, WPO
+
+    def __call__(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                 ref_rejected_logps: Tensor, *, chosen_tokens: Tensor | None = None,
+                 rejected_tokens: Tensor | None = None, chosen_sft_logps: Tensor | None = None,
+                 chosen_wpo_logps: Tensor | None = None, rejected_wpo_logps: Tensor | None = None) -> LossOutput:
+        """Per-example losses and rewards from four [B] log-prob tensors (π_c, π_r, r_c, r_r). The token counts
+        (n_c, n_r) are required when `wants_n_c` / `wants_n_r`; chosen_sft_logps (default π_c) feeds the sft
+        terms; the WPO sums are required with use_weighting and ignored without. See `dpo_loss` for the rest."""
+        pi_c, pi_r, r_c, r_r = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        _check_shapes(pi_c, policy_rejected_logps=pi_r, ref_chosen_logps=r_c, ref_rejected_logps=r_r)
+        n_c = _tokens(chosen_tokens, pi_c, "chosen_tokens") if self.wants_n_c else None
+        n_r = _tokens(rejected_tokens, pi_c, "rejected_tokens") if self.wants_n_r else None
+        rho_c, rho_r = pi_c - r_c, pi_r - r_r  # [B] each
+        sft_c = pi_c if chosen_sft_logps is None else chosen_sft_logps
+        v = self.values(pi_c, pi_r, r_c, r_r, rho_c, rho_r, n_c, n_r, sft_c)
+        weights = None
+        if self.use_weighting:
+            if chosen_wpo_logps is None:
+                raise ValueError("chosen_wpo_logps is required with use_weighting")
+            if rejected_wpo_logps is None:
+                raise ValueError("rejected_wpo_logps is required with chosen_wpo_logps")
+            weights = wpo_weights(chosen_wpo_logps.to(rho_c.dtype), rejected_wpo_logps.to(rho_c.dtype), n_c, n_r)
+        losses, components = torch.zeros_like(rho_c), {}
+        for name, w, term, params in self.terms:
+            value = term.fn(*(v[k] if k in v else _PER_TERM[k](v) for k in term.inputs), *params)
+            if weights is not None:
+                value = value * weights
+            components[name] = value
+            losses = losses + w * value
+        if self.sft_weight > 0:
+            losses = losses + self.sft_weight * (-sft_c / n_c)  # [B] per-token NLL of each chosen reply
+        return LossOutput(losses=losses, chosen_rewards=(self.beta * rho_c).detach(),
+                          rejected_rewards=(self.beta * rho_r).detach(), components=components)
+
+    def values(self, pi_c: Tensor, pi_r: Tensor, r_c: Tensor, r_r: Tensor, rho_c: Tensor, rho_r: Tensor,
+               n_c: Tensor | None, n_r: Tensor | None, sft_c: Tensor) -> dict[str, Tensor | None]:
+        """The values the terms share: π and r (pi_c, pi_r, r_c, r_r), rho_c, rho_r, n_c, n_r, sft_c (the chosen sums
+        the sft terms read), and when a term reads h or h_norm the f-divergence scores s = f_scores(ρ) (s_c, s_r)
+        and h = s_c − s_r. `_PER_TERM` makes the rest."""
+        v = {"pi_c": pi_c, "pi_r": pi_r, "r_c": r_c, "r_r": r_r, "rho_c": rho_c, "rho_r": rho_r, "n_c": n_c, "n_r": n_r,
+             "sft_c": sft_c}
+        if "h" in self.needs or "h_norm" in self.needs:
+            f, alpha = self.f_divergence, self.f_alpha
+            v["s_c"], v["s_r"] = f_scores(rho_c, f, alpha), f_scores(rho_r, f, alpha)
+            v["h"] = v["s_c"] - v["s_r"]
+        return v
+
+
+# inputs made afresh for each term that reads them (from `DPOLoss.values`), so that ipo and sigmoid_norm in one
+# mixture each have their own graph (their gradients sum exactly as when each type is computed on its own)
+_PER_TERM: dict[str, Callable[[dict], Tensor]] = {
+    "h_norm": lambda v: v["s_c"] / v["n_c"].clamp(min=1) - v["s_r"] / v["n_r"].clamp(min=1),
+    "pi_diff": lambda v: v["pi_c"] - v["pi_r"],
+    "ref_diff": lambda v: v["r_c"] - v["r_r"],
+}
+
+
+def build_loss(settings) -> DPOLoss:
+    """The run's loss, built once (as in a trainer's setup). `settings`: any object with the LossSettings attributes
+    loss (a spec: "sigmoid*0.8+bco_pair*0.2+sft", a mapping or pairs), beta, label_smoothing, sft_weight,
+    f_divergence, f_alpha, discopop_tau, use_weighting, ld_alpha. Checked here (LossSettingsError); ld_alpha is only
+    checked: the LD-DPO sums come with the log-probs."""
+    s = LossSettings.of(settings)
+    s.check()
+    knobs = {"beta": s.beta, "eps": s.label_smoothing, "tau": s.discopop_tau}
+    terms = tuple((name, w, TERMS[name], tuple(knobs[p] for p in TERMS[name].params)) for name, w in s.components)
+    needs = frozenset(k for _, _, term, _ in terms for k in term.inputs)
+    wants_n_r = "h_norm" in needs or s.use_weighting  # n_r: normalised scores, WPO weights
+    return DPOLoss(terms, s.beta, s.sft_weight, s.f_divergence, s.f_alpha, s.use_weighting, needs,
+                   wants_n_c=wants_n_r or "n_c" in needs or s.sft_weight > 0, wants_n_r=wants_n_r)
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
@@ -252,11 +354,12 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              rejected_tokens: Tensor | None = None, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
              discopop_tau: float = 0.05, chosen_wpo_logps: Tensor | None = None,
              rejected_wpo_logps: Tensor | None = None, chosen_sft_logps: Tensor | None = None) -> LossOutput:
-    """Per-example losses and rewards of a loss mixture from four [B] log-prob tensors (π_c, π_r, r_c, r_r).
+    """`build_loss` and one call in one: per-example losses and rewards of a loss mixture from four [B] log-prob
+    tensors (π_c, π_r, r_c, r_r). A training loop builds the loss once instead.
 
     loss_type: a LOSS_TYPES name or a mixture ("sigmoid*0.8+bco_pair*0.2+sft", a mapping, or parsed pairs); each
-    term is one function above. chosen_tokens / rejected_tokens (n_c, n_r) are needed by ipo, sigmoid_norm, sft,
-    sft_weight and WPO. f_divergence / f_alpha replace ρ by the score f'(e^ρ) where a term uses h (see f_scores).
+    term is one function above (TERMS). chosen_tokens / rejected_tokens (n_c, n_r) are needed by ipo, sigmoid_norm,
+    sft, sft_weight and WPO. f_divergence / f_alpha replace ρ by the score f'(e^ρ) where a term uses h (f_scores).
     WPO (--use-weighting): give chosen_wpo_logps / rejected_wpo_logps; every term is multiplied by `wpo_weights`.
     LD-DPO: pass LD-weighted sums as π and r (ld_token_weights), and the plain sum of the chosen reply as
     chosen_sft_logps, which the sft terms use (as TRL's sft uses the unweighted per-token log-probs).
@@ -264,38 +367,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     examples; the `sft` type is TRL's mean over all chosen tokens of the batch), not WPO-weighted.
     Rewards are β·ρ for every type (TRL's; ipo too). Reduce `losses` yourself (e.g. .mean()).
     """
-    s = LossSettings(format_loss_spec(loss_type), beta, label_smoothing, sft_weight, f_divergence, f_alpha,
-                     discopop_tau, chosen_wpo_logps is not None)
-    s.check()
-    shape = policy_chosen_logps.shape
-    for name, t in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
-                    ("ref_rejected_logps", ref_rejected_logps)):
-        if t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    names = [n for n, _ in s.components]
-    wpo = chosen_wpo_logps is not None
-    wants_r = bool(set(names) & {"ipo", "sigmoid_norm"}) or wpo  # n_r: normalised scores, WPO weights
-    wants_c = wants_r or "sft" in names or sft_weight > 0           # n_c: those and the sft terms
-    n_c = _tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens") if wants_c else None
-    n_r = _tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens") if wants_r else None
-    rho_c, rho_r = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps  # [B] each
-    s_c, s_r = f_scores(rho_c, f_divergence, f_alpha), f_scores(rho_r, f_divergence, f_alpha)
-    sft_c = policy_chosen_logps if chosen_sft_logps is None else chosen_sft_logps
-    v = {"pi_c": policy_chosen_logps, "pi_r": policy_rejected_logps, "r_c": ref_chosen_logps, "r_r": ref_rejected_logps,
-         "rho_c": rho_c, "rho_r": rho_r, "s_c": s_c, "s_r": s_r, "h": s_c - s_r, "n_c": n_c, "n_r": n_r, "sft_c": sft_c}
-    weights = None
-    if wpo:
-        if rejected_wpo_logps is None:
-            raise ValueError("rejected_wpo_logps is required with chosen_wpo_logps")
-        weights = wpo_weights(chosen_wpo_logps.to(rho_c.dtype), rejected_wpo_logps.to(rho_c.dtype), n_c, n_r)
-    losses, components = torch.zeros_like(rho_c), {}
-    for name, w in s.components:
-        term = _term(name, v, s)
-        if weights is not None:
-            term = term * weights
-        components[name] = term
-        losses = losses + w * term
-    if sft_weight > 0:
-        losses = losses + sft_weight * (-sft_c / n_c)  # [B] per-token NLL of each chosen reply
-    return LossOutput(losses=losses, chosen_rewards=(beta * rho_c).detach(), rejected_rewards=(beta * rho_r).detach(),
-                      components=components)
+    loss = build_loss(LossSettings(format_loss_spec(loss_type), beta, label_smoothing, sft_weight, f_divergence,
+                                   f_alpha, discopop_tau, chosen_wpo_logps is not None))
+    return loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, chosen_sft_logps=chosen_sft_logps,
+                chosen_wpo_logps=chosen_wpo_logps, rejected_wpo_logps=rejected_wpo_logps)

@@ -19,7 +19,6 @@ from stages.base.errors import UserError
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # loss types that read label_smoothing (ε)
-BATCH_LEVEL = ("aot", "aot_unpaired", "sft")  # depend on the whole micro-batch, not on each example alone
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only these are built on the chosen-rejected score difference h, so only they take another f-divergence (TRL too)
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")

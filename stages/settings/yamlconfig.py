@@ -1,9 +1,8 @@
-"""One frozen dataclass per command, filled from a YAML file and then CLI flags (flags win). Unknown keys are
-errors; the resolved config is saved next to every output."""
+"""A command's settings from a YAML file and then CLI flags (flags win). Unknown keys are errors; the resolved
+settings are saved next to every output as flat YAML (the keys users write)."""
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -12,6 +11,7 @@ import yaml
 
 from stages.base.errors import UserError
 from stages.base.fsio import write_text_atomic
+from stages.settings.options import from_flat, options, to_flat
 
 
 def _check_type(name: str, value, hint, where: str):
@@ -81,29 +81,30 @@ def read_yaml(config_path: str, section: str | None) -> dict:
 
 
 def build(cls, config_path: str | None, overrides: dict, section: str | None = None):
-    """cls from YAML (optional) then overrides (None means 'not given'). Unknown or ill-typed keys are errors."""
-    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
-    known = {f.name for f in dataclasses.fields(cls)}
+    """A command (stages/settings/commands.py) from YAML (optional) then overrides (None means 'not given').
+    Unknown or ill-typed keys are errors; then every group checks itself (options.from_flat)."""
+    offered = {o.name: o for o in options(cls)}
+    aliases = {a: o.name for o in offered.values() for a in o.metadata.get("aliases", ())}
     values = {aliases.get(k, k): v for k, v in (read_yaml(config_path, section) if config_path else {}).items()}
     if section == "plan":  # the stages' file: plan takes what it knows from it
-        values = {k: v for k, v in values.items() if k in known}
+        values = {k: v for k, v in values.items() if k in offered}
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(offered))
     if unknown:
         where = f"--config {config_path}" if config_path else "options"
-        raise UserError(f"{where}: unknown key {unknown[0]!r}{nearest(unknown[0], known)}")
+        raise UserError(f"{where}: unknown key {unknown[0]!r}{nearest(unknown[0], offered)}")
     where = config_path or "command line"
-    checked = {k: _check_type(k, v, hints[k], where) for k, v in values.items()}
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in checked and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    checked = {k: _check_type(k, v, offered[k].hint, where) for k, v in values.items()}
+    missing = [o.name for o in offered.values() if o.name not in checked and o.required]
     if missing:
-        raise UserError(f"missing required option --{missing[0].replace('_', '-')} (or `{missing[0]}:` in the YAML config)")
-    return cls(**checked)
+        name = missing[0]
+        raise UserError(f"missing required option --{name.replace('_', '-')} (or `{name}:` in the YAML config)")
+    return from_flat(cls, checked)
 
 
 def to_dict(cfg) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """What config.yaml holds: the flat {setting: value} users wrote."""
+    return to_flat(cfg)
 
 
 def save(cfg, path: Path) -> None:

@@ -19,14 +19,12 @@ from stages.base.progress import Progress, say
 from stages.base.runguard import StopSignal, guarded_output, rerun_hint
 from stages.cache import refcache, shards
 from stages.cache.fingerprint import config_hash, folder_fingerprint
-from stages.data.encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
-from stages.data.rows import FieldMap, ids_digest, load_examples
+from stages.data.encode import Encoded, encode_examples, tokenizer_fingerprint
+from stages.data.rows import ids_digest, load_examples
 from stages.model.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from stages.model.logprobs import pair_logps, supports_prompt_sharing
 from stages.model.memory import PhaseMemory, memory_line
 from stages.model.models import (
-    DTYPES,
-    ModelSpec,
     check_model_dir,
     dtype_name,
     load_model,
@@ -39,25 +37,26 @@ from stages.settings.commands import PrecomputeConfig
 
 
 def run(cfg: PrecomputeConfig) -> Path:
-    validate(cfg)
+    """Stage one for settings the groups have checked (stages/settings: before anything is read)."""
     env = init_distributed()
-    out = Path(cfg.output)
-    check_model_dir(cfg.model)
-    examples, report = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-                                     cfg.strict,
-                                     split=cfg.data_split)
+    for note in cfg.notes:  # defaults derived from what the user gave
+        say(env, f"note: {note}")
+    out = Path(cfg.scoring.output)
+    check_model_dir(cfg.model.model)
+    examples, report = load_examples(cfg.data.data, cfg.data.fields(), cfg.data.strict, split=cfg.data.data_split)
     say(env, f"data: {report.summary()}")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length)
+    tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    settings = cfg.lengths.tokenize()
     encoded, too_long = encode_examples(tokenizer, examples, settings)
     if too_long:
-        say(env, f"tokenize: skipped {too_long} rows that cannot fit --max-length {cfg.max_length} (prompt too long)")
+        say(env, f"tokenize: skipped {too_long} rows that cannot fit --max-length {cfg.lengths.max_length} "
+                 "(prompt too long)")
     if not encoded:
-        raise UserError(f"{', '.join(cfg.data)}: no usable rows after validation and truncation")
+        raise UserError(f"{', '.join(cfg.data.data)}: no usable rows after validation and truncation")
     meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
-    encoded, out = shards.take_shard(encoded, cfg, meta, out)  # --num-shards: this shard's examples, own file
+    encoded, out = shards.take_shard(encoded, cfg.scoring, meta, out)  # --num-shards: this shard's examples, own file
     with guarded_output(out.with_name(f".{out.name}.lock"), out, "--output", env):
-        base, have = open_cache_everywhere(out, meta["manifest"], cfg.overwrite, env)
+        base, have = open_cache_everywhere(out, meta["manifest"], cfg.scoring.overwrite, env)
         todo = [e for e in encoded if e.example_id not in have]
         say(env, f"cache: {len(encoded) - len(todo)} of {len(encoded)} examples already in {out}; {len(todo)} to go")
         stats, seconds = reference_pass(cfg, out, todo, tokenizer.pad_token_id, meta, env) if todo else (None, 0.0)
@@ -65,24 +64,6 @@ def run(cfg: PrecomputeConfig) -> Path:
             finish(cfg, out, encoded, meta, base, stats, seconds, env)
         barrier(env)
     return out
-
-
-def validate(cfg: PrecomputeConfig) -> None:
-    """Every value checked before anything is read, written or loaded."""
-    for name in ("max_length", "max_prompt_length", "max_tokens_per_batch", "batches_per_part", "chunk_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length > cfg.max_length:
-        raise UserError(f"--max-prompt-length {cfg.max_prompt_length} cannot exceed --max-length {cfg.max_length}")
-    if not cfg.part_seconds > 0:
-        raise UserError(f"--part-seconds {cfg.part_seconds}: must be > 0")
-    if cfg.dtype not in ("auto", *DTYPES):
-        raise UserError(f"--dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if not cfg.data:
-        raise UserError("give the preference file(s) with --data (repeatable)")
-    if Path(cfg.output).suffix != ".parquet":
-        raise UserError(f"--output {cfg.output}: the cache is a Parquet file; name it *.parquet")
 
 
 def open_cache_everywhere(out: Path, manifest: dict, overwrite: bool, env) -> tuple:
@@ -114,12 +95,13 @@ def reference_pass(cfg, out: Path, todo: list[Encoded], pad_id: int, meta: dict,
     if env.is_main:
         refcache.open_parts(out, meta["manifest"], False)
     barrier(env)
-    batches = plan_batches(todo, cfg.max_tokens_per_batch, cfg.share_prompt, cfg.sort_by_length)
-    spec = ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code)
+    batches = plan_batches(todo, cfg.scoring.max_tokens_per_batch, cfg.compute.share_prompt,
+                           cfg.scoring.sort_by_length)
+    spec = cfg.model.spec()
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "score"
-    model = load_model(spec, env.device, env=env, replicas=cfg.replicas)  # each rank reads only its shard
+    model = load_model(spec, env.device, env=env, replicas=cfg.compute.replicas)  # each rank reads only its shard
     model.eval()
-    share = cfg.share_prompt and supports_prompt_sharing(model)
+    share = cfg.compute.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
     memory.end("load")
     start = time.perf_counter()
@@ -146,7 +128,7 @@ def finish(cfg, out: Path, encoded: list[Encoded], meta: dict, base, stats, seco
         say(env, f"done: {out} already holds all {len(encoded)} examples; nothing to compute")
         return
     meta["elapsed_seconds"] = round(seconds, 3)
-    refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.store_token_logps, base,
+    refcache.merge_parts(parts, out, {e.example_id for e in encoded}, meta, cfg.scoring.store_token_logps, base,
                          write_config=lambda: config.save(cfg, refcache.config_path(out)))
     say(env, summary_line(out, len(encoded), stats if stats is not None else torch.zeros(3), seconds))
     if "memory" in meta:  # absent when nothing was left to compute (no model loaded)
@@ -156,19 +138,19 @@ def finish(cfg, out: Path, encoded: list[Encoded], meta: dict, base, stats, seco
 def cache_metadata(cfg, tokenizer, settings, examples, encoded, report, world_size, device) -> dict:
     """What produced the numbers. `manifest` holds what must match to resume or to trust the cache."""
     tokenization = tokenizer_fingerprint(tokenizer, settings)
-    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
+    dtype = dtype_name(resolve_dtype(cfg.model.dtype, device))
     manifest = {
-        "model": folder_fingerprint(cfg.model, cfg.full_hash)["hash"],
-        "adapter": (folder_fingerprint(cfg.adapter, cfg.full_hash) or {}).get("hash"),
-        "dtype": dtype, "quantization": quantization_name(ModelSpec(cfg.model, load_in_4bit=cfg.load_in_4bit)),
+        "model": folder_fingerprint(cfg.model.model, cfg.scoring.full_hash)["hash"],
+        "adapter": (folder_fingerprint(cfg.model.adapter, cfg.scoring.full_hash) or {}).get("hash"),
+        "dtype": dtype, "quantization": quantization_name(cfg.model.spec()),
         "tokenization": tokenization, "ids_digest": ids_digest(e.example_id for e in encoded),
-        "store_token_logps": cfg.store_token_logps,
+        "store_token_logps": cfg.scoring.store_token_logps,
     }
     return {
         "format_version": refcache.FORMAT_VERSION, "tool_version": __version__, "manifest": manifest,
-        "model": {"path": cfg.model, "config_hash": config_hash(cfg.model),
-                  "weights": folder_fingerprint(cfg.model, cfg.full_hash)},
-        "adapter": folder_fingerprint(cfg.adapter, cfg.full_hash),
+        "model": {"path": cfg.model.model, "config_hash": config_hash(cfg.model.model),
+                  "weights": folder_fingerprint(cfg.model.model, cfg.scoring.full_hash)},
+        "adapter": folder_fingerprint(cfg.model.adapter, cfg.scoring.full_hash),
         "dtype": dtype, "quantization": manifest["quantization"], "tokenization": tokenization,
         "data": {"files": report.files, "rows_read": report.read, "rows_kept": report.kept,
                  "skipped": report.skipped, "too_long": len(examples) - len(encoded),
@@ -215,22 +197,24 @@ def score_batches(model, pad_id, batches, parts, share, cfg, env, stop) -> torch
             batch = mine[step] if step < len(mine) else (dummy or [])
             if not batch:  # a rank with no examples at all still has to join the collectives
                 batch = [Encoded("dummy", (pad_id,), (pad_id,), (pad_id,))]
-            out = pair_logps(model, batch, pad_id, cfg.chunk_size, share=share, token_logps=cfg.store_token_logps)
+            out = pair_logps(model, batch, pad_id, cfg.compute.chunk_size, share=share,
+                             token_logps=cfg.scoring.store_token_logps)
             done_now = batches[step * world:(step + 1) * world]  # what all ranks finished in this step
             progress.update(sum(map(len, done_now)), tokens=sum(batch_tokens(b, share)[0] for b in done_now))
             if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded
                 if stop.requested(env):
                     break
                 continue
-            rows += result_rows(batch, out, cfg.store_token_logps)
+            rows += result_rows(batch, out, cfg.scoring.store_token_logps)
             real, padded = batch_tokens(batch, share)
             stats += torch.tensor([len(batch), real, padded], dtype=torch.float64)
-            if (step + 1) % cfg.batches_per_part == 0 or time.monotonic() - last_part >= cfg.part_seconds:
-                refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
+            part_due = time.monotonic() - last_part >= cfg.scoring.part_seconds
+            if (step + 1) % cfg.scoring.batches_per_part == 0 or part_due:
+                refcache.write_part(parts, env.rank, part_index, rows, cfg.scoring.store_token_logps)
                 part_index, rows, last_part = part_index + 1, [], time.monotonic()
             if stop.requested(env):  # every rank sees it at the same step: the forwards stay in lockstep
                 break
-    refcache.write_part(parts, env.rank, part_index, rows, cfg.store_token_logps)
+    refcache.write_part(parts, env.rank, part_index, rows, cfg.scoring.store_token_logps)
     progress.close()
     return stats
 

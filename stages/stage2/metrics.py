@@ -28,8 +28,9 @@ class Accumulator:
         self.rejected_tokens = 0
 
     def add(self, result) -> None:
-        """result: stages.stage2.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B] cached).
-        ONE device->host copy per batch: the [B] vectors are stacked on the device, copied once, summed here."""
+        """result: stages.stage2.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B]
+        cached). ONE device->host copy per batch: the [B] vectors are stacked on the device, copied once,
+        summed here."""
         losses, lp, loss_out = result.losses, result.logps, result.loss
         ref_chosen, ref_rejected = result.ref_chosen, result.ref_rejected
         components = getattr(loss_out, "components", {})

@@ -14,11 +14,12 @@ import torch
 from stages.base.errors import UserError
 from stages.cache import refcache
 from stages.cache.fingerprint import folder_fingerprint
+from stages.cache.refcache import token_count_problems
 from stages.data.encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
-from stages.data.rows import DEFAULT_SPLIT, FieldMap, load_examples
+from stages.data.rows import load_examples
 from stages.model.models import check_model_dir, load_tokenizer
 from stages.objective.loss import ld_token_weights
-from stages.tools.verify import token_count_problems
+from stages.settings.groups import CacheInput, DataSpec, Lengths, ModelSettings
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,6 @@ class Prepared:
     settings: TokenizeSettings
     cache_meta: dict
     notes: list[str]  # what the user should read: counts, skips, warnings
-
-
-def _settings(meta: dict, max_length, max_prompt_length) -> TokenizeSettings:
-    """Default to the cache's own lengths; an explicit different value is caught by the fingerprint check."""
-    tok = meta["tokenization"]
-    return TokenizeSettings(
-        tok["max_length"] if max_length is None else max_length,
-        tok["max_prompt_length"] if max_prompt_length is None else max_prompt_length,
-    )
 
 
 def ld_reference(chosen: list[float], rejected: list[float], alpha: float) -> tuple[float, float]:
@@ -86,37 +78,37 @@ def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str, 
     return [Item(e, *ref[e.example_id]) for e in encoded]
 
 
-def prepare(cfg, cache: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
-    """cfg needs: model, data, eval_data, ref_cache, max_length, max_prompt_length, strict, *_field,
-    trust_remote_code, allow_cache_mismatch. `cache` lets a sweep pass the one cache it has read."""
-    check_model_dir(cfg.model)
-    df, meta = cache if cache is not None else refcache.read_cache(cfg.ref_cache)
-    if getattr(cfg, "ld_alpha", None) is not None:
-        _ld_values(df.head(0), cfg.ref_cache, cfg.ld_alpha)  # no per-token values: one line now, not after tokenizing
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    settings = _settings(meta, cfg.max_length, cfg.max_prompt_length)
+def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Lengths, ld_alpha: float | None = None,
+            loaded: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
+    """Rows of `data` (and its eval data) tokenized as the cache says, joined with it. `loaded`: the cache already
+    read (a sweep reads it once)."""
+    check_model_dir(model.model)
+    df, meta = loaded if loaded is not None else refcache.read_cache(cache.ref_cache)
+    if ld_alpha is not None:
+        _ld_values(df.head(0), cache.ref_cache, ld_alpha)  # no per-token values: one line now, not after tokenizing
+    tokenizer = load_tokenizer(model.model, model.trust_remote_code)
+    settings = lengths.tokenize(meta)  # unset lengths: the cache's
     fingerprint = tokenizer_fingerprint(tokenizer, settings)
-    problems = refcache.tokenization_problems(meta, fingerprint, cfg.allow_cache_mismatch)
+    problems = refcache.tokenization_problems(meta, fingerprint, cache.allow_cache_mismatch)
     if problems:
-        waiver = "" if cfg.allow_cache_mismatch else " (a hash only: --allow-cache-mismatch)"
-        raise UserError(f"{cfg.ref_cache}: other tokenization ({problems[0]}); rerun precompute-ref with this model "
+        waiver = "" if cache.allow_cache_mismatch else " (a hash only: --allow-cache-mismatch)"
+        raise UserError(f"{cache.ref_cache}: other tokenization ({problems[0]}); rerun precompute-ref with this model "
                         f"and lengths{waiver}")
     notes = []
-    weights = folder_fingerprint(cfg.model)["hash"]
+    weights = folder_fingerprint(model.model)["hash"]
     if weights != meta["manifest"]["model"]:
         notes.append(f"note: the cache was made from {meta['model']['path']}, not these weights; the step-0 drift "
                      "check will show how far apart they are")
-    fields = FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     sets = []
-    for what, paths in (("train", cfg.data), ("eval", cfg.eval_data)):
+    for what, paths in (("train", data.data), ("eval", data.eval_data)):
         if not paths:
             sets.append([])
             continue
-        examples, report = load_examples(paths, fields, cfg.strict, split=getattr(cfg, "data_split", DEFAULT_SPLIT))
+        examples, report = load_examples(paths, data.fields(), data.strict, split=data.data_split)
         encoded, too_long = encode_examples(tokenizer, examples, settings)
         notes.append(f"{what} data: {report.summary()}"
                      + (f"; {too_long} too long for --max-length" if too_long else ""))
-        sets.append(_join(encoded, df, cfg.ref_cache, what, getattr(cfg, "ld_alpha", None)))
+        sets.append(_join(encoded, df, cache.ref_cache, what, ld_alpha))
     if not sets[0]:
-        raise UserError(f"{', '.join(cfg.data)}: no training examples left after validation and truncation")
+        raise UserError(f"{', '.join(data.data)}: no training examples left after validation and truncation")
     return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes)

@@ -13,11 +13,12 @@ from stages.base.errors import UserError
 from stages.base.progress import say
 from stages.model.distributed import barrier
 from stages.settings import yamlconfig as config
-from stages.settings.commands import TrainConfig, resume_free
+from stages.settings.commands import TrainConfig
+from stages.settings.options import resume_free
 from stages.stage2 import checkpoint
 from stages.stage2.metrics import read_metrics
 
-RESUME_FREE = resume_free(TrainConfig)  # declared on the fields (stages/settings/commands.py)
+RESUME_FREE = resume_free(TrainConfig)  # declared on the settings (stages/settings/groups.py)
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
@@ -25,7 +26,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
     import yaml
 
     saved_path = out / "config.yaml"
-    if not (cfg.resume and checkpoint.list_checkpoints(out)) or not saved_path.is_file():
+    if not (cfg.run.resume and checkpoint.list_checkpoints(out)) or not saved_path.is_file():
         return
     saved, now = yaml.safe_load(saved_path.read_text()) or {}, config.to_dict(cfg)
     diff = [k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k]]
@@ -35,9 +36,10 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
                         "use another --output, the same settings, or --no-resume to start again")
 
 
-def resume_or_start(cfg, out: Path, model, optimizer, scheduler, env) -> tuple[int, float, dict]:
-    """(step, wall seconds so far, this rank's metrics window) from the newest checkpoint, or a fresh start."""
-    found = checkpoint.list_checkpoints(out) if cfg.resume else []
+def resume_or_start(resume: bool, out: Path, model, optimizer, scheduler, env) -> tuple[int, float, dict]:
+    """(step, wall seconds so far, this rank's metrics window) from the newest checkpoint (`resume`: --resume), or
+    a fresh start."""
+    found = checkpoint.list_checkpoints(out) if resume else []
     if not found:
         fresh_start(out, env)
         return 0, 0.0, {}

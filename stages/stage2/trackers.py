@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from stages.base.errors import UserError
+from stages.settings.groups import check_installed, parse_report_to  # noqa: F401  (the names are settings)
 
 DEFAULT_PROJECT = "dpo-stages"
 STATE_FILE = "trackers.json"  # run ids, so a resumed training continues the same tracker run
@@ -140,45 +141,6 @@ class Trackio:
 
 
 TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": MLflow, "trackio": Trackio}
-IMPORT_NAMES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-
-
-def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(IMPORT_NAMES[name]) is not None
-
-
-def parse_report_to(values, tensorboard: bool = False) -> tuple[str, ...]:
-    """`--report-to` values (repeatable, each comma-separated) -> tracker names, in order, without repeats.
-    `none` alone means none; `all` means every installed tracker (as in Trainer); `--tensorboard` (the old flag)
-    adds tensorboard."""
-    if isinstance(values, str):
-        values = [values]
-    names: list[str] = []
-    for value in values or ():
-        for name in (n.strip().lower() for n in str(value).split(",")):
-            if not name or name == "none":
-                continue
-            if name == "all":
-                names += [n for n in TRACKERS if _installed(n)]
-            elif name in TRACKERS:
-                names.append(name)
-            else:
-                raise UserError(f"--report-to {name!r} is not a tracker; use none, {', '.join(TRACKERS)} or all "
-                                "(comma-separated)")
-    if tensorboard:
-        names.append("tensorboard")
-    return tuple(dict.fromkeys(names))
-
-
-def check_installed(names) -> None:
-    """One line naming the extra to install, before any model loads."""
-    for name in names:
-        if not _installed(name):
-            raise UserError(f"--report-to {name} needs the {name} package: pip install 'dpo-stages[{name}]'")
-
-
 def open_trackers(names, run_dir: Path, config: dict, run_name: str | None = None) -> list:
     """The trackers, opened (call on rank 0 only). The run name defaults to the output folder's name."""
     check_installed(names)

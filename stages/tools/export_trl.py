@@ -8,13 +8,13 @@ of `{"role", "content"}` messages for conversational rows (the prompt and comple
 them: implicit HH-RLHF prompts split off, repeated prompts stripped), `ref_chosen_logps`, `ref_rejected_logps`
 (float64 sums over completion tokens) and `example_id`.
 
-Conventions (checked against TRL 1.16 in tests/test_trl.py): on text rows our numbers are TRL's - prompt tokenized
-alone (with BOS if the tokenizer adds one), completion + EOS, summed over completion tokens - as long as no token merges across
-the prompt/completion boundary, and prompts were not cut (TRL 1.16 has no max_prompt_length: it keeps the start of
-prompt + completion up to `max_length`). On conversational rows TRL also scores what the chat template writes after
-the end-of-turn token (ChatML: one "\\n"); our values stop at the end-of-turn token. `notes` says which apply.
-With `--trl-chat-convention` the export loads the cache's reference model (fingerprint checked) and adds the
-log-prob of exactly those trailing tokens, so conversational values equal TRL's own precompute.
+Conventions (checked against TRL 1.16 in tests/test_trl.py): on text rows our numbers are TRL's - prompt tokenized alone
+(with BOS if the tokenizer adds one), completion + EOS, summed over completion tokens - as long as no token merges
+across the prompt/completion boundary, and prompts were not cut (TRL 1.16 has no max_prompt_length: it keeps the start
+of prompt + completion up to `max_length`). On conversational rows TRL also scores what the chat template writes after
+the end-of-turn token (ChatML: one "\\n"); our values stop at the end-of-turn token. `notes` says which apply. With
+`--trl-chat-convention` the export loads the cache's reference model (fingerprint checked) and adds the log-prob of
+exactly those trailing tokens, so conversational values equal TRL's own precompute.
 
 TRL 1.16's DPOTrainer with `precompute_ref_log_probs=True` always runs its own reference pass, even over a dataset
 that already has these columns, and then fails on the duplicated columns. `dpo_trainer_class()` returns a DPOTrainer
@@ -37,7 +37,9 @@ import torch
 
 from stages.base.errors import UserError
 from stages.cache import refcache
-from stages.data.rows import Example, FieldMap, load_examples
+from stages.data.rows import Example, load_examples
+from stages.settings.commands import TrlExport
+from stages.settings.groups import DataSpec
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 FORMATS = (".parquet", ".jsonl", ".jsonl.gz")
@@ -198,21 +200,19 @@ def chat_tail_logps(meta: dict, examples, model: str | None, batch_size: int = 8
     return out, sum(len(a) + len(b) for a, b in tails)
 
 
-def export_trl(cache_path: str, data: Sequence[str], out: str, fields: FieldMap = FieldMap(),
-               strict: bool = False, trl_chat_convention: bool = False, model: str | None = None) -> ExportReport:
-    if not data:
-        raise UserError("give the preference file(s) with --data (the rows the cache was made from)")
-    out_path = Path(out)
+def export_trl(cache_path: str, data: DataSpec, export: TrlExport) -> ExportReport:
+    """`data`'s rows with the cache's values, written to `export.output` in TRL's formats."""
+    out_path, trl_chat_convention = Path(export.output), export.trl_chat_convention
     _out_format(out_path)  # a bad name fails before anything is read
-    examples, report = load_examples(data, fields, strict)
+    examples, report = load_examples(data.data, data.fields(), data.strict)
     if not examples:
-        raise UserError(f"{', '.join(map(str, data))}: no usable rows ({report.summary()})")
+        raise UserError(f"{', '.join(map(str, data.data))}: no usable rows ({report.summary()})")
     df, meta = refcache.read_cache(cache_path)
     rows = join_rows(cache_path, df, meta, examples)
     is_chat = examples[0].is_chat
     added = None
     if trl_chat_convention and is_chat:  # + the template's text after the end-of-turn token, as TRL scores it
-        tails, added = chat_tail_logps(meta, examples, model)
+        tails, added = chat_tail_logps(meta, examples, export.model)
         for r in rows:
             r["ref_chosen_logps"] += tails[r["example_id"]][0]
             r["ref_rejected_logps"] += tails[r["example_id"]][1]

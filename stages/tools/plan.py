@@ -12,10 +12,10 @@ Notation used in the docstrings (all per GPU unless stated):
     P_lay  parameters of one decoder layer; P_root = max(embed, lm_head) (the biggest non-layer FSDP unit)
     A      LoRA parameters (lora_parameters())
     N      GPUs; L layers; h hidden; i intermediate; V vocab; q_d = heads·head_dim; kv_d = kv_heads·head_dim
-    T      training tokens per GPU per step = batch · 2 · seq_len (chosen and rejected of each example)
+    T      training tokens per GPU per step = batch_size · 2 · max_length (chosen and rejected of each example)
     T1     stage-one tokens per forward = max_tokens_per_batch
-    C      logits chunk = min(the default --chunk-size of the device, tokens): stages.base.constants.CHUNK_BY_DEVICE, the
-           CUDA one (2048) for GPUs, the CPU one (256) with --cpu
+    C      logits chunk = min(the default --chunk-size of the device, tokens): stages.base.constants.CHUNK_BY_DEVICE,
+           the CUDA one (2048) for GPUs, the CPU one (256) with --cpu
     nf4(n) = n/2 + 4n/64 bytes: 4-bit codes + one fp32 absmax per 64-block, as stages/model/models.py loads NF4
            (bnb_4bit_use_double_quant=False). With double quantisation (NF4_DOUBLE_QUANT = True) the absmax
            is 8-bit: n/2 + n/64 + 4·n/(64·256).
@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from stages.base.errors import UserError
 from stages.tools.plancount import (
@@ -85,22 +86,11 @@ from stages.tools.planterms import (
     training_activations,
 )
 
+if TYPE_CHECKING:
+    from stages.settings.commands import PlanConfig  # the one config of `dpo plan`: the CLI's options, YAML keys
+
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB          # CUDA context + cuBLAS workspace + NCCL buffers, per GPU
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    model: str                          # a model folder with config.json, or a config JSON file
-    gpus: int = 8
-    gpu_memory_gb: float = 80.0         # GiB per GPU
-    seq_len: int = 2048                 # max tokens of prompt + completion, per sequence
-    batch: int = 1                      # preference pairs per GPU per optimizer micro-step (stage two)
-    lora_r: int = 16
-    max_tokens_per_batch: int = 16384   # stage-one token budget per forward, per GPU
-    gradient_checkpointing: bool = True
-    layers: int | None = None           # count the model with this many decoder layers (default: the config's)
-    cpu: bool = False                   # one CPU process per "GPU": no CUDA/NCCL overhead
 
 
 @dataclass(frozen=True)
@@ -234,7 +224,7 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
                             more forward per step), hardly memory. A trainer that materialises full logits
                             (a plain HF forward) pays [2B, T, V] instead of a chunk: see format_plan's notes."""
     parts = _stage2_parts(s, cfg=cfg, c=c)
-    T = cfg.batch * 2 * cfg.seq_len
+    T = cfg.batch_size * 2 * cfg.max_length
     a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)
     ref = 2 * T * s.hidden * BF16 + T * layer_activation_bytes_per_token(s) + \
         min(logits_chunk(cfg), T) * s.vocab * (BF16 + FP32)
@@ -245,24 +235,36 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
 
 # ----------------------------------------------------------------------------------------------- plan
 
+def gpu_memory_gib(cfg: PlanConfig) -> float:
+    """GiB per GPU: cfg.gpu_memory ("80GB", "24", "141GiB") read by parse_gpu_memory, the one place the setting is
+    parsed; a UserError if it is not a positive size."""
+    return parse_gpu_memory(cfg.gpu_memory)
+
+
+def capacity_bytes(cfg: PlanConfig) -> int:
+    """Bytes per GPU (gpu_memory_gib, 1 GiB = 2**30 bytes)."""
+    return int(gpu_memory_gib(cfg) * GIB)
+
+
 def _check(cfg: PlanConfig) -> None:
-    for name in ("gpus", "seq_len", "batch", "lora_r", "max_tokens_per_batch") + (("layers",) if cfg.layers else ()):
+    """A UserError naming the option for a --gpu-memory that is not a size or a count that is not positive."""
+    gpu_memory_gib(cfg)
+    counts = ("gpus", "max_length", "batch_size", "lora_r", "max_tokens_per_batch")
+    for name in counts + (("layers",) if cfg.layers else ()):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise UserError(f"dpo plan: --{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not cfg.gpu_memory_gb > 0:
-        raise UserError(f"dpo plan: --gpu-memory must be > 0, got {cfg.gpu_memory_gb!r}")
 
 
 def _all_scenarios(s: Shape, c: dict[str, int], cfg: PlanConfig) -> tuple[Scenario, ...]:
-    cap = int(cfg.gpu_memory_gb * GIB)
+    cap = capacity_bytes(cfg)
     return (scenario_naive(s, c, cfg, cap), scenario_online_ref(s, c, cfg, cap),
             scenario_stage1(s, c, cfg, cap, nf4=False), scenario_stage1(s, c, cfg, cap, nf4=True),
             scenario_stage2(s, c, cfg, cap))
 
 
 def _fits(s: Shape, c: dict[str, int], cfg: PlanConfig, key: str) -> bool:
-    cap = int(cfg.gpu_memory_gb * GIB)
+    cap = capacity_bytes(cfg)
     if key == "naive":
         return scenario_naive(s, c, cfg, cap).fits
     if key == "stage2":
@@ -301,7 +303,7 @@ def _suggest_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
     if sc["stage1_bf16"].fits:
         return []
     out = []
-    t = _largest(s, c, cfg, "stage1_bf16", "max_tokens_per_batch", cfg.max_tokens_per_batch // 2, cfg.seq_len)
+    t = _largest(s, c, cfg, "stage1_bf16", "max_tokens_per_batch", cfg.max_tokens_per_batch // 2, cfg.max_length)
     if t:
         out.append(f"stage 1: --max-tokens-per-batch {t} fits with a bf16 reference")
     if sc["stage1_nf4"].fits:
@@ -309,7 +311,7 @@ def _suggest_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
                    f"equals stage two's NF4 base, so the policy starts exactly at the reference")
     out.append(f"stage 1 with a bf16 reference {_gpus_text(_min_gpus(s, c, cfg, 'stage1_bf16'))}")
     if not sc["stage1_nf4"].fits:
-        t = _largest(s, c, cfg, "stage1_nf4", "max_tokens_per_batch", cfg.max_tokens_per_batch // 2, cfg.seq_len)
+        t = _largest(s, c, cfg, "stage1_nf4", "max_tokens_per_batch", cfg.max_tokens_per_batch // 2, cfg.max_length)
         if t:
             out.append(f"stage 1: an NF4 reference with --max-tokens-per-batch {t} fits")
         out.append(f"stage 1 with an NF4 reference {_gpus_text(_min_gpus(s, c, cfg, 'stage1_nf4'))}")
@@ -322,7 +324,7 @@ def _suggest_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
     out = []
     if sc["stage2"].fits:
         b = _largest_batch(s, c, cfg)
-        if b > cfg.batch:
+        if b > cfg.batch_size:
             out.append(f"stage 2 has room for --batch {b} per GPU (fewer gradient-accumulation steps)")
         if cfg.gradient_checkpointing and _fits(s, c, replace(cfg, gradient_checkpointing=False), "stage2"):
             out.append("stage 2 also fits with gradient checkpointing off (faster: no recompute)")
@@ -334,16 +336,16 @@ def _suggest_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
         out.append("stage 2: turn gradient checkpointing on" + (" (then it fits)" if fixed else ""))
         if fixed:
             return out
-    if base.batch > 1 and (b := _largest(s, c, base, "stage2", "batch", base.batch // 2, 1)):
+    if base.batch_size > 1 and (b := _largest(s, c, base, "stage2", "batch_size", base.batch_size // 2, 1)):
         return out + [f"stage 2: --batch {b} with more gradient-accumulation steps"]
-    if (n := _largest(s, c, base, "stage2", "seq_len", base.seq_len // 2, 128)):
+    if (n := _largest(s, c, base, "stage2", "max_length", base.max_length // 2, 128)):
         out.append(f"stage 2: --seq-len {n} fits (longer rows are truncated)")
     return out + [f"stage 2 {_gpus_text(_min_gpus(s, c, base, 'stage2'))}"]
 
 
 def _largest_batch(s: Shape, c: dict[str, int], cfg: PlanConfig, limit: int = 64) -> int:
-    b = cfg.batch
-    while b < limit and _fits(s, c, replace(cfg, batch=b + 1), "stage2"):
+    b = cfg.batch_size
+    while b < limit and _fits(s, c, replace(cfg, batch_size=b + 1), "stage2"):
         b += 1
     return b
 
@@ -371,10 +373,10 @@ def plan_memory(cfg: PlanConfig) -> Plan:
     if s.model_type not in KNOWN_MODEL_TYPES:
         notes.append(f"model_type {s.model_type!r} is not one of {', '.join(KNOWN_MODEL_TYPES)}: "
                      f"counted as a Llama-style decoder (RMSNorm, q/k/v/o attention, gate/up/down MLP)")
-    if cfg.max_tokens_per_batch < cfg.seq_len:
-        notes.append(f"max_tokens_per_batch {cfg.max_tokens_per_batch} < seq_len {cfg.seq_len}: the longest "
+    if cfg.max_tokens_per_batch < cfg.max_length:
+        notes.append(f"max_tokens_per_batch {cfg.max_tokens_per_batch} < seq_len {cfg.max_length}: the longest "
                      f"rows cannot be scored in stage one")
-    return Plan(cfg, s.model_type, counts, lora_parameters_from_shape(s, cfg.lora_r), int(cfg.gpu_memory_gb * GIB),
+    return Plan(cfg, s.model_type, counts, lora_parameters_from_shape(s, cfg.lora_r), capacity_bytes(cfg),
                 scen, tuple(sugg), tuple(notes), s)
 
 

@@ -1,5 +1,6 @@
 """`dpo plan`'s model side: a Hugging Face config.json read into the sizes the arithmetic needs, and exact
-parameter counts of a dense Llama/Qwen-style decoder (no weights are read). The memory arithmetic: stages/tools/plan.py."""
+parameter counts of a dense Llama/Qwen-style decoder (no weights are read). The memory arithmetic:
+stages/tools/plan.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ loading rows, the peak (max of the two), fits/does-not-fit, suggestions and note
 
 from __future__ import annotations
 
-from stages.tools.plan import GIB, OVERHEAD_BYTES, Plan
+from stages.tools.plan import GIB, OVERHEAD_BYTES, Plan, gpu_memory_gib
 from stages.tools.planterms import full_logits_bytes, nf4_split
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
@@ -25,7 +25,7 @@ def _b(n: float) -> str:
 
 def _header(plan: Plan) -> list[str]:
     c, cfg, s = plan.counts, plan.config, plan.shape
-    tokens = cfg.batch * 2 * cfg.seq_len
+    tokens = cfg.batch_size * 2 * cfg.max_length
     return [
         f"model: {cfg.model}",
         f"  {s.model_type}, {s.layers} layers{' (--layers override)' if cfg.layers else ''}, hidden {s.hidden}, "
@@ -36,9 +36,9 @@ def _header(plan: Plan) -> list[str]:
         f"(NF4-quantisable), other {_b(c['other'])}",
         f"  LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down: {plan.lora_params:,} ({_b(plan.lora_params)}, "
         f"{100 * plan.lora_params / c['total']:.2f}% of the model)",
-        f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {cfg.gpu_memory_gb:g} GiB; "
-        f"training {cfg.batch} pair(s) x 2 x seq_len "
-        f"{cfg.seq_len} = {tokens:,} tokens per GPU per step, gradient checkpointing "
+        f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {gpu_memory_gib(cfg):g} GiB; "
+        f"training {cfg.batch_size} pair(s) x 2 x seq_len "
+        f"{cfg.max_length} = {tokens:,} tokens per GPU per step, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
     ]
 
@@ -72,7 +72,7 @@ def format_table(plan: Plan) -> str:
     lines.append("  load peak".ljust(width) + "".join(f"{sc.load / GIB:.1f}".rjust(col) for sc in plan.scenarios))
     lines.append("  total = max(run, load)".ljust(width) +
                  "".join(f"{sc.total / GIB:.1f}".rjust(col) for sc in plan.scenarios))
-    cap = f"fits in {plan.config.gpu_memory_gb:g} GiB?"
+    cap = f"fits in {gpu_memory_gib(plan.config):g} GiB?"
     lines.append(cap.ljust(width) + "".join(("yes" if sc.fits else "NO").rjust(col) for sc in plan.scenarios))
     lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
     lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [

@@ -10,7 +10,7 @@ from stages.base.constants import CHUNK_BY_DEVICE
 from stages.tools.plancount import Shape, linear_shapes
 
 if TYPE_CHECKING:
-    from stages.tools.plan import PlanConfig
+    from stages.settings.commands import PlanConfig
 
 NF4_DOUBLE_QUANT = False          # as stages/model/models.py loads NF4 (fp32 absmax per 64-block)
 BF16, FP32 = 2, 4
@@ -24,7 +24,8 @@ def cdiv(a: int, b: int) -> int:
 
 def nf4_bytes(n: int, double_quant: bool | None = None) -> int:
     """Bytes of n weights in NF4: n/2 (4-bit codes) + one absmax per 64-block, fp32 (4n/64) by default as
-    stages/model/models.py loads it, or 8-bit (n/64) plus fp32 second-level constants per 256 blocks with double quant."""
+    stages/model/models.py loads it, or 8-bit (n/64) plus fp32 second-level constants per 256 blocks with double
+    quant."""
     return sum(nf4_split(n, double_quant))
 
 
@@ -130,7 +131,7 @@ def lora_input_bytes_per_token(s: Shape, r: int) -> int:
 
 
 def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int]:
-    """Activation bytes per GPU for one training micro-step over T = batch·2·seq_len tokens.
+    """Activation bytes per GPU for one training micro-step over T = batch_size·2·max_length tokens.
 
     checkpointing on : L·T·h·2 (one bf16 hidden state per layer boundary)
                        + 2·T·a (the recomputed layer's saved tensors a = per-token layer bytes, plus their
@@ -140,7 +141,7 @@ def training_activations(s: Shape, cfg: PlanConfig, lora: bool) -> dict[str, int
                        logits, their fp32 copy, and the two gradients exist at once)
                        + 3·T·h·2 (final hidden states, the gathered completion positions, their gradient)
     """
-    T = cfg.batch * 2 * cfg.seq_len
+    T = cfg.batch_size * 2 * cfg.max_length
     a = layer_activation_bytes_per_token(s) + (lora_input_bytes_per_token(s, cfg.lora_r) if lora else 0)
     C = min(logits_chunk(cfg), T)
     head = C * s.vocab * (BF16 + FP32 + FP32 + BF16) + 3 * T * s.hidden * BF16
@@ -176,4 +177,4 @@ def inference_activations(s: Shape, cfg: PlanConfig) -> dict[str, int]:
 def full_logits_bytes(s: Shape, cfg: PlanConfig) -> int:
     """[2B, T, V] logits of one step when a trainer materialises them: bf16 logits + their fp32 log_softmax
     (saved for backward) for the policy, and the same for the reference forward held alongside."""
-    return 2 * cfg.batch * 2 * cfg.seq_len * s.vocab * (BF16 + FP32)
+    return 2 * cfg.batch_size * 2 * cfg.max_length * s.vocab * (BF16 + FP32)

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from stages.base.errors import UserError
 from stages.data.encode import Encoded, tokenize_example
-from stages.data.rows import FieldMap, load_examples
+from stages.data.rows import load_examples
 from stages.model.logprobs import collate_pairs, sequence_logps
-from stages.model.models import ModelSpec, load_model, load_tokenizer
+from stages.model.models import load_model, load_tokenizer
 from stages.settings.commands import SampleConfig
 
 DEFAULT_BETA = 0.1  # when neither --beta nor the run's config.yaml says
@@ -52,19 +51,16 @@ def run_folder(adapter: str | None) -> Path | None:
 
 
 def resolve_beta(cfg: SampleConfig) -> float:
-    if cfg.beta is not None:
-        return cfg.beta
-    run = run_folder(cfg.adapter)
+    if cfg.sampling.beta is not None:
+        return cfg.sampling.beta
+    run = run_folder(cfg.model.adapter)
     saved = yaml.safe_load((run / "config.yaml").read_text()) if run else None
     return float(saved.get("beta", DEFAULT_BETA)) if isinstance(saved, dict) else DEFAULT_BETA
 
 
 def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]:
     """The first N examples with distinct prompts, in data order, as (example, prompt ids with the end kept)."""
-    if cfg.n < 1 or cfg.max_new_tokens < 1:
-        raise UserError("-n and --max-new-tokens must be >= 1")
-    examples, _ = load_examples(cfg.data, FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-                                split=cfg.data_split)
+    examples, _ = load_examples(cfg.data.data, cfg.data.fields(), split=cfg.data.data_split)
     picked, seen = [], set()
     for ex in examples:
         key = json.dumps(ex.prompt, sort_keys=True)
@@ -72,10 +68,10 @@ def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]
             continue
         seen.add(key)
         ids = tokenize_example(tokenizer, ex)[0]
-        if cfg.max_prompt_length:
-            ids = ids[-cfg.max_prompt_length:]
+        if cfg.sampling.max_prompt_length:
+            ids = ids[-cfg.sampling.max_prompt_length:]
         picked.append((ex, ids))
-        if len(picked) == cfg.n:
+        if len(picked) == cfg.sampling.n:
             break
     return picked
 
@@ -83,13 +79,13 @@ def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]
 def generate(model, prompt_ids: list[int], cfg: SampleConfig, tokenizer) -> list[int]:
     """Reply ids, ending with EOS when the model ended its turn within --max-new-tokens."""
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
-    kwargs = dict(do_sample=False) if cfg.seed is None else dict(do_sample=True, temperature=cfg.temperature,
-                                                                   top_p=cfg.top_p)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)  # the same seed for reference and policy: they differ only by the adapter
+    s = cfg.sampling
+    kwargs = dict(do_sample=False) if s.seed is None else dict(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+    if cfg.sampling.seed is not None:
+        torch.manual_seed(s.seed)  # the same seed for reference and policy: they differ only by the adapter
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
     reply = out[0, len(prompt_ids):].tolist()
     eos = tokenizer.eos_token_id
@@ -108,9 +104,9 @@ def _reference_mode(model, cfg: SampleConfig):
     """A context in which `model` is the reference: adapters off, or the --ref-adapter active."""
     import contextlib
 
-    if cfg.adapter is None:
+    if cfg.model.adapter is None:
         return contextlib.nullcontext()
-    if cfg.ref_adapter is None:
+    if cfg.sampling.ref_adapter is None:
         return model.disable_adapter()
 
     @contextlib.contextmanager
@@ -124,20 +120,18 @@ def _reference_mode(model, cfg: SampleConfig):
 
 
 def sample(cfg: SampleConfig) -> list[Sample]:
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     prompts = pick_prompts(cfg, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.adapter, cfg.trust_remote_code), device)
-    if cfg.ref_adapter:
-        if cfg.adapter is None:
-            raise UserError("--ref-adapter needs --adapter (the policy); without it only the reference is sampled")
-        model.load_adapter(cfg.ref_adapter, adapter_name="reference")
+    model = load_model(cfg.model.spec(), device)
+    if cfg.sampling.ref_adapter:  # SampleConfig.check: only with --adapter
+        model.load_adapter(cfg.sampling.ref_adapter, adapter_name="reference")
     model.eval()
     beta, out = resolve_beta(cfg), []
     for ex, prompt_ids in prompts:
         with _reference_mode(model, cfg):
             ref_reply = generate(model, prompt_ids, cfg, tokenizer)
-        policy_reply = generate(model, prompt_ids, cfg, tokenizer) if cfg.adapter else None
+        policy_reply = generate(model, prompt_ids, cfg, tokenizer) if cfg.model.adapter else None
         rewards = (None, None)
         if policy_reply is not None:
             pol = reply_logps(model, prompt_ids, ref_reply, policy_reply)
@@ -209,9 +203,9 @@ def run(cfg: SampleConfig) -> tuple[list[Sample], Path]:
     from stages.base.progress import say
 
     samples = sample(cfg)
-    folder = Path(cfg.output) if cfg.output else (run_folder(cfg.adapter) or Path("samples"))
+    folder = Path(cfg.sampling.output) if cfg.sampling.output else (run_folder(cfg.model.adapter) or Path("samples"))
     _atomic_write(folder / "samples.jsonl", "".join(json.dumps(s.__dict__, ensure_ascii=False) + "\n" for s in samples))
-    mode = "greedy" if cfg.seed is None else f"sampled, seed {cfg.seed}"
+    mode = "greedy" if cfg.sampling.seed is None else f"sampled, seed {cfg.sampling.seed}"
     _atomic_write(folder / "samples.md", markdown(samples, f"Samples ({mode}, β={resolve_beta(cfg):g})"))
     for i, s in enumerate(samples, start=1):
         say(None, side_by_side(s, i))

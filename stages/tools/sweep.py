@@ -24,11 +24,13 @@ from stages.cache import refcache
 from stages.model.distributed import barrier, init_distributed
 from stages.objective.loss import loss_slug
 from stages.settings import yamlconfig as config
-from stages.settings.commands import VARIED, SweepConfig, TrainConfig, resume_free
+from stages.settings.commands import SweepConfig, SweepGrid, TrainConfig
+from stages.settings.options import resume_free, to_flat
 from stages.stage2 import prepare as prepare_mod, train
 from stages.tools.compare import Row, compare, format_table
 
 FREE_ON_RESUME = resume_free(SweepConfig)  # may change between reruns of one sweep folder
+SWEEP_ONLY = ("betas", "losses")  # the grid; every other setting is a `dpo train` setting
 
 
 
@@ -47,30 +49,21 @@ def run_name(beta: float, loss: str) -> str:
     return f"beta-{float(beta)!r}-{loss_slug(loss)}"
 
 
-def combinations(cfg) -> list[tuple[str, float]]:
-    """(loss, β) in order: loss types outer, β inner; duplicates dropped; each validated like `dpo train`."""
-    if not cfg.betas:
-        raise UserError("give at least one --beta (repeatable: --beta 0.01 --beta 0.1), or `betas: [...]` in the YAML")
-    if not cfg.losses:
-        raise UserError("give at least one --loss (default sigmoid), or `losses: [...]` in the YAML")
-    bad = [b for b in cfg.betas if not (b > 0 and b < float("inf"))]
-    if bad:
-        raise UserError(f"--beta {bad[0]}: β must be a positive number")
-    combos = list(dict.fromkeys((loss, float(b)) for loss in cfg.losses for b in cfg.betas))
-    for loss, beta in combos:
-        train.check(train_config(cfg, beta, loss))
-    return combos
+def combinations(grid: SweepGrid) -> list[tuple[str, float]]:
+    """(loss, β) in order: loss types outer, β inner; duplicates dropped (the grid has checked itself)."""
+    return list(dict.fromkeys((loss, float(b)) for loss in grid.losses for b in grid.betas))
 
 
-def train_config(cfg, beta: float, loss: str) -> TrainConfig:
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in VARIED}
-    shared["output"] = str(Path(cfg.output) / run_name(beta, loss))
-    return TrainConfig(**shared, beta=beta, loss=loss)
+def train_config(cfg: SweepConfig, beta: float, loss: str) -> TrainConfig:
+    """One run's `dpo train` settings: the sweep's, with this β and loss and the run's own folder; checked as
+    `dpo train` checks them (the loss settings of each combination too)."""
+    shared = {k: tuple(v) if isinstance(v, list) else v for k, v in to_flat(cfg).items() if k not in SWEEP_ONLY}
+    return TrainConfig.flat(**shared, beta=beta, loss=loss, output=str(Path(cfg.run.output) / run_name(beta, loss)))
 
 
 def check_same_settings(cfg, path: Path) -> None:
     """A sweep folder is resumed only with the settings it was started with (β and loss lists may change)."""
-    if not cfg.resume or not path.is_file():
+    if not cfg.run.resume or not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
     new = config.to_dict(cfg)
@@ -87,31 +80,35 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_sweep(cfg) -> SweepResult:
-    combos = combinations(cfg)
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    combos = combinations(cfg.grid)
+    configs = [train_config(cfg, beta, loss) for loss, beta in combos]  # each checked before anything is read
     env = init_distributed()
-    out = Path(cfg.output)
+    out = Path(cfg.run.output)
     with guarded_output(out / ".lock", out, "--output", env):  # each run also locks its own folder
-        return sweep_runs(cfg, combos, env, out)
+        return sweep_runs(cfg, combos, configs, env, out)
 
 
-def sweep_runs(cfg, combos: list[tuple[str, float]], env, out: Path) -> SweepResult:
+def sweep_runs(cfg: SweepConfig, combos: list[tuple[str, float]], configs: list[TrainConfig], env,
+               out: Path) -> SweepResult:
     check_same_settings(cfg, out / "sweep.yaml")
-    configs = [train_config(cfg, beta, loss) for loss, beta in combos]
-    unfinished = [c for c in configs if not (cfg.resume and (Path(c.output) / "summary.json").is_file())]
+    unfinished = [c for c in configs if not (cfg.run.resume and (Path(c.run.output) / "summary.json").is_file())]
     # read + join once, only if some run still has work to do, and before anything is written
-    prep = prepare_mod.prepare(unfinished[0], cache=refcache.read_cache(cfg.ref_cache)) if unfinished else None
+    prep = None
+    if unfinished:
+        prep = prepare_mod.prepare(cfg.data, cfg.model, cfg.cache, cfg.lengths, cfg.loss.ld_alpha,
+                                   loaded=refcache.read_cache(cfg.cache.ref_cache))
     barrier(env)  # every rank has checked before rank 0 overwrites sweep.yaml
     if env.is_main:
         config.save(cfg, out / "sweep.yaml")
     say(env, f"sweep: {len(combos)} runs into {out}/ ({', '.join(run_name(b, lo) for lo, b in combos)})")
     run_dirs, summaries = [], []
     for i, ((loss, beta), tcfg) in enumerate(zip(combos, configs), 1):
-        say(env, f"sweep: run {i}/{len(combos)}: β={beta:g} loss={loss} -> {tcfg.output}")
+        say(env, f"sweep: run {i}/{len(combos)}: β={beta:g} loss={loss} -> {tcfg.run.output}")
         summaries.append(train.run(tcfg, prepared=prep))
         if prep is not None and prep.notes:  # the data notes were printed by the first run; not again
             prep = dataclasses.replace(prep, notes=[])
-        run_dirs.append(Path(tcfg.output))
+        run_dirs.append(Path(tcfg.run.output))
         free_memory()
     barrier(env)
     rows, png, csv_path = [], None, None

@@ -82,7 +82,8 @@ def read_trl_yaml(path: str) -> dict:
     try:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: cannot read YAML ({str(e).splitlines()[0]}); pass a TRL DPOConfig YAML file") from None
+        raise UserError(f"{path}: cannot read YAML ({str(e).splitlines()[0]}); "
+                        "pass a TRL DPOConfig YAML file") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: expected a mapping of DPOConfig key: value at the top level")
     return loaded
