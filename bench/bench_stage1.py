@@ -87,14 +87,14 @@ def score(model, pad_id, batches, shared: bool):
     import pyarrow.parquet as pq
     import torch
 
-    from stages.base.runguard import StopSignal
+    from stages.model.runguard import StopSignal
     from stages.model.distributed import DistEnv
     from stages.stage1.precompute import PrecomputeConfig, score_batches
 
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    cfg = PrecomputeConfig(model="", data=(), batches_per_part=8)  # the command's default chunk size
+    cfg = PrecomputeConfig.flat(model="", data=(), batches_per_part=8)  # the command's default chunk size
     device = next(model.parameters()).device
     env = DistEnv(0, 1, 0, device if device.type == "cuda" else torch.device("cpu"))
     with C.Timer() as timer, StopSignal() as stop:

@@ -308,7 +308,7 @@ def load_common(a):
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rows = read_rows(a.rows_file)
     extra = {"chunk_size": a.chunk_size} if a.chunk_size else {}
-    cfg = TrainConfig(model=str(mdir), data=(), ref_cache="", output="", load_in_4bit=a.four_bit, dtype=a.dtype,
+    cfg = TrainConfig.flat(model=str(mdir), data=(), ref_cache="", output="", load_in_4bit=a.four_bit, dtype=a.dtype,
                       gradient_checkpointing=a.grad_ckpt, batch_size=a.pairs, **extra)
     cfg = dataclasses.replace(cfg, **split_variant(a.worker)[1])
     spec = ModelSpec(str(mdir), cfg.dtype, cfg.load_in_4bit)

@@ -88,7 +88,7 @@ def stage_two(a, model: Path, out: Path, rows: list[dict]) -> dict:
     from stages.stage2 import train as T
 
     path = V.write_jsonl(out / "batch.jsonl", rows)
-    cfg = T.TrainConfig(model=str(model), data=(str(path),), ref_cache=str(out / "ours.parquet"),
+    cfg = T.TrainConfig.flat(model=str(model), data=(str(path),), ref_cache=str(out / "ours.parquet"),
                         output=str(out / "ours-train"), beta=0.1, **V.train_settings(a.max_length, a.batch, a.steps))
     shutil.rmtree(cfg.output, ignore_errors=True)
     with V.optimizer_stamps() as stamps:

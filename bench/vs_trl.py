@@ -222,7 +222,7 @@ def ours_precompute(model_dir: Path, data: Path, out: Path, max_length: int, bud
     PROFILE["ours_head"].reset()
     try:
         with C.Timer() as c:
-            pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
+            pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
                                        max_prompt_length=max_length, max_tokens_per_batch=budget, overwrite=True))
     finally:
         pc.score_batches = original
@@ -425,7 +425,7 @@ def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
     cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
     shutil.rmtree(out, ignore_errors=True)
     settings = train_settings(plan.sweep_max_length, plan.sweep_batch, plan.sweep_steps)
-    cfg = S.SweepConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
+    cfg = S.SweepConfig.flat(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
                         **settings)
     profiled = ((T, "load_policy"), (T, "drift_check"), (ckpt, "save"), (ckpt, "save_adapter"), (S, "compare"),
                 (S.prepare_mod, "prepare"))
@@ -512,7 +512,7 @@ def phase_stage_two(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int)
 
     cache, out = OUT / "iv-ref.parquet", OUT / "iv-ours"
     ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
-    cfg = T.TrainConfig(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), beta=0.1,
+    cfg = T.TrainConfig.flat(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), beta=0.1,
                         **train_settings(plan.sweep_max_length, len(rows), plan.iv_steps))
     shutil.rmtree(out, ignore_errors=True)
     res = {"cmd": train_cmd(cfg), "cpu": {}, "head_cpu": {}}
@@ -776,7 +776,7 @@ def curve_data(tok, model_dir: Path) -> dict:
     cache = OUT / "curves-ref.parquet"
     import stages.stage1.precompute as pc
 
-    pc.run(pc.PrecomputeConfig(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
+    pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
                                max_prompt_length=L - 1, overwrite=True))
     exported = OUT / "curves-trl.jsonl"
     export_trl(str(cache), DataSpec(data=(str(path),)), TrlExport(output=str(exported)))
@@ -804,7 +804,7 @@ def ours_curve(model_dir: Path, data: dict, steps: int, loss: dict, out: Path) -
         return forward(model, items, pad_id, cfg)
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = T.TrainConfig(model=str(model_dir), data=(str(data["path"]),), ref_cache=str(data["cache"]),
+    cfg = T.TrainConfig.flat(model=str(model_dir), data=(str(data["path"]),), ref_cache=str(data["cache"]),
                         output=str(out), adapter=str(data["adapter"]), beta=CURVE["beta"],
                         **{**train_settings(CURVE["max_length"], CURVE["batch"], steps), "learning_rate": CURVE["lr"],
                            "max_prompt_length": CURVE["max_length"] - 1}, **loss)

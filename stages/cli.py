@@ -244,7 +244,8 @@ def compare_cmd(**flags):
 def plan(config_path, **flags):
     """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config.
     --config takes the stages' own YAML (shared, precompute-ref, train and plan sections)."""
-    from stages.tools.plan import format_plan, plan_memory
+    from stages.tools.plan import plan_memory
+    from stages.tools.plantable import format_plan
 
     c = cfgmod.build(settings.PlanCommand, config_path, flags, section="plan").plan
     click.echo(format_plan(plan_memory(c)))

@@ -43,7 +43,7 @@ def sft(tiny_llama, hh_path, tmp_path_factory):
 
 def test_precompute_with_adapter_equals_base_plus_adapter(tiny_llama, sft):
     out = sft / "ref.parquet"
-    precompute(PrecomputeConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), output=str(out),
+    precompute(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), output=str(out),
                                 adapter=str(sft / "sft"), max_length=256, max_prompt_length=128))
     df, meta = refcache.read_cache(out)
     assert meta["adapter"] and meta["manifest"]["adapter"] == meta["adapter"]["hash"]
@@ -71,7 +71,7 @@ def test_train_continues_the_adapter_with_zero_drift(tiny_llama, sft, tmp_path):
     cache = sft / "ref.parquet"
     if not cache.is_file():
         pytest.skip("needs the cache of test_precompute_with_adapter_equals_base_plus_adapter")
-    cfg = train.TrainConfig(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), ref_cache=str(cache),
+    cfg = train.TrainConfig.flat(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), ref_cache=str(cache),
                             output=str(tmp_path / "run"), adapter=str(sft / "sft"), load_in_4bit=False,
                             max_steps=2, batch_size=4, learning_rate=1e-3, lora_dropout=0.0)
     train.run(cfg)

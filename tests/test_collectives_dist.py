@@ -72,12 +72,12 @@ def test_every_collective_tensor_on_the_run_device_through_the_helpers(runs, sta
     violations = [v for log in logs for v in log["violations"]]
     assert not violations, violations[:10]
     # the guard saw the collectives that matter (so an empty violation list means something)
-    expected = ["broadcast_object_list @ stages.base.runguard.guarded_output",
+    expected = ["broadcast_object_list @ stages.model.runguard.guarded_output",
                 "all_reduce @ stages.model.loading._fill_nf4",  # sharded NF4 loading: the absmax
                 "all_reduce @ stages.model.memory.PhaseMemory.report"]
     if stage == "precompute":
         expected += ["all_reduce @ stages.stage1.precompute.reference_pass",  # the stats, after the whole pass
-                     "all_reduce @ stages.base.runguard.StopSignal.requested < stages.stage1.precompute.score_batches",
+                     "all_reduce @ stages.model.runguard.StopSignal.requested < stages.stage1.precompute.score_batches",
                      "broadcast @ stages.stage1.precompute.open_cache_everywhere"]  # broadcast_object's own tensors
         fsdp = ("all_gather_single", "all_gather_into_tensor")
     else:

@@ -62,7 +62,7 @@ def one_line(result, *needles: str, code: int = 2) -> str:
 
 def pc(model, data, out, **kw) -> PrecomputeConfig:
     kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, "max_tokens_per_batch": 1, **kw}
-    return PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out), **kw)
+    return PrecomputeConfig.flat(model=str(model), data=tuple(map(str, data)), output=str(out), **kw)
 
 
 def pc_args(model, data, out, *extra) -> list[str]:
@@ -304,7 +304,7 @@ def cache12(tiny_llama, rows, tmp_path_factory) -> Path:
 def tc(tiny_llama, rows, cache, out, **kw) -> TrainConfig:
     base = dict(model=str(tiny_llama), data=(str(rows["twelve"]),), ref_cache=str(cache), output=str(out),
                 max_steps=3, batch_size=2, load_in_4bit=False, lora_r=4, lora_alpha=8, learning_rate=1e-3)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.flat(**{**base, **kw})
 
 
 @pytest.mark.parametrize("victim", ["rng-rank0.pt", "trainer_state.pt"])

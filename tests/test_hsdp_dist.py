@@ -17,10 +17,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 
 from stages.base.errors import UserError
-from stages.model.distributed import DistEnv, check_replicas
+from stages.settings.groups import Compute
 from stages.stage2 import train
 from stages.stage2.train import TrainConfig
 from tests.test_precompute import SHORT, VALUE_COLS, run_inproc
@@ -38,13 +37,13 @@ def torchrun(*args: str, timeout: float = 600, world: int = WORLD) -> subprocess
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_replicas_must_divide_the_world():
-    env = DistEnv(0, 4, 0, torch.device("cpu"))
+def test_replicas_must_divide_the_world(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's: checked with the settings, before anything is read
     for good in (1, 2, 4):
-        check_replicas(good, env)
+        Compute(replicas=good).check()
     for bad in (0, 3, 8):
         with pytest.raises(UserError, match=f"--replicas {bad} must be >= 1 and divide the 4 processes"):
-            check_replicas(bad, env)
+            Compute(replicas=bad).check()
 
 
 MESH_PROBE = textwrap.dedent("""
@@ -109,7 +108,7 @@ def test_stage_one_one_process_per_replica_group(tiny_llama, setup, tmp_path):
 def pair(request, setup: dict) -> dict:
     mode = request.param
     out1, out4 = setup["dir"] / f"hsdp-one-{mode}", setup["dir"] / f"hsdp-four-{mode}"
-    train.run(TrainConfig(**common(setup, mode), output=str(out1), gradient_accumulation_steps=4))
+    train.run(TrainConfig.flat(**common(setup, mode), output=str(out1), gradient_accumulation_steps=4))
     c = common(setup, mode)
     args = ["--model", c["model"], "--data", c["data"][0], "--eval-data", c["eval_data"][0],
             "--ref-cache", c["ref_cache"], "--output", str(out4), "--max-steps", str(STEPS), "--batch-size", "2",

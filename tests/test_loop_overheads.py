@@ -59,14 +59,14 @@ def cache8(tiny_llama, hh_path, tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("loop")
     data = write_jsonl(d / "rows.jsonl", hh_rows(hh_path, 0, 8))
     cache = d / "ref.parquet"
-    precompute.run(settings.PrecomputeConfig(model=str(tiny_llama), data=(str(data),), output=str(cache),
+    precompute.run(settings.PrecomputeConfig.flat(model=str(tiny_llama), data=(str(data),), output=str(cache),
                                              max_length=MAXLEN, max_prompt_length=MAXPROMPT))
     return {"model": tiny_llama, "data": data, "cache": cache, "dir": d}
 
 
 def _tcfg(files: dict, out: Path) -> settings.TrainConfig:
     """8 rows, 2 per step: 4 steps per epoch; 6 steps touch epochs 0 and 1."""
-    return settings.TrainConfig(model=str(files["model"]), data=(str(files["data"]),), ref_cache=str(files["cache"]),
+    return settings.TrainConfig.flat(model=str(files["model"]), data=(str(files["data"]),), ref_cache=str(files["cache"]),
                                 output=str(out), max_steps=6, batch_size=2, lora_r=4, lora_alpha=8,
                                 learning_rate=1e-2, save_steps=2, load_in_4bit=False)
 
@@ -211,7 +211,7 @@ def test_incremental_cache_under_torchrun(tiny_llama, cache8, tmp_path):
     four = write_jsonl(tmp_path / "four.jsonl", [row for row, _ in zip(_read(cache8["data"]), range(4))])
     out = tmp_path / "ref.parquet"
     args = dict(max_length=MAXLEN, max_prompt_length=MAXPROMPT, max_tokens_per_batch=BUDGET, batches_per_part=2)
-    precompute.run(settings.PrecomputeConfig(model=str(tiny_llama), data=(str(four),), output=str(out), **args))
+    precompute.run(settings.PrecomputeConfig.flat(model=str(tiny_llama), data=(str(four),), output=str(out), **args))
     before = pl.read_parquet(out)
     proc = torchrun(tiny_llama, cache8["data"], out, "--max-length", str(MAXLEN), "--max-prompt-length",
                     str(MAXPROMPT))
@@ -276,7 +276,7 @@ def test_unset_chunk_size_uses_the_devices_default_in_the_head(tiny_llama, monke
 def test_chunk_size_is_not_in_the_cache_fingerprint(cache8, capsys):
     """A rerun with another chunk size finds the same finished cache: nothing to compute."""
     assert "chunk" not in str(refcache.read_meta(cache8["cache"])["manifest"])
-    precompute.run(settings.PrecomputeConfig(model=str(cache8["model"]), data=(str(cache8["data"]),),
+    precompute.run(settings.PrecomputeConfig.flat(model=str(cache8["model"]), data=(str(cache8["data"]),),
                                              output=str(cache8["cache"]), max_length=MAXLEN,
                                              max_prompt_length=MAXPROMPT, chunk_size=3))
     assert "already holds all 8 examples" in capsys.readouterr().out

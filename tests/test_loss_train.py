@@ -33,7 +33,7 @@ def data(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     out = {"model": tiny_llama, "train": train_file}
     for name, tokens in (("plain", False), ("tokens", True)):
         out[name] = d / f"ref-{name}.parquet"
-        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_file),), output=str(out[name]),
+        precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(train_file),), output=str(out[name]),
                                         max_length=MAXLEN, max_prompt_length=MAXPROMPT, store_token_logps=tokens))
     return out
 
@@ -42,7 +42,7 @@ def cfg(data: dict, out: Path, cache: str = "plain", **kw) -> TrainConfig:
     base = dict(model=str(data["model"]), data=(str(data["train"]),), ref_cache=str(data[cache]), output=str(out),
                 max_steps=2, batch_size=2, lora_r=8, lora_alpha=16, learning_rate=1e-3, load_in_4bit=False,
                 lora_dropout=0.0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.flat(**{**base, **kw})
 
 
 def train_records(out: Path) -> list[dict]:

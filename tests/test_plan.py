@@ -8,10 +8,10 @@ import torch
 
 from stages.base.errors import UserError
 from stages.settings.commands import PlanConfig
+from stages.tools.plantable import format_plan
 from stages.tools.plan import (
     GIB,
     OVERHEAD_BYTES,
-    format_plan,
     parse_gpu_memory,
     plan_memory,
 )

@@ -78,7 +78,7 @@ def invoke(*args: str):
 
 def run_inproc(model: Path, data: list[Path], out: Path, **kw) -> pl.DataFrame:
     kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, **kw}
-    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out), **kw))
+    precompute.run(PrecomputeConfig.flat(model=str(model), data=tuple(map(str, data)), output=str(out), **kw))
     return pl.read_parquet(out).sort("example_id")
 
 
@@ -264,7 +264,7 @@ def test_e2e_config_yaml_and_summary(e2e, tiny_llama, files):
     # the saved YAML is a valid --config for the same command
     from stages.settings import yamlconfig as cfgmod
     assert cfgmod.build(PrecomputeConfig, str(out.parent / (out.name + ".config.yaml")), {}) \
-        == PrecomputeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        == PrecomputeConfig.flat(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     done = [line for line in e2e["proc"].stdout.splitlines() if line.startswith("done:")]
     assert len(done) == 1, e2e["proc"].stdout
     assert "30 examples" in done[0] and "tokens/s" in done[0] and "padding waste" in done[0] and "%" in done[0]

@@ -60,7 +60,7 @@ def test_sample_rewards_equal_beta_times_log_ratio(tiny_llama, run_with_adapter)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, data = run_with_adapter
-    cfg = SampleConfig(model=str(tiny_llama), data=(str(data),), adapter=str(run / "adapter"), n=8,
+    cfg = SampleConfig.flat(model=str(tiny_llama), data=(str(data),), adapter=str(run / "adapter"), n=8,
                        max_new_tokens=6, dtype="fp32")
     samples = sample(cfg)
     assert len(samples) == 3  # 4 rows, 3 distinct prompts

@@ -125,7 +125,7 @@ def finished(tiny_llama, hh_path, tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("settings")
     data = write_jsonl(d / "rows.jsonl", hh_rows(hh_path, 0, 8))
     cache = d / "ref.parquet"
-    precompute.run(settings.PrecomputeConfig(model=str(tiny_llama), data=(str(data),), output=str(cache),
+    precompute.run(settings.PrecomputeConfig.flat(model=str(tiny_llama), data=(str(data),), output=str(cache),
                                              max_length=160, max_prompt_length=96))
     run = d / "run"
     args = ["--model", str(tiny_llama), "--data", str(data), "--ref-cache", str(cache), "--output", str(run),

@@ -104,7 +104,7 @@ def sharded(tiny_llama, hh_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     data = [write_jsonl(d / "train.jsonl", hh_rows(hh_path, 0, 25)), write_jsonl(d / "chat.jsonl", CHAT_ROWS)]
     single = run_inproc(tiny_llama, data, d / "single" / "ref.parquet", max_tokens_per_batch=2048)
-    files = [precompute.run(PrecomputeConfig(model=str(tiny_llama), data=tuple(map(str, data)),
+    files = [precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=tuple(map(str, data)),
                                              output=str(d / "sh" / "ref.parquet"), max_length=MAXLEN,
                                              max_prompt_length=MAXPROMPT, max_tokens_per_batch=2048, num_shards=N,
                                              shard_index=str(i)))
@@ -161,12 +161,12 @@ def test_train_takes_the_merged_cache(sharded, tiny_llama, tmp_path):
 
     out = tmp_path / "merged.parquet"
     shards.merge_shards(list(map(str, sharded["files"])), out)
-    train.run(TrainConfig(model=str(tiny_llama), data=tuple(map(str, sharded["data"])), ref_cache=str(out),
+    train.run(TrainConfig.flat(model=str(tiny_llama), data=tuple(map(str, sharded["data"])), ref_cache=str(out),
                                     output=str(tmp_path / "run"), load_in_4bit=False, max_steps=1, batch_size=2,
                                     lora_r=4))
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     with pytest.raises(UserError, match="not in the cache"):  # one shard alone does not cover the data
-        train.run(TrainConfig(model=str(tiny_llama), data=tuple(map(str, sharded["data"])),
+        train.run(TrainConfig.flat(model=str(tiny_llama), data=tuple(map(str, sharded["data"])),
                               ref_cache=str(sharded["files"][0]), output=str(tmp_path / "run1"), max_steps=1))
 
 
@@ -254,5 +254,5 @@ def test_one_shard_settings_are_checked(sharded, tiny_llama, tmp_path):
     with pytest.raises(UserError, match="needs --num-shards"):
         run_inproc(tiny_llama, sharded["data"], tmp_path / "x.parquet", shard_index="2")
     with pytest.raises(UserError, match="no examples"):
-        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(sharded["data"][1]),),
+        precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(sharded["data"][1]),),
                                         output=str(tmp_path / "y.parquet"), num_shards=6, shard_index="5"))

@@ -52,13 +52,13 @@ def cache(tiny_llama: Path, hh_path: Path, tmp_path_factory) -> dict:
         rows = [json.loads(next(f)) for _ in range(20)]
     files = {"train": write_jsonl(d / "train.jsonl", rows[:16]), "eval": write_jsonl(d / "eval.jsonl", rows[16:])}
     out = d / "ref.parquet"
-    precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(files["train"]), str(files["eval"])),
+    precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(files["train"]), str(files["eval"])),
                                     output=str(out), max_length=128, max_prompt_length=64))
     return {"model": str(tiny_llama), "cache": str(out), **{k: str(v) for k, v in files.items()}}
 
 
 def sweep_config(cache: dict, output: Path, betas=BETAS, **kw) -> SweepConfig:
-    return SweepConfig(model=cache["model"], data=(cache["train"],), eval_data=(cache["eval"],),
+    return SweepConfig.flat(model=cache["model"], data=(cache["train"],), eval_data=(cache["eval"],),
                        ref_cache=cache["cache"], output=str(output), betas=tuple(betas), **{**SMALL, **kw})
 
 

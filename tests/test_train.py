@@ -61,7 +61,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def make_cache(model: Path, data: list[Path], out: Path, load_in_4bit: bool) -> Path:
-    precompute.run(PrecomputeConfig(model=str(model), data=tuple(map(str, data)), output=str(out),
+    precompute.run(PrecomputeConfig.flat(model=str(model), data=tuple(map(str, data)), output=str(out),
                                     load_in_4bit=load_in_4bit, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
     return out
 
@@ -71,7 +71,7 @@ def tcfg(files: dict, out: Path, **kw) -> TrainConfig:
     base = dict(model=str(files["model"]), data=(str(files["train"]),), ref_cache=str(files["nf4"]), output=str(out),
                 max_steps=2, batch_size=2, eval_batch_size=4, lora_r=8, lora_alpha=16, learning_rate=1e-3)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.flat(**base)
 
 
 def cli_env() -> dict:
@@ -430,7 +430,7 @@ def test_no_model_flags_inherit_the_caches_model_settings(sharp, tmp_path, capsy
     """Issue 12: precompute-ref (fp32 here, or NF4), then train with NO model flags: the policy is loaded as the
     reference was, so at step 0 it equals the reference (drift at fp32 rounding, far below the warning)."""
     for cache, label in (("fp32", "fp32 base"), ("nf4", "NF4 base")):
-        cfg = TrainConfig(model=str(sharp["model"]), data=(str(sharp["train"]),), ref_cache=str(sharp[cache]),
+        cfg = TrainConfig.flat(model=str(sharp["model"]), data=(str(sharp["train"]),), ref_cache=str(sharp[cache]),
                           output=str(tmp_path / cache), max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)
         assert cfg.load_in_4bit is None and cfg.dtype is None and cfg.adapter is None
         train.run(cfg)
@@ -666,7 +666,7 @@ def test_smollm2_slice_learns(smollm2_slice: Path, hh_path: Path, tmp_path):
     t0 = time.perf_counter()
     cache = make_cache(smollm2_slice, [data], tmp_path / "ref.parquet", load_in_4bit=True)
     t1 = time.perf_counter()
-    cfg = TrainConfig(model=str(smollm2_slice), data=(str(data),), ref_cache=str(cache), output=str(tmp_path / "run"),
+    cfg = TrainConfig.flat(model=str(smollm2_slice), data=(str(data),), ref_cache=str(cache), output=str(tmp_path / "run"),
                       max_steps=SLOW_STEPS, batch_size=4, learning_rate=2e-3, lora_dropout=0.0, warmup_ratio=0.1,
                       gradient_checkpointing=False)
     summary = train.run(cfg)

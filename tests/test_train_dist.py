@@ -68,7 +68,7 @@ def setup(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     caches = {}
     for name, q in (("nf4", True), ("fp32", False)):
         caches[name] = d / f"ref-{name}.parquet"
-        precompute.run(PrecomputeConfig(model=str(tiny_llama), data=(str(train_f), str(eval_f)),
+        precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(train_f), str(eval_f)),
                                         output=str(caches[name]), load_in_4bit=q, max_length=MAXLEN,
                                         max_prompt_length=MAXPROMPT))
     return {"dir": d, "model": tiny_llama, "train": train_f, "eval": eval_f, "caches": caches}
@@ -99,7 +99,7 @@ def pair(request, setup: dict) -> dict:
     mode = request.param
     out1, out2 = setup["dir"] / f"one-{mode}", setup["dir"] / f"two-{mode}"
     t0 = time.perf_counter()
-    train.run(TrainConfig(**common(setup, mode), output=str(out1), gradient_accumulation_steps=2))
+    train.run(TrainConfig.flat(**common(setup, mode), output=str(out1), gradient_accumulation_steps=2))
     t1 = time.perf_counter()
     proc = torchrun(setup, mode, out2)
     t2 = time.perf_counter()
@@ -120,7 +120,7 @@ def tol(pair, setup) -> dict:
             for a in (None, str(pair["one"] / "adapter")))
     cache = pl.read_parquet(setup["caches"][pair["mode"]])
     nc, nr = int(cache["chosen_tokens"].max()), int(cache["rejected_tokens"].max())
-    beta = TrainConfig(**common(setup, pair["mode"]), output="unused").beta
+    beta = TrainConfig.flat(**common(setup, pair["mode"]), output="unused").beta
     # accuracies: exact after step 1 (a flip needs a margin within 2 beta sum_tol of 0); lr and epoch: same schedule
     return {"z": z, "loss": loss_tol(nc + nr, z, beta), "logps/chosen": sum_tol(nc, z),
             "logps/rejected": sum_tol(nr, z), "rewards/chosen": beta * sum_tol(nc, z),

@@ -86,11 +86,7 @@ def shard_path(out: Path, index: int, num_shards: int) -> Path:
 def take_shard(encoded: list[Encoded], cfg, meta: dict, out: Path) -> tuple[list[Encoded], Path]:
     """Stage one's one call: with --num-shards N > 1, keep only shard I's examples, record the shard in `meta`
     (and its manifest) and return the shard's own output file. N == 1 changes nothing."""
-    if cfg.num_shards < 1:
-        raise UserError(f"--num-shards must be >= 1, got {cfg.num_shards}")
-    if cfg.num_shards == 1:
-        if str(cfg.shard_index).strip() not in ("0", "auto"):
-            raise UserError(f"--shard-index {cfg.shard_index} needs --num-shards > 1")
+    if cfg.num_shards == 1:  # the settings checked --num-shards and --shard-index (Scoring.check)
         return encoded, out
     index = resolve_index(cfg.shard_index, cfg.num_shards)
     mine = assign_shards(encoded, cfg.num_shards)[index]

@@ -80,7 +80,6 @@ def shard_model(model, env: DistEnv, reshard_after_forward: bool = True, replica
     gradients are reduce-scattered inside a group, then all-reduced across groups (averaged over all ranks,
     as with plain FSDP). The root stays gathered after forward: the log-prob head runs its chunks inside the
     forward but recomputes them in backward (checkpointed), when the head's weight must still be whole."""
-    check_replicas(replicas, env)
     if not env.enabled:
         return model
     from torch.distributed.fsdp import fully_shard
@@ -90,12 +89,6 @@ def shard_model(model, env: DistEnv, reshard_after_forward: bool = True, replica
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
-
-
-def check_replicas(replicas: int, env: DistEnv) -> None:
-    if replicas < 1 or env.world_size % replicas:
-        raise UserError(f"--replicas {replicas} must be >= 1 and divide the {env.world_size} processes "
-                        f"(e.g. the number of nodes)")
 
 
 def device_mesh(env: DistEnv, replicas: int = 1):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from stages.base.constants import chunk_size_for  # the per-device default chunk is declared there, once
 from stages.base.errors import UserError
 from stages.data.encode import Encoded
 from stages.objective.loss import ld_token_weights
-from stages.base.constants import chunk_size_for  # the per-device default chunk is declared there, once
 
 
 @dataclass

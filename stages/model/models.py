@@ -28,10 +28,9 @@ class ModelSpec:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype setting (checked by the settings: auto or a DTYPES key) on this device."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name!r} is not one of fp32, bf16, fp16, auto")
     return DTYPES[name]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,11 @@ from stages.objective.lossspec import (  # noqa: F401  (re-exported: the loss na
     F_DIVERGENCES,
     LOSS_TYPES,
     SMOOTHED,
-    LossSettings,
     LossSettingsError,
     LossSpec,
     LossSpec_,
     canonical_loss,
+    check_loss,
     format_loss_spec,
     loss_slug,
     parse_loss_spec,
@@ -335,12 +336,13 @@ _PER_TERM: dict[str, Callable[[dict], Tensor]] = {
 def build_loss(settings) -> DPOLoss:
     """The run's loss, built once (as in a trainer's setup). `settings`: any object with the LossSettings attributes
     loss (a spec: "sigmoid*0.8+bco_pair*0.2+sft", a mapping or pairs), beta, label_smoothing, sft_weight,
-    f_divergence, f_alpha, discopop_tau, use_weighting, ld_alpha. Checked here (LossSettingsError); ld_alpha is only
-    checked: the LD-DPO sums come with the log-probs."""
-    s = LossSettings.of(settings)
-    s.check()
+    f_divergence, f_alpha, discopop_tau, use_weighting, ld_alpha, checked once before (`check_loss`: the settings'
+    group checks itself; `dpo_loss` checks its arguments); ld_alpha is unused here: the LD-DPO sums come with the
+    log-probs."""
+    s = settings
     knobs = {"beta": s.beta, "eps": s.label_smoothing, "tau": s.discopop_tau}
-    terms = tuple((name, w, TERMS[name], tuple(knobs[p] for p in TERMS[name].params)) for name, w in s.components)
+    terms = tuple((name, w, TERMS[name], tuple(knobs[p] for p in TERMS[name].params))
+                  for name, w in parse_loss_spec(s.loss))  # the spec parsed once
     needs = frozenset(k for _, _, term, _ in terms for k in term.inputs)
     wants_n_r = "h_norm" in needs or s.use_weighting  # n_r: normalised scores, WPO weights
     return DPOLoss(terms, s.beta, s.sft_weight, s.f_divergence, s.f_alpha, s.use_weighting, needs,
@@ -367,8 +369,11 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     examples; the `sft` type is TRL's mean over all chosen tokens of the batch), not WPO-weighted.
     Rewards are β·ρ for every type (TRL's; ipo too). Reduce `losses` yourself (e.g. .mean()).
     """
-    loss = build_loss(LossSettings(format_loss_spec(loss_type), beta, label_smoothing, sft_weight, f_divergence,
-                                   f_alpha, discopop_tau, chosen_wpo_logps is not None))
+    settings = SimpleNamespace(loss=format_loss_spec(loss_type), beta=beta, label_smoothing=label_smoothing,
+                               sft_weight=sft_weight, f_divergence=f_divergence, f_alpha=f_alpha,
+                               discopop_tau=discopop_tau, use_weighting=chosen_wpo_logps is not None, ld_alpha=None)
+    check_loss(settings)
+    loss = build_loss(settings)
     return loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, chosen_sft_logps=chosen_sft_logps,
                 chosen_wpo_logps=chosen_wpo_logps, rejected_wpo_logps=rejected_wpo_logps)

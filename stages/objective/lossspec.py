@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass
 from typing import Mapping
 
 from stages.base.errors import UserError
@@ -112,80 +111,30 @@ def loss_slug(spec) -> str:
     return "+".join(name if w == 1.0 else f"{_num(w)}{name}" for name, w in parse_loss_spec(spec))
 
 
-# ------------------------------------------------------------------------------------------------ settings
-@dataclass(frozen=True)
-class LossSettings:
-    """Everything that decides the loss besides the log-probs; `check` refuses what would silently differ."""
-
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5
-    discopop_tau: float = 0.05
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-
-    @classmethod
-    def of(cls, cfg) -> "LossSettings":
-        """From any config holding these fields (TrainConfig)."""
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
-
-    def describe(self) -> str:
-        """The loss in one short line: the spec, then only the settings that differ from plain DPO's (β aside):
-        "sigmoid", "robust eps=0.1", "sigmoid*0.8+sft f=js_divergence ld=0.5 wpo"."""
-        parts = [format_loss_spec(self.loss)]
-        if self.label_smoothing:
-            parts.append(f"eps={self.label_smoothing:g}")
-        if self.sft_weight:
-            parts.append(f"sft_weight={self.sft_weight:g}")
-        if self.f_divergence != "reverse_kl":
-            parts.append(f"f={self.f_divergence}" + (f"({self.f_alpha:g})" if self.f_divergence == "alpha_divergence"
-                                                       else ""))
-        if "discopop" in self.loss and self.discopop_tau != 0.05:
-            parts.append(f"tau={self.discopop_tau:g}")
-        if self.ld_alpha is not None:
-            parts.append(f"ld={self.ld_alpha:g}")
-        if self.use_weighting:
-            parts.append("wpo")
-        return " ".join(parts)
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "LossSettings":
-        """From a run's config.yaml (older runs lack the newer keys: their defaults apply)."""
-        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
-
-    def loss_kwargs(self) -> dict:
-        """The keyword arguments of `dpo_loss` these settings decide (WPO and LD come with the log-probs)."""
-        return {"loss_type": self.loss, "beta": self.beta, "label_smoothing": self.label_smoothing,
-                "sft_weight": self.sft_weight, "f_divergence": self.f_divergence, "f_alpha": self.f_alpha,
-                "discopop_tau": self.discopop_tau}
-
-    @property
-    def components(self) -> LossSpec_:
-        return parse_loss_spec(self.loss)
-
-    def check(self) -> None:
-        names = [n for n, _ in self.components]
-        _check_numbers(self)
-        if self.label_smoothing > 0 and not set(names) & set(SMOOTHED):
-            raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not "
-                                    f"{self.loss!r}; set it to 0")
-        if "exo_pair" in names and self.label_smoothing == 0:
-            raise LossSettingsError("--loss exo_pair needs --label-smoothing > 0 (the EXO paper recommends 1e-3)")
-        if self.f_divergence not in F_DIVERGENCES:
-            raise LossSettingsError(f"--f-divergence {self.f_divergence!r} is not one of {', '.join(F_DIVERGENCES)}")
-        other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
-        if self.f_divergence != "reverse_kl" and other:
-            raise LossSettingsError(f"--f-divergence {self.f_divergence} works only with {', '.join(F_DIVERGENCE_LOSSES)}"
-                                    f", not {other[0]!r}; use reverse_kl with it")
-        if self.use_weighting and set(names) & {"aot", "aot_unpaired"}:
-            raise LossSettingsError("--use-weighting cannot weight aot/aot_unpaired: they sort the batch, so per-pair "
-                                    "weights would land on other pairs; drop one of the two")
+# ------------------------------------------------------------------------------------------------ the rules
+def check_loss(s) -> None:
+    """The one check of the loss settings (`s`: the LossSettings group of stages/settings/groups.py, or any object
+    with its attributes loss, beta, label_smoothing, sft_weight, f_divergence, f_alpha, discopop_tau, use_weighting,
+    ld_alpha): refuses what would fail later or silently differ. The group's `check` and `dpo_loss` call it."""
+    names = [n for n, _ in parse_loss_spec(s.loss)]
+    _check_numbers(s)
+    if s.label_smoothing > 0 and not set(names) & set(SMOOTHED):
+        raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not "
+                                f"{s.loss!r}; set it to 0")
+    if "exo_pair" in names and s.label_smoothing == 0:
+        raise LossSettingsError("--loss exo_pair needs --label-smoothing > 0 (the EXO paper recommends 1e-3)")
+    if s.f_divergence not in F_DIVERGENCES:
+        raise LossSettingsError(f"--f-divergence {s.f_divergence!r} is not one of {', '.join(F_DIVERGENCES)}")
+    other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+    if s.f_divergence != "reverse_kl" and other:
+        raise LossSettingsError(f"--f-divergence {s.f_divergence} works only with {', '.join(F_DIVERGENCE_LOSSES)}"
+                                f", not {other[0]!r}; use reverse_kl with it")
+    if s.use_weighting and set(names) & {"aot", "aot_unpaired"}:
+        raise LossSettingsError("--use-weighting cannot weight aot/aot_unpaired: they sort the batch, so per-pair "
+                                "weights would land on other pairs; drop one of the two")
 
 
-def _check_numbers(s: LossSettings) -> None:
+def _check_numbers(s) -> None:
     if not (s.beta > 0 and math.isfinite(s.beta)):
         raise LossSettingsError(f"beta must be > 0, got {s.beta}")
     if not 0.0 <= s.label_smoothing < 0.5:

@@ -55,6 +55,10 @@ class Scoring(Group):
             raise UserError(f"--part-seconds {self.part_seconds}: must be > 0")
         if Path(self.output).suffix != ".parquet":
             raise UserError(f"--output {self.output}: the cache is a Parquet file; name it *.parquet")
+        if self.num_shards < 1:
+            raise UserError(f"--num-shards must be >= 1, got {self.num_shards}")
+        if self.num_shards == 1 and str(self.shard_index).strip() not in ("0", "auto"):
+            raise UserError(f"--shard-index {self.shard_index} needs --num-shards > 1")
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class PlanConfig(Group):
     gpu_memory: str = opt("80GB", "Memory per GPU, e.g. 80GB, 24GB.")
     max_length: int = opt(2048, "Prompt + reply tokens per sequence.", aliases=("seq_len",))
     batch_size: int = opt(1, "Pairs per GPU per micro-batch (stage two).", aliases=("batch",))
-    lora_r: int = opt(16, "LoRA rank.")
+    lora_r: int = opt(16, "LoRA rank (stage two).")
     max_tokens_per_batch: int = opt(8192, "Stage-one token budget per forward (precompute-ref's default).")
     gradient_checkpointing: bool = opt(True, "Stage two recomputes activations in backward.")
     layers: int | None = opt(None, "Count the model with this many decoder layers (same widths).")

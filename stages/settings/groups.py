@@ -4,7 +4,6 @@ command receives the groups it needs. Torch-free: `dpo --help` reads these."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,12 +11,10 @@ from typing import Literal
 from stages.base.constants import CHUNK_HELP, DEFAULT_SPLIT, launched_world_size
 from stages.base.errors import UserError
 from stages.objective.lossspec import (
-    F_DIVERGENCE_LOSSES,
     LOSS_TYPES,
-    SMOOTHED,
-    LossSettingsError,
     LossSpec,
     canonical_loss,
+    check_loss,
     format_loss_spec,
     parse_loss_spec,
 )
@@ -129,7 +126,10 @@ class Compute(Group):
 
     def check(self) -> None:
         at_least("chunk_size", self.chunk_size, 1)
-        at_least("replicas", self.replicas, 1)
+        world_size = launched_world_size()
+        if self.replicas < 1 or world_size % self.replicas:
+            raise UserError(f"--replicas {self.replicas} must be >= 1 and divide the {world_size} processes "
+                            f"(e.g. the number of nodes)")
 
 
 @dataclass(frozen=True)
@@ -178,35 +178,7 @@ class LossSettings(Group):
         return " ".join(parts)
 
     def check(self) -> None:
-        names = [n for n, _ in self.components]
-        self._check_numbers()
-        if self.label_smoothing > 0 and not set(names) & set(SMOOTHED):
-            raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not "
-                                    f"{self.loss!r}; set it to 0")
-        if "exo_pair" in names and self.label_smoothing == 0:
-            raise LossSettingsError("--loss exo_pair needs --label-smoothing > 0 (the EXO paper recommends 1e-3)")
-        other = [n for n in names if n not in F_DIVERGENCE_LOSSES]
-        if self.f_divergence != "reverse_kl" and other:
-            raise LossSettingsError(f"--f-divergence {self.f_divergence} works only with "
-                                    f"{', '.join(F_DIVERGENCE_LOSSES)}, not {other[0]!r}; use reverse_kl with it")
-        if self.use_weighting and set(names) & {"aot", "aot_unpaired"}:
-            raise LossSettingsError("--use-weighting cannot weight aot/aot_unpaired: they sort the batch, so per-pair "
-                                    "weights would land on other pairs; drop one of the two")
-
-    def _check_numbers(self) -> None:
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise LossSettingsError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise LossSettingsError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not self.sft_weight >= 0:
-            raise LossSettingsError(f"sft_weight must be >= 0, got {self.sft_weight}")
-        if not math.isfinite(self.f_alpha):
-            raise LossSettingsError(f"--f-alpha must be a finite number, got {self.f_alpha}")
-        if not (self.discopop_tau > 0 and math.isfinite(self.discopop_tau)):
-            raise LossSettingsError(f"--discopop-tau must be > 0, got {self.discopop_tau}")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise LossSettingsError(f"--ld-alpha must be in [0, 1] (1: plain DPO, 0: only the shared length counts), "
-                                    f"got {self.ld_alpha}")
+        check_loss(self)  # the loss's rules live with the loss names (stages/objective/lossspec.py)
 
 
 @dataclass(frozen=True)

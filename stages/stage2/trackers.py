@@ -17,7 +17,6 @@ import os
 import uuid
 from pathlib import Path
 
-from stages.base.errors import UserError
 from stages.settings.groups import check_installed, parse_report_to  # noqa: F401  (the names are settings)
 
 DEFAULT_PROJECT = "dpo-stages"

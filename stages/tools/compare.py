@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from stages.base.errors import UserError
-from stages.objective.loss import LossSettings
+from stages.settings.groups import LossSettings
 from stages.stage2.metrics import read_metrics
 
 ACC, MARGIN, CHOSEN, REJECTED, EVAL_LOSS = (

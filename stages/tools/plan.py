@@ -222,7 +222,7 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
         extra at peak     = max(0, reference forward − the backward's own transient (2·T·a with checkpointing,
                             T·a without)): usually 0 with checkpointing — the online reference costs time (one
                             more forward per step), hardly memory. A trainer that materialises full logits
-                            (a plain HF forward) pays [2B, T, V] instead of a chunk: see format_plan's notes."""
+                            (a plain HF forward) pays [2B, T, V] instead of a chunk: see the notes of plantable.format_plan."""
     parts = _stage2_parts(s, cfg=cfg, c=c)
     T = cfg.batch_size * 2 * cfg.max_length
     a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)
@@ -387,10 +387,3 @@ def parse_gpu_memory(text: str | float | int) -> float:
         raise UserError(f"dpo plan: --gpu-memory {text!r} is not a size; write e.g. 80GB (read as GiB)")
     unit = (m.group(2) or "g").lower()[0]
     return float(m.group(1)) * {"t": 1024.0, "g": 1.0, "m": 1 / 1024}[unit]
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a table of GiB per GPU (stages/tools/plantable.py)."""
-    from stages.tools.plantable import format_table
-
-    return format_table(plan)

@@ -60,7 +60,7 @@ def _rows(plan: Plan, labels: list[str], field: str, width: int, col: int) -> li
     return lines
 
 
-def format_table(plan: Plan) -> str:
+def format_plan(plan: Plan) -> str:
     """The plan as a table of GiB per GPU (one column per scenario), with fits/does-not-fit and suggestions."""
     labels = _labels(plan, "breakdown")
     width = max(len(x) for x in labels + _labels(plan, "load_breakdown") + ["per GPU, GiB"]) + 2

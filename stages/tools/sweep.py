@@ -19,7 +19,7 @@ import yaml
 
 from stages.base.errors import UserError
 from stages.base.progress import say
-from stages.base.runguard import guarded_output
+from stages.model.runguard import guarded_output
 from stages.cache import refcache
 from stages.model.distributed import barrier, init_distributed
 from stages.objective.loss import loss_slug
