@@ -87,8 +87,8 @@ def score(model, pad_id, batches, shared: bool):
     import pyarrow.parquet as pq
     import torch
 
-    from stages.model.runguard import StopSignal
     from stages.model.distributed import DistEnv
+    from stages.model.runguard import StopSignal
     from stages.stage1.precompute import PrecomputeConfig, score_batches
 
     parts = C.OUT / "stage1-parts"

@@ -222,8 +222,9 @@ def ours_precompute(model_dir: Path, data: Path, out: Path, max_length: int, bud
     PROFILE["ours_head"].reset()
     try:
         with C.Timer() as c:
-            pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
-                                       max_prompt_length=max_length, max_tokens_per_batch=budget, overwrite=True))
+            pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(data),), output=str(out),
+                                            max_length=max_length, max_prompt_length=max_length,
+                                            max_tokens_per_batch=budget, overwrite=True))
     finally:
         pc.score_batches = original
     df, meta = refcache.read_cache(out)
@@ -425,8 +426,8 @@ def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
     cache, out = OUT / f"sweep-ref-{rep}.parquet", OUT / f"sweep-ours-{rep}"
     shutil.rmtree(out, ignore_errors=True)
     settings = train_settings(plan.sweep_max_length, plan.sweep_batch, plan.sweep_steps)
-    cfg = S.SweepConfig.flat(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), betas=BETAS,
-                        **settings)
+    cfg = S.SweepConfig.flat(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out),
+                             betas=BETAS, **settings)
     profiled = ((T, "load_policy"), (T, "drift_check"), (ckpt, "save"), (ckpt, "save_adapter"), (S, "compare"),
                 (S.prepare_mod, "prepare"))
     with optimizer_stamps() as stamps, timed(*profiled) as acc, C.Timer() as total:
@@ -776,8 +777,8 @@ def curve_data(tok, model_dir: Path) -> dict:
     cache = OUT / "curves-ref.parquet"
     import stages.stage1.precompute as pc
 
-    pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32", max_length=L,
-                               max_prompt_length=L - 1, overwrite=True))
+    pc.run(pc.PrecomputeConfig.flat(model=str(model_dir), data=(str(path),), output=str(cache), dtype="fp32",
+                                    max_length=L, max_prompt_length=L - 1, overwrite=True))
     exported = OUT / "curves-trl.jsonl"
     export_trl(str(cache), DataSpec(data=(str(path),)), TrlExport(output=str(exported)))
     model, _ = load_hf(model_dir)

@@ -149,7 +149,7 @@ def cache_merge(**flags):
     """Join the caches of `precompute-ref --num-shards N` jobs (SHARD_FILES) into one cache for `dpo train`."""
     from stages.cache.shards import merge_shards
 
-    cfg = cfgmod.build(settings.CacheMergeConfig, None, flags).merge
+    cfg = cfgmod.build(settings.CacheMergeConfig, None, flags)
     meta = merge_shards(list(cfg.shard_files), cfg.output)
     n = sum(s["examples"] for s in meta["merged_from"]["shards"])
     click.echo(f"merged {meta['merged_from']['num_shards']} shards, {n} examples -> {cfg.output}")
@@ -230,7 +230,7 @@ def compare_cmd(**flags):
     """Table, CSV and plot of training runs (RUN_DIRS: `dpo train` outputs or whole `dpo sweep` folders)."""
     from stages.tools.compare import compare, format_table, samples_tables
 
-    c = cfgmod.build(settings.CompareConfig, None, flags).compare
+    c = cfgmod.build(settings.CompareConfig, None, flags)
     rows, png, csv_path = compare(c.run_dirs, c.output)
     click.echo(format_table(rows))
     click.echo(f"plot: {png}\ntable: {csv_path}")
@@ -239,7 +239,7 @@ def compare_cmd(**flags):
 
 
 @main.command(context_settings={"show_default": False})
-@options_from(settings.PlanCommand)
+@options_from(settings.PlanConfig)
 @user_errors
 def plan(config_path, **flags):
     """Per-GPU memory of naive DPO, QLoRA with an online reference, stage one and stage two, from the config.
@@ -247,7 +247,7 @@ def plan(config_path, **flags):
     from stages.tools.plan import plan_memory
     from stages.tools.plantable import format_plan
 
-    c = cfgmod.build(settings.PlanCommand, config_path, flags, section="plan").plan
+    c = cfgmod.build(settings.PlanConfig, config_path, flags, section="plan")
     click.echo(format_plan(plan_memory(c)))
 
 
@@ -258,7 +258,7 @@ def demo(**flags):
     """The whole pipeline on SmolLM2-135M-Instruct and the shipped demo data: precompute, sweep, compare."""
     from stages.tools.demo import run_demo
 
-    run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).demo.quick)
+    run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).quick)
 
 
 @main.group("config")
@@ -274,7 +274,7 @@ def config_from_trl(**flags):
     with why, as comments at the top. Save it and run: dpo precompute-ref --config F && dpo train --config F."""
     from stages.tools.trlconfig import from_trl
 
-    click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).source.path), nl=False)
+    click.echo(from_trl(cfgmod.build(settings.FromTrlConfig, None, flags).path), nl=False)
 
 
 @main.command("sample", context_settings={"show_default": False})

@@ -44,7 +44,7 @@ def sft(tiny_llama, hh_path, tmp_path_factory):
 def test_precompute_with_adapter_equals_base_plus_adapter(tiny_llama, sft):
     out = sft / "ref.parquet"
     precompute(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), output=str(out),
-                                adapter=str(sft / "sft"), max_length=256, max_prompt_length=128))
+                                     adapter=str(sft / "sft"), max_length=256, max_prompt_length=128))
     df, meta = refcache.read_cache(out)
     assert meta["adapter"] and meta["manifest"]["adapter"] == meta["adapter"]["hash"]
 
@@ -72,16 +72,16 @@ def test_train_continues_the_adapter_with_zero_drift(tiny_llama, sft, tmp_path):
     if not cache.is_file():
         pytest.skip("needs the cache of test_precompute_with_adapter_equals_base_plus_adapter")
     cfg = train.TrainConfig.flat(model=str(tiny_llama), data=(str(sft / "rows.jsonl"),), ref_cache=str(cache),
-                            output=str(tmp_path / "run"), adapter=str(sft / "sft"), load_in_4bit=False,
-                            max_steps=2, batch_size=4, learning_rate=1e-3, lora_dropout=0.0)
+                                 output=str(tmp_path / "run"), adapter=str(sft / "sft"), load_in_4bit=False,
+                                 max_steps=2, batch_size=4, learning_rate=1e-3, lora_dropout=0.0)
     train.run(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # policy == base + SFT adapter == reference: only rounding (tests/bounds.py), per token and in the first loss
-    z = logit_scale_of_files(tiny_llama, cfg.data, 256, 128, adapter=str(sft / "sft"))
+    z = logit_scale_of_files(tiny_llama, cfg.data.data, 256, 128, adapter=str(sft / "sft"))
     assert records[0]["step"] == 0 and records[0]["ref_drift_per_token"] <= token_tol(z)
     steps = [r for r in records if "loss" in r]
     pair_tokens = max(r["chosen_tokens"] + r["rejected_tokens"] for r in pl.read_parquet(cache).iter_rows(named=True))
-    assert abs(steps[0]["loss"] - math.log(2)) <= loss_tol(pair_tokens, z, cfg.beta)
+    assert abs(steps[0]["loss"] - math.log(2)) <= loss_tol(pair_tokens, z, cfg.loss.beta)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 4  # the SFT adapter's own shape, continued rather than replaced
     assert pl.read_parquet(cache).height == 12

@@ -66,9 +66,9 @@ def cache8(tiny_llama, hh_path, tmp_path_factory) -> dict:
 
 def _tcfg(files: dict, out: Path) -> settings.TrainConfig:
     """8 rows, 2 per step: 4 steps per epoch; 6 steps touch epochs 0 and 1."""
-    return settings.TrainConfig.flat(model=str(files["model"]), data=(str(files["data"]),), ref_cache=str(files["cache"]),
-                                output=str(out), max_steps=6, batch_size=2, lora_r=4, lora_alpha=8,
-                                learning_rate=1e-2, save_steps=2, load_in_4bit=False)
+    return settings.TrainConfig.flat(model=str(files["model"]), data=(str(files["data"]),),
+                                     ref_cache=str(files["cache"]), output=str(out), max_steps=6, batch_size=2,
+                                     lora_r=4, lora_alpha=8, learning_rate=1e-2, save_steps=2, load_in_4bit=False)
 
 
 def _losses(out: Path) -> dict[int, float]:

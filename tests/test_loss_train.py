@@ -34,7 +34,7 @@ def data(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     for name, tokens in (("plain", False), ("tokens", True)):
         out[name] = d / f"ref-{name}.parquet"
         precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(train_file),), output=str(out[name]),
-                                        max_length=MAXLEN, max_prompt_length=MAXPROMPT, store_token_logps=tokens))
+                                             max_length=MAXLEN, max_prompt_length=MAXPROMPT, store_token_logps=tokens))
     return out
 
 
@@ -108,7 +108,7 @@ def test_options_cli_and_yaml(data, tmp_path):
     path.write_text(yaml.safe_dump({"model": "m", "data": ["d"], "ref_cache": "r", "output": "o",
                                     "loss": {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1}}, sort_keys=False))
     built = cfgmod.build(TrainConfig, str(path), {}, section="train")
-    assert built.loss == "sigmoid*0.8+bco_pair*0.2+sft"
+    assert built.loss.loss == "sigmoid*0.8+bco_pair*0.2+sft"
     cfgmod.save(built, tmp_path / "saved.yaml")  # the canonical plain string is what a run folder records
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["loss"] == "sigmoid*0.8+bco_pair*0.2+sft"
 
@@ -121,7 +121,7 @@ def test_sweep_over_mixtures_names_folders_and_compare_shows_the_loss(data, tmp_
         "model": str(data["model"]), "data": (str(data["train"]),), "ref_cache": str(data["plain"]),
         "output": str(tmp_path / "sweep"), "betas": (0.1,), "max_steps": 1, "batch_size": 2, "load_in_4bit": False,
         "lora_r": 8, "lora_alpha": 16}, section="sweep")
-    assert scfg.losses == ("sigmoid", "sigmoid*0.8+bco_pair*0.2+sft", "sigmoid")
+    assert scfg.grid.losses == ("sigmoid", "sigmoid*0.8+bco_pair*0.2+sft", "sigmoid")
     result = sweep.run_sweep(scfg)
     names = [p.name for p in result.run_dirs]
     assert names == ["beta-0.1-sigmoid", "beta-0.1-0.8sigmoid+0.2bco_pair+sft"]  # duplicates dropped

@@ -8,7 +8,6 @@ import torch
 
 from stages.base.errors import UserError
 from stages.settings.commands import PlanConfig
-from stages.tools.plantable import format_plan
 from stages.tools.plan import (
     GIB,
     OVERHEAD_BYTES,
@@ -16,6 +15,7 @@ from stages.tools.plan import (
     plan_memory,
 )
 from stages.tools.plancount import count_parameters, lora_parameters
+from stages.tools.plantable import format_plan
 from stages.tools.planterms import nf4_split
 
 torch.set_num_threads(1)

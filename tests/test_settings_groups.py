@@ -16,8 +16,8 @@ from stages.settings import commands, groups, yamlconfig
 from stages.settings.options import Command, Group, from_flat, options, to_flat
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = sorted((c for c in vars(commands).values() if isinstance(c, type) and issubclass(c, Command)
-                   and c is not Command), key=lambda c: c.__name__)
+COMMANDS = sorted((c for c in vars(commands).values() if isinstance(c, type) and c.__name__.endswith("Config")
+                   and issubclass(c, (Command, Group))), key=lambda c: c.__name__)  # a command, or its one group
 GROUPS = sorted({o.group for c in COMMANDS for o in options(c)}, key=lambda g: g.__name__)
 
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -35,6 +34,7 @@ from stages.cli import main as cli_main
 from stages.model import models
 from stages.model.logprobs import collate_pairs, sequence_logps
 from stages.settings import yamlconfig as cfgmod
+from stages.settings.options import replace
 from stages.stage1 import precompute
 from stages.stage1.precompute import PrecomputeConfig
 from stages.stage2 import train
@@ -62,7 +62,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def make_cache(model: Path, data: list[Path], out: Path, load_in_4bit: bool) -> Path:
     precompute.run(PrecomputeConfig.flat(model=str(model), data=tuple(map(str, data)), output=str(out),
-                                    load_in_4bit=load_in_4bit, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
+                                         load_in_4bit=load_in_4bit, max_length=MAXLEN, max_prompt_length=MAXPROMPT))
     return out
 
 
@@ -72,6 +72,11 @@ def tcfg(files: dict, out: Path, **kw) -> TrainConfig:
                 max_steps=2, batch_size=2, eval_batch_size=4, lora_r=8, lora_alpha=16, learning_rate=1e-3)
     base.update(kw)
     return TrainConfig.flat(**base)
+
+
+def prepare_of(cfg: TrainConfig):
+    """`prepare` with a train config's groups (what train.run passes)."""
+    return prepare(cfg.data, cfg.model, cfg.cache, cfg.lengths, cfg.loss.ld_alpha)
 
 
 def cli_env() -> dict:
@@ -236,7 +241,7 @@ def test_e2e_adapter_reloads_to_the_trained_policy(e2e, fp32_files):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    prep = prepare(replace(e2e["cfg"], data=(str(fp32_files["eval"]),), eval_data=()))
+    prep = prepare_of(replace(e2e["cfg"], data=(str(fp32_files["eval"]),), eval_data=()))
     items, pad = prep.train, prep.tokenizer.pad_token_id
     base = AutoModelForCausalLM.from_pretrained(str(fp32_files["model"]), dtype=torch.float32)
     base_c, _ = logps_of(base, items, pad)
@@ -300,8 +305,8 @@ def test_join_by_example_id_shuffled_subset(files, tmp_path):
     rows = read_jsonl(files["train"])
     random.Random(7).shuffle(rows)
     subset = write_jsonl(tmp_path / "subset.jsonl", rows[:25])
-    full = prepare(tcfg(files, tmp_path / "a"))
-    part = prepare(tcfg(files, tmp_path / "b", data=(str(subset),)))
+    full = prepare_of(tcfg(files, tmp_path / "a"))
+    part = prepare_of(tcfg(files, tmp_path / "b", data=(str(subset),)))
     df = pl.read_parquet(files["nf4"])
     cached = {r["example_id"]: r for r in df.iter_rows(named=True)}
     assert len(part.train) == 25
@@ -411,7 +416,7 @@ def test_drift_zero_for_matching_nf4_cache(sharp, tmp_path, capsys):
     assert first["ref_drift_per_token"] <= token_tol(z) < train.DRIFT_WARN, (first, token_tol(z))
     # rewards start at 0: each pair's h moves by <= beta * sum_tol(chosen + rejected tokens), the loss no more
     pair_tokens = pl.read_parquet(sharp["nf4"]).select(pl.col("chosen_tokens") + pl.col("rejected_tokens")).max()
-    assert abs(step1["loss"] - math.log(2)) <= loss_tol(pair_tokens.item(), z, cfg.beta), step1
+    assert abs(step1["loss"] - math.log(2)) <= loss_tol(pair_tokens.item(), z, cfg.loss.beta), step1
 
 
 def test_drift_warns_for_fp32_cache_against_nf4_policy(sharp, tmp_path, capsys):
@@ -431,8 +436,8 @@ def test_no_model_flags_inherit_the_caches_model_settings(sharp, tmp_path, capsy
     reference was, so at step 0 it equals the reference (drift at fp32 rounding, far below the warning)."""
     for cache, label in (("fp32", "fp32 base"), ("nf4", "NF4 base")):
         cfg = TrainConfig.flat(model=str(sharp["model"]), data=(str(sharp["train"]),), ref_cache=str(sharp[cache]),
-                          output=str(tmp_path / cache), max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)
-        assert cfg.load_in_4bit is None and cfg.dtype is None and cfg.adapter is None
+                               output=str(tmp_path / cache), max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)
+        assert cfg.model.load_in_4bit is None and cfg.model.dtype is None and cfg.model.adapter is None
         train.run(cfg)
         out = capsys.readouterr().out
         assert f"model: {label}, adapter none (as the cache)" in out, out
@@ -580,7 +585,7 @@ def test_resume_after_crash_is_exact(resume_runs, monkeypatch, capsys):
         m.setattr(train.MetricsWriter, "write", crash_after_step_3)
         with pytest.raises(Crash):
             train.run(cfg)
-    out = Path(cfg.output)
+    out = Path(cfg.run.output)
     assert [p.name for p in train.checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
     assert 3 in losses_by_step(read_jsonl(out / "metrics.jsonl"))
     capsys.readouterr()
@@ -596,7 +601,7 @@ def test_resume_after_kill_9_through_cli_is_exact(resume_runs, tmp_path):
     cfg = resume_runs["make"]("c")
     cfgmod.save(cfg, tmp_path / "c.yaml")
     cmd = [sys.executable, "-m", "stages.cli", "train", "--config", str(tmp_path / "c.yaml")]
-    out = Path(cfg.output)
+    out = Path(cfg.run.output)
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -666,9 +671,9 @@ def test_smollm2_slice_learns(smollm2_slice: Path, hh_path: Path, tmp_path):
     t0 = time.perf_counter()
     cache = make_cache(smollm2_slice, [data], tmp_path / "ref.parquet", load_in_4bit=True)
     t1 = time.perf_counter()
-    cfg = TrainConfig.flat(model=str(smollm2_slice), data=(str(data),), ref_cache=str(cache), output=str(tmp_path / "run"),
-                      max_steps=SLOW_STEPS, batch_size=4, learning_rate=2e-3, lora_dropout=0.0, warmup_ratio=0.1,
-                      gradient_checkpointing=False)
+    cfg = TrainConfig.flat(model=str(smollm2_slice), data=(str(data),), ref_cache=str(cache),
+                           output=str(tmp_path / "run"), max_steps=SLOW_STEPS, batch_size=4, learning_rate=2e-3,
+                           lora_dropout=0.0, warmup_ratio=0.1, gradient_checkpointing=False)
     summary = train.run(cfg)
     t2 = time.perf_counter()
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

@@ -107,8 +107,9 @@ def trl_precompute(model_dir: Path, rows: list[dict], tmp: Path, max_length: int
 
 
 def ours(model_dir: Path, data: Path, out: Path, max_length: int | None, share: bool = True) -> dict[str, tuple]:
-    precompute.run(PrecomputeConfig.flat(model=str(model_dir), data=(str(data),), output=str(out), max_length=max_length,
-                                    max_prompt_length=max_length, share_prompt=share, max_tokens_per_batch=2048))
+    precompute.run(PrecomputeConfig.flat(model=str(model_dir), data=(str(data),), output=str(out),
+                                         max_length=max_length, max_prompt_length=max_length, share_prompt=share,
+                                         max_tokens_per_batch=2048))
     df, _ = refcache.read_cache(out)
     return {r["example_id"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in df.iter_rows(named=True)}
 
@@ -259,8 +260,8 @@ def test_export_trl_chat_convention_equals_trl_precompute(tiny_llama: Path, hh_p
     theirs = trl_precompute(tiny_llama, rows, tmp_path, max_length)
     cache = tmp_path / "chat.parquet"
     # --max-prompt-length one below --max-length cuts no prompt here: TRL's convention
-    precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(path),), output=str(cache), max_length=max_length,
-                                    max_prompt_length=max_length and max_length - 1))
+    precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(path),), output=str(cache),
+                                         max_length=max_length, max_prompt_length=max_length and max_length - 1))
     df, _ = refcache.read_cache(cache)
     mine = {r["example_id"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in df.iter_rows(named=True)}
     assert set(mine) == set(theirs)

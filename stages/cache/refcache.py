@@ -37,7 +37,8 @@ SCHEMA = pa.schema([
     ("rejected_tokens", pa.int32()),
     ("prompt_tokens", pa.int32()),
 ])
-TOKEN_FIELDS = [("ref_chosen_token_logps", pa.list_(pa.float32())), ("ref_rejected_token_logps", pa.list_(pa.float32()))]
+TOKEN_FIELDS = [("ref_chosen_token_logps", pa.list_(pa.float32())),
+                ("ref_rejected_token_logps", pa.list_(pa.float32()))]
 
 
 def schema(store_token_logps: bool) -> pa.Schema:
@@ -115,7 +116,9 @@ def table_problem(df: pl.DataFrame, store_token_logps: bool) -> str | None:
             return f"column {name!r} has type {df.schema[name]}, expected {types[0]}"
     ids = df["example_id"]
     if ids.null_count() or ids.is_duplicated().any():
-        return "an example_id is empty" if ids.null_count() else f"example {ids.filter(ids.is_duplicated())[0]} appears twice"
+        if ids.null_count():
+            return "an example_id is empty"
+        return f"example {ids.filter(ids.is_duplicated())[0]} appears twice"
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = df.filter(~pl.col(col).is_finite() | pl.col(col).is_null())
         if bad.height:
@@ -181,8 +184,8 @@ def finished_rows(out: Path, manifest: dict, overwrite: bool) -> pa.Table | None
         raise UserError(f"--out {out}: a folder, not a cache file; give a file name such as {out}/ref.parquet")
     diff = _differences(read_meta(out)["manifest"], manifest)
     if diff:
-        raise UserError(f"--out {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse it, "
-                        "--overwrite recomputes")
+        raise UserError(f"--out {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse "
+                        "it, --overwrite recomputes")
     df, _ = read_cache(out)
     return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps"))))
 

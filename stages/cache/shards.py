@@ -95,7 +95,8 @@ def take_shard(encoded: list[Encoded], cfg, meta: dict, out: Path) -> tuple[list
                         f"use a smaller --num-shards")
     meta["manifest"]["shard"] = {"index": index, "num_shards": cfg.num_shards}
     meta["shard"] = {"index": index, "num_shards": cfg.num_shards, "examples": len(mine),
-                     "tokens": sum(example_tokens(e) for e in mine), "ids_digest": ids_digest(e.example_id for e in mine),
+                     "tokens": sum(example_tokens(e) for e in mine),
+                     "ids_digest": ids_digest(e.example_id for e in mine),
                      "all_examples": len(encoded), "all_ids_digest": meta["manifest"]["ids_digest"]}
     return mine, shard_path(out, index, cfg.num_shards)
 
@@ -159,8 +160,9 @@ def merge_shards(paths: list[str], out: str | Path) -> dict:
             owner[i] = p
     all_digest = metas[0]["manifest"]["ids_digest"]
     if ids_digest(owner) != all_digest:
-        raise UserError(f"the {len(paths)} shards hold {len(owner)} examples, not the {metas[0]['shard']['all_examples']} "
-                        f"of the data (ids digest differs); rerun the shards from the same data")
+        raise UserError(f"the {len(paths)} shards hold {len(owner)} examples, not the "
+                        f"{metas[0]['shard']['all_examples']} of the data (ids digest differs); rerun the shards from "
+                        "the same data")
     merged = pa.concat_tables(tables).sort_by("example_id")
     meta = merged_metadata(paths, metas)
     out = Path(out)

@@ -30,14 +30,6 @@ class PairBatch:
     score_mask: torch.Tensor      # [2B, T] bool: True where the token is a completion token (scored)
     encoded: list[Encoded]
 
-    @property
-    def example_ids(self) -> list[str]:
-        return [e.example_id for e in self.encoded]
-
-    @property
-    def pad_tokens(self) -> int:
-        return int((self.attention_mask == 0).sum())
-
 
 @dataclass
 class LogpOutput:

@@ -125,26 +125,17 @@ class SweepGrid(Group):
 
 
 @dataclass(frozen=True)
-class SweepConfig(Command):
-    """`dpo sweep`: every `dpo train` option except beta/loss, plus betas and losses."""
+class SweepConfig(TrainConfig):
+    """`dpo sweep`: every `dpo train` option except beta/loss, plus betas and losses (the grid of runs)."""
 
-    model: ModelSettings = part(ModelSettings, words=TRAIN_MODEL)
-    data: DataSpec = part(DataSpec, words=TRAIN_DATA)
-    cache: CacheInput = part(CacheInput)
-    run: RunSettings = part(RunSettings)
-    grid: SweepGrid = part(SweepGrid)
-    lora: LoraSettings = part(LoraSettings)
     loss: LossSettings = part(LossSettings, omit=("loss", "beta"))
-    optim: OptimSettings = part(OptimSettings)
-    schedule: Schedule = part(Schedule)
-    lengths: Lengths = part(Lengths, words=CACHE_LENGTHS)
-    compute: Compute = part(Compute)
+    grid: SweepGrid = part(SweepGrid)
 
 
 # ------------------------------------------------------------------------------------------------ tools
 @dataclass(frozen=True)
 class PlanConfig(Group):
-    """`dpo plan`'s settings: reads the same --config file as the stages (its `plan:` section, then `shared:`)."""
+    """`dpo plan`: reads the same --config file as the stages (its `plan:` section, then `shared:`)."""
 
     model: str = opt(help="Model folder with config.json, or a config JSON file (no weights needed).")
     gpus: int = opt(8, "GPUs (processes).")
@@ -156,13 +147,6 @@ class PlanConfig(Group):
     gradient_checkpointing: bool = opt(True, "Stage two recomputes activations in backward.")
     layers: int | None = opt(None, "Count the model with this many decoder layers (same widths).")
     cpu: bool = opt(False, "One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
-
-
-@dataclass(frozen=True)
-class PlanCommand(Command):
-    """`dpo plan`."""
-
-    plan: PlanConfig = part(PlanConfig)
 
 
 @dataclass(frozen=True)
@@ -255,23 +239,16 @@ class ExportTrlConfig(Command):
 
 
 @dataclass(frozen=True)
-class Merge(Group):
-    """`dpo cache merge`'s inputs and output."""
+class CacheMergeConfig(Group):
+    """`dpo cache merge SHARD_FILE... --output FILE`."""
 
     shard_files: tuple[str, ...] = opt(help="The shard caches of `precompute-ref --num-shards N`.", argument=True)
     output: str = opt(help="The merged cache (written atomically).", aliases=("out",))
 
 
 @dataclass(frozen=True)
-class CacheMergeConfig(Command):
-    """`dpo cache merge SHARD_FILE... --output FILE`."""
-
-    merge: Merge = part(Merge)
-
-
-@dataclass(frozen=True)
-class Comparison(Group):
-    """`dpo compare`'s runs and output."""
+class CompareConfig(Group):
+    """`dpo compare RUN_DIR...`."""
 
     run_dirs: tuple[str, ...] = opt(help="`dpo train` outputs or whole `dpo sweep` folders.", argument=True)
     output: str | None = opt(None, "Folder for compare.png / compare.csv (default: the folder holding the runs).",
@@ -280,35 +257,14 @@ class Comparison(Group):
 
 
 @dataclass(frozen=True)
-class CompareConfig(Command):
-    """`dpo compare RUN_DIR...`."""
-
-    compare: Comparison = part(Comparison)
-
-
-@dataclass(frozen=True)
-class Demo(Group):
-    """`dpo demo`'s one setting."""
+class DemoConfig(Group):
+    """`dpo demo`."""
 
     quick: bool = opt(False, "A smoke test of every stage in about two minutes.")
 
 
 @dataclass(frozen=True)
-class DemoConfig(Command):
-    """`dpo demo`."""
-
-    demo: Demo = part(Demo)
-
-
-@dataclass(frozen=True)
-class TrlConfigPath(Group):
-    """`dpo config from-trl`'s input."""
-
-    path: str = opt(help="A TRL DPOConfig / TrainingArguments YAML file.", argument=True)
-
-
-@dataclass(frozen=True)
-class FromTrlConfig(Command):
+class FromTrlConfig(Group):
     """`dpo config from-trl DPOConfig.yaml`."""
 
-    source: TrlConfigPath = part(TrlConfigPath)
+    path: str = opt(help="A TRL DPOConfig / TrainingArguments YAML file.", argument=True)

@@ -61,18 +61,24 @@ class Option:
     default: object
     metadata: dict
     group: type
-    part: str  # the command's field holding the group
+    part: str | None  # the command's field holding the group (None: the command is this one group)
 
     @property
     def required(self) -> bool:
         return self.default is MISSING
 
 
+def _parts(command: type) -> list[tuple[str | None, type, tuple, dict]]:
+    """(field, group, omit, words) per part; a command of one group may be that group itself (field None)."""
+    if issubclass(command, Group):
+        return [(None, command, (), {})]
+    return [(p.name, p.metadata["group"], p.metadata["omit"], p.metadata["words"]) for p in dataclasses.fields(command)]
+
+
 def options(command: type) -> list[Option]:
     """The settings a command offers, in part order then declaration order; names are unique per command."""
     out = []
-    for p in dataclasses.fields(command):
-        group, omit, words = p.metadata["group"], p.metadata["omit"], p.metadata["words"]
+    for name, group, omit, words in _parts(command):
         hints = typing.get_type_hints(group)
         for f in dataclasses.fields(group):
             if f.name in omit:
@@ -80,7 +86,7 @@ def options(command: type) -> list[Option]:
             worded = words.get(f.name, f.metadata.get("help", ""))
             default, help = (f.default, worded) if isinstance(worded, str) else worded
             out.append(Option(f.name, _hint(hints[f.name], default), default, {**f.metadata, "help": help}, group,
-                              p.name))
+                              name))
     names = [o.name for o in out]
     assert len(names) == len(set(names)), f"{command.__name__}: a setting is offered twice"
     return out
@@ -113,11 +119,13 @@ def from_flat(command: type, values: dict, given: set[str] | None = None):
         elif not o.required:
             by_part.setdefault(o.part, {})[o.name] = o.default
     groups, notes = {}, []
-    for p in dataclasses.fields(command):
-        filled, said = p.metadata["group"].fill(by_part.get(p.name, {}), given)
-        groups[p.name] = p.metadata["group"](**filled)
-        groups[p.name].check()
+    for name, group, _, _ in _parts(command):
+        filled, said = group.fill(by_part.get(name, {}), given)
+        groups[name] = group(**filled)
+        groups[name].check()
         notes += said
+    if issubclass(command, Group):
+        return groups[None]
     cfg = command(**groups)
     object.__setattr__(cfg, "notes", tuple(notes))
     cfg.check()
@@ -128,7 +136,7 @@ def to_flat(cfg) -> dict:
     """{setting: value} of a command (what config.yaml holds), tuples as lists."""
     out = {}
     for o in options(type(cfg)):
-        value = getattr(getattr(cfg, o.part), o.name)
+        value = getattr(cfg if o.part is None else getattr(cfg, o.part), o.name)
         out[o.name] = list(value) if isinstance(value, tuple) else value
     return out
 

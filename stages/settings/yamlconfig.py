@@ -20,8 +20,8 @@ def _check_type(name: str, value, hint, where: str):
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         if value not in args:
-            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, args))}, got {value!r}"
-                            + nearest(str(value), map(str, args)).replace("; see `dpo COMMAND --help` for the options", ""))
+            hint = nearest(str(value), map(str, args)).replace("; see `dpo COMMAND --help` for the options", "")
+            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -16,7 +16,6 @@ import torch
 from stages import __version__
 from stages.base.errors import Interrupted, UserError
 from stages.base.progress import Progress, say
-from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.cache import refcache, shards
 from stages.cache.fingerprint import config_hash, folder_fingerprint
 from stages.data.encode import Encoded, encode_examples, tokenizer_fingerprint
@@ -32,6 +31,7 @@ from stages.model.models import (
     quantization_name,
     resolve_dtype,
 )
+from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.settings import yamlconfig as config
 from stages.settings.commands import PrecomputeConfig
 

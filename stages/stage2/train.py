@@ -21,11 +21,11 @@ import torch
 from stages.base import fsio
 from stages.base.errors import Interrupted, UserError
 from stages.base.progress import Progress, say
-from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.model.distributed import DistEnv, all_reduce_sum, init_distributed
 from stages.model.logprobs import LogpOutput, pair_logps
 from stages.model.memory import PhaseMemory, memory_line, peak_memory_gb
 from stages.model.models import ModelSpec, dtype_name, load_policy, resolve_dtype
+from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.objective.loss import DPOLoss, LossOutput, build_loss
 from stages.settings import yamlconfig as config
 from stages.settings.commands import TrainConfig

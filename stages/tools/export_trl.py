@@ -39,7 +39,7 @@ from stages.base.errors import UserError
 from stages.cache import refcache
 from stages.data.rows import Example, load_examples
 from stages.settings.commands import TrlExport
-from stages.settings.groups import DataSpec
+from stages.settings.groups import DataSpec, Lengths, ModelSettings
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 FORMATS = (".parquet", ".jsonl", ".jsonl.gz")
@@ -146,7 +146,6 @@ def write_rows(rows: list[dict], out: Path) -> None:
 def _reference_spec(meta: dict, model: str | None):
     """The cache's reference model as stage one loaded it; `model` overrides its path (same weights required)."""
     from stages.cache.fingerprint import folder_fingerprint
-    from stages.model.models import ModelSpec
 
     path = model or meta["model"]["path"]
     full = bool(meta["model"].get("weights", {}).get("full_hash"))
@@ -155,7 +154,7 @@ def _reference_spec(meta: dict, model: str | None):
                         "differs or folder missing); pass the model the cache was made from with --model")
     adapter = (meta.get("adapter") or {}).get("path")
     quantized = meta.get("quantization") not in (None, "none")
-    return ModelSpec(path, meta.get("dtype") or "auto", quantized, adapter)
+    return ModelSettings(path, adapter, meta.get("dtype") or "auto", quantized).spec()
 
 
 def _tail_batch(encoded, tails, pad_id: int):
@@ -178,14 +177,14 @@ def _tail_batch(encoded, tails, pad_id: int):
 def chat_tail_logps(meta: dict, examples, model: str | None, batch_size: int = 8) -> tuple[dict, int]:
     """example id -> (chosen, rejected) log-prob of the tokens TRL scores after ours (encode.chat_tails), from the
     cache's reference model; and how many such tokens there were."""
-    from stages.data.encode import TokenizeSettings, chat_tails, encode_examples
+    from stages.data.encode import chat_tails, encode_examples
     from stages.model.logprobs import sequence_logps
     from stages.model.models import load_model, load_tokenizer
 
     spec = _reference_spec(meta, model)
     tok = meta["tokenization"]
     tokenizer = load_tokenizer(spec.path)
-    encoded, _ = encode_examples(tokenizer, examples, TokenizeSettings(tok["max_length"], tok["max_prompt_length"]))
+    encoded, _ = encode_examples(tokenizer, examples, Lengths(None, None).tokenize(meta))  # the cache's lengths
     by_id = {e.example_id: e for e in examples}
     tails = [chat_tails(tokenizer, by_id[e.example_id], e, tok["max_length"]) for e in encoded]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -222,7 +222,8 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
         extra at peak     = max(0, reference forward − the backward's own transient (2·T·a with checkpointing,
                             T·a without)): usually 0 with checkpointing — the online reference costs time (one
                             more forward per step), hardly memory. A trainer that materialises full logits
-                            (a plain HF forward) pays [2B, T, V] instead of a chunk: see the notes of plantable.format_plan."""
+                            (a plain HF forward) pays [2B, T, V] instead of a chunk: see the notes of
+                            plantable.format_plan."""
     parts = _stage2_parts(s, cfg=cfg, c=c)
     T = cfg.batch_size * 2 * cfg.max_length
     a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)

@@ -19,9 +19,9 @@ import yaml
 
 from stages.base.errors import UserError
 from stages.base.progress import say
-from stages.model.runguard import guarded_output
 from stages.cache import refcache
 from stages.model.distributed import barrier, init_distributed
+from stages.model.runguard import guarded_output
 from stages.objective.loss import loss_slug
 from stages.settings import yamlconfig as config
 from stages.settings.commands import SweepConfig, SweepGrid, TrainConfig
