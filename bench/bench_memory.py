@@ -74,8 +74,8 @@ def trl_trainer(policy, tokenizer_dir: str, cfg, pairs: int, online: bool):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     args = DPOConfig(
-        output_dir=str(C.OUT / "trl"), per_device_train_batch_size=pairs, beta=cfg.beta, loss_type=["sigmoid"],
-        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        output_dir=str(C.OUT / "trl"), per_device_train_batch_size=pairs, beta=cfg.loss.beta, loss_type=["sigmoid"],
+        gradient_checkpointing=cfg.lora.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=None, report_to="none", use_cpu=True, bf16=False, precompute_ref_log_probs=False,
         dataloader_num_workers=0, save_strategy="no",
     )
@@ -104,7 +104,7 @@ def factory(variant, policy, rows, cfg, spec, device, pad_id):
         def loss_fn(_):
             pc, pr, nc, nr = full_logits_logps(policy, batch)
             rc, rr = (torch.tensor(x, dtype=torch.float64) for x in refs)
-            return dpo_loss(pc, pr, rc, rr, loss_type=cfg.loss, beta=cfg.beta, chosen_tokens=nc,
+            return dpo_loss(pc, pr, rc, rr, loss_type=cfg.loss.loss, beta=cfg.loss.beta, chosen_tokens=nc,
                             rejected_tokens=nr).losses.mean()
 
         return (lambda: refs), loss_fn

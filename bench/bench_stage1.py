@@ -84,17 +84,22 @@ def pair_tokens(rows) -> int:
 
 def score(model, pad_id, batches, shared: bool):
     """Time `score_batches` over `batches`; return (Timer, {example_id: (chosen, rejected)})."""
+    from types import SimpleNamespace
+
     import pyarrow.parquet as pq
     import torch
 
     from stages.model.distributed import DistEnv
     from stages.model.runguard import StopSignal
-    from stages.stage1.precompute import PrecomputeConfig, score_batches
+    from stages.settings.commands import Scoring
+    from stages.settings.groups import Compute
+    from stages.stage1.precompute import score_batches
 
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
-    cfg = PrecomputeConfig.flat(model="", data=(), batches_per_part=8)  # the command's default chunk size
+    # the two groups score_batches reads, at the command's defaults (the default chunk size)
+    cfg = SimpleNamespace(scoring=Scoring(batches_per_part=8), compute=Compute())
     device = next(model.parameters()).device
     env = DistEnv(0, 1, 0, device if device.type == "cuda" else torch.device("cpu"))
     with C.Timer() as timer, StopSignal() as stop:
@@ -256,7 +261,7 @@ def main() -> None:
     import torch
 
     from stages.base.constants import chunk_size_for
-    from stages.stage1.precompute import PrecomputeConfig
+    from stages.settings.groups import Compute
 
     variants = a.variants.split(",")
     device, mdir, tok, encoded, pad, model, n_params = load(a)
@@ -277,7 +282,7 @@ def main() -> None:
     desc = (f"{what}, {mdir.name} ({n_params / 1e9:.3f}B parameters) {dtype} on "
             f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}{', FSDP2 world size 1' if a.fsdp1 else ''}, "
             f"max_length {a.max_length}, max_prompt_length {a.max_prompt_length}, --max-tokens-per-batch {a.budget}, "
-            f"log-prob chunk {chunk_size_for(PrecomputeConfig.chunk_size, device.type)} (the default), "
+            f"log-prob chunk {chunk_size_for(Compute().chunk_size, device.type)} (the default), "
             f"{a.repeats} repeat(s) per variant, interleaved; times are {timing}"
             + (f"; peak GPU memory {gpu_mem:.1f} GiB" if gpu_mem is not None else ""))
     key = "stage1" + ("-quick" if a.quick else "") + ("-gpu" if on_gpu else "") + ("-fsdp1" if a.fsdp1 else "")

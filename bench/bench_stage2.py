@@ -297,23 +297,22 @@ def split_variant(variant: str) -> tuple[str, dict]:
 
 def load_common(a):
     """Everything a worker needs before its variant-specific part: rows, config, the policy."""
-    import dataclasses
-
     import torch
 
-    from stages.model.models import LoraSettings, ModelSpec, load_policy
+    from stages.model.models import ModelSpec, load_policy
+    from stages.settings.options import replace
     from stages.stage2.train import TrainConfig
 
     mdir = model_dir(a)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rows = read_rows(a.rows_file)
     extra = {"chunk_size": a.chunk_size} if a.chunk_size else {}
-    cfg = TrainConfig.flat(model=str(mdir), data=(), ref_cache="", output="", load_in_4bit=a.four_bit, dtype=a.dtype,
-                      gradient_checkpointing=a.grad_ckpt, batch_size=a.pairs, **extra)
-    cfg = dataclasses.replace(cfg, **split_variant(a.worker)[1])
-    spec = ModelSpec(str(mdir), cfg.dtype, cfg.load_in_4bit)
-    policy = load_policy(spec, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
-                         device, cfg.gradient_checkpointing)
+    # data / ref_cache / output are never read here (the rows come from --rows-file)
+    cfg = TrainConfig.flat(model=str(mdir), data=("unused",), ref_cache="", output="", load_in_4bit=a.four_bit,
+                           dtype=a.dtype, gradient_checkpointing=a.grad_ckpt, batch_size=a.pairs, **extra)
+    cfg = replace(cfg, **split_variant(a.worker)[1])
+    spec = ModelSpec(str(mdir), cfg.model.dtype, cfg.model.load_in_4bit)
+    policy = load_policy(spec, cfg.lora.lora(), device, cfg.lora.gradient_checkpointing)
     policy.train()
     return mdir, device, rows, cfg, spec, policy
 
@@ -324,6 +323,7 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
 
     from stages.model.logprobs import pair_logps
     from stages.model.models import load_model
+    from stages.objective.loss import build_loss
     from stages.stage2.prepare import Item
     from stages.stage2.train import policy_forward
 
@@ -333,7 +333,7 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
         reference.eval()
 
     def logps(model):  # the reference pass takes the same path as stage one / the policy forward
-        return pair_logps(model, rows, pad_id, cfg.chunk_size, share=cfg.share_prompt)
+        return pair_logps(model, rows, pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt)
 
     def ref_fn():
         if variant == "cache":
@@ -347,10 +347,11 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
         return lp.chosen_logps.tolist(), lp.rejected_logps.tolist()
 
     ref_fn.models = [reference] if reference is not None else []
+    loss = build_loss(cfg.loss)  # once, as train.run builds it
 
     def loss_fn(refs):
         items = [Item(e, c, r) for e, c, r in zip(rows, *refs)]
-        losses = policy_forward(policy, items, pad_id, cfg).losses
+        losses = policy_forward(policy, items, pad_id, cfg, loss).losses
         return losses.mean()
 
     return ref_fn, loss_fn
@@ -440,10 +441,10 @@ def worker(a, factory=None) -> None:
     rec["loaded_status"], rec["steps_status_peak"] = loaded_status, sampler.peak
     rec.update(memory_record(device, runtime, loaded, load_peak))
     rec.update({"variant": a.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
+                "dtype": str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
                 "four_bit": a.four_bit, "grad_ckpt": a.grad_ckpt,
-                "chunk_size": chunk_size_for(cfg.chunk_size, device.type),
-                "share_prompt": cfg.share_prompt,
+                "chunk_size": chunk_size_for(cfg.compute.chunk_size, device.type),
+                "share_prompt": cfg.compute.share_prompt,
                 "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad)})
     C.emit(rec)
 

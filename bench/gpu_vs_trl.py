@@ -89,8 +89,9 @@ def stage_two(a, model: Path, out: Path, rows: list[dict]) -> dict:
 
     path = V.write_jsonl(out / "batch.jsonl", rows)
     cfg = T.TrainConfig.flat(model=str(model), data=(str(path),), ref_cache=str(out / "ours.parquet"),
-                        output=str(out / "ours-train"), beta=0.1, **V.train_settings(a.max_length, a.batch, a.steps))
-    shutil.rmtree(cfg.output, ignore_errors=True)
+                             output=str(out / "ours-train"), beta=0.1,
+                             **V.train_settings(a.max_length, a.batch, a.steps))
+    shutil.rmtree(cfg.run.output, ignore_errors=True)
     with V.optimizer_stamps() as stamps:
         T.run(cfg)
     trl = V.trl_train(model, rows, 0.1, True, a.trl_batch_size, out / "trl-train", a.batch, a.steps, a.max_length)

@@ -380,8 +380,8 @@ def optimizer_stamps():
     stamps: list[list[float]] = []
     build, loop = T.build_optimizer, T.train_loop
 
-    def build_timed(model, cfg):
-        opt = build(model, cfg)
+    def build_timed(model, optim):
+        opt = build(model, optim)
         opt.register_step_post_hook(lambda *a: (C._sync(), stamps[-1].append(time.perf_counter())))  # GPU: wall
         return opt
 
@@ -409,12 +409,13 @@ def train_settings(max_length: int, batch: int, steps: int) -> dict:
 
 
 def train_cmd(cfg, betas=None) -> str:
-    head = f"dpo sweep {' '.join(f'--beta {b}' for b in betas)}" if betas else f"dpo train --beta {cfg.beta}"
-    return (f"{head} --model {rel(cfg.model)} --data {rel(cfg.data[0])} --ref-cache {rel(cfg.ref_cache)} "
-            f"--output {rel(cfg.output)} --no-load-in-4bit --dtype fp32 --lora-dropout 0.0 "
-            f"--no-gradient-checkpointing --batch-size {cfg.batch_size} --max-steps {cfg.max_steps} "
-            f"--max-length {cfg.max_length} --max-prompt-length {cfg.max_prompt_length} "
-            f"--learning-rate {cfg.learning_rate} --no-resume")
+    head = f"dpo sweep {' '.join(f'--beta {b}' for b in betas)}" if betas else f"dpo train --beta {cfg.loss.beta}"
+    return (f"{head} --model {rel(cfg.model.model)} --data {rel(cfg.data.data[0])} "
+            f"--ref-cache {rel(cfg.cache.ref_cache)} "
+            f"--output {rel(cfg.run.output)} --no-load-in-4bit --dtype fp32 --lora-dropout 0.0 "
+            f"--no-gradient-checkpointing --batch-size {cfg.schedule.batch_size} --max-steps {cfg.schedule.max_steps} "
+            f"--max-length {cfg.lengths.max_length} --max-prompt-length {cfg.lengths.max_prompt_length} "
+            f"--learning-rate {cfg.optim.learning_rate} --no-resume")
 
 
 def our_sweep(model_dir, path, plan: Plan, budget: int, rep: int) -> dict:
@@ -514,7 +515,7 @@ def phase_stage_two(model_dir, rows, path, plan: Plan, trl_bs: int, budget: int)
     cache, out = OUT / "iv-ref.parquet", OUT / "iv-ours"
     ours_precompute(model_dir, path, cache, plan.sweep_max_length, budget)
     cfg = T.TrainConfig.flat(model=str(model_dir), data=(str(path),), ref_cache=str(cache), output=str(out), beta=0.1,
-                        **train_settings(plan.sweep_max_length, len(rows), plan.iv_steps))
+                             **train_settings(plan.sweep_max_length, len(rows), plan.iv_steps))
     shutil.rmtree(out, ignore_errors=True)
     res = {"cmd": train_cmd(cfg), "cpu": {}, "head_cpu": {}}
     for name in ("ours", "trl_precompute", "trl_online"):
@@ -799,16 +800,16 @@ def ours_curve(model_dir: Path, data: dict, steps: int, loss: dict, out: Path) -
 
     order, forward = [], T.policy_forward
 
-    def recording(model, items, pad_id, cfg):
+    def recording(model, items, pad_id, cfg, loss):
         if torch.is_grad_enabled():  # training micro-batches (the drift check and evals run without grad)
             order.extend(i.enc.example_id for i in items)
-        return forward(model, items, pad_id, cfg)
+        return forward(model, items, pad_id, cfg, loss)
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = T.TrainConfig.flat(model=str(model_dir), data=(str(data["path"]),), ref_cache=str(data["cache"]),
-                        output=str(out), adapter=str(data["adapter"]), beta=CURVE["beta"],
-                        **{**train_settings(CURVE["max_length"], CURVE["batch"], steps), "learning_rate": CURVE["lr"],
-                           "max_prompt_length": CURVE["max_length"] - 1}, **loss)
+                             output=str(out), adapter=str(data["adapter"]), beta=CURVE["beta"],
+                             **{**train_settings(CURVE["max_length"], CURVE["batch"], steps),
+                                "learning_rate": CURVE["lr"], "max_prompt_length": CURVE["max_length"] - 1}, **loss)
     T.policy_forward = recording
     try:
         T.run(cfg)

@@ -93,7 +93,7 @@ def test_cache_records_the_storage(tiny_llama, hh_path, tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", hh_rows(hh_path, 0, 3))
     out = tmp_path / "ref.parquet"
     precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(data),), output=str(out), load_in_4bit=True,
-                                    max_length=64, max_prompt_length=32))
+                                         max_length=64, max_prompt_length=32))
     meta = refcache.read_meta(out)
     assert meta["quantization"] == meta["manifest"]["quantization"] == "nf4(storage=uint8,double_quant=False)"
     packed = load_model(ModelSpec(str(tiny_llama), "fp32", True), CPU).model.layers[0].mlp.up_proj.weight

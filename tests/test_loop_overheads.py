@@ -21,6 +21,7 @@ from stages.model import logprobs
 from stages.model.distributed import DistEnv
 from stages.objective.loss import LOSS_TYPES
 from stages.settings import commands as settings
+from stages.settings.options import options
 from stages.stage1 import precompute
 from stages.stage2 import train, trainutil
 from stages.stage2.metrics import SUM_KEYS, Accumulator
@@ -60,7 +61,7 @@ def cache8(tiny_llama, hh_path, tmp_path_factory) -> dict:
     data = write_jsonl(d / "rows.jsonl", hh_rows(hh_path, 0, 8))
     cache = d / "ref.parquet"
     precompute.run(settings.PrecomputeConfig.flat(model=str(tiny_llama), data=(str(data),), output=str(cache),
-                                             max_length=MAXLEN, max_prompt_length=MAXPROMPT))
+                                                  max_length=MAXLEN, max_prompt_length=MAXPROMPT))
     return {"model": tiny_llama, "data": data, "cache": cache, "dir": d}
 
 
@@ -141,7 +142,8 @@ def _reference_sums(p) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]
 
 def test_metrics_take_one_copy_per_batch_with_the_same_bits():
     acc, counts = Accumulator(), [0, 0, 0]
-    sums, terms = torch.zeros(len(SUM_KEYS), dtype=torch.float64), torch.zeros(2 * len(LOSS_TYPES), dtype=torch.float64)
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    terms = torch.zeros(2 * len(LOSS_TYPES), dtype=torch.float64)
     for seed in range(3):
         OnDevice.reads.clear()
         acc.add(_policy_pass(5, seed, on_device))
@@ -237,8 +239,8 @@ def test_chunk_size_resolves_per_device():
     assert constants.chunk_size_for(None, "cuda") == 2048 == constants.CHUNK_BY_DEVICE["cuda"]
     assert constants.chunk_size_for(None, "mps") == 256  # any other device: CPU's
     assert constants.chunk_size_for(7, "cuda") == 7 and constants.chunk_size_for(7, "cpu") == 7
-    assert settings.TrainConfig.__dataclass_fields__["chunk_size"].default is None
-    assert settings.PrecomputeConfig.__dataclass_fields__["chunk_size"].default is None
+    for command in (settings.TrainConfig, settings.PrecomputeConfig):
+        assert {o.name: o.default for o in options(command)}["chunk_size"] is None
 
 
 @pytest.mark.parametrize("command", ["train", "precompute-ref", "sweep"])
@@ -277,6 +279,6 @@ def test_chunk_size_is_not_in_the_cache_fingerprint(cache8, capsys):
     """A rerun with another chunk size finds the same finished cache: nothing to compute."""
     assert "chunk" not in str(refcache.read_meta(cache8["cache"])["manifest"])
     precompute.run(settings.PrecomputeConfig.flat(model=str(cache8["model"]), data=(str(cache8["data"]),),
-                                             output=str(cache8["cache"]), max_length=MAXLEN,
-                                             max_prompt_length=MAXPROMPT, chunk_size=3))
+                                                  output=str(cache8["cache"]), max_length=MAXLEN,
+                                                  max_prompt_length=MAXPROMPT, chunk_size=3))
     assert "already holds all 8 examples" in capsys.readouterr().out

@@ -61,7 +61,7 @@ def test_sample_rewards_equal_beta_times_log_ratio(tiny_llama, run_with_adapter)
 
     run, data = run_with_adapter
     cfg = SampleConfig.flat(model=str(tiny_llama), data=(str(data),), adapter=str(run / "adapter"), n=8,
-                       max_new_tokens=6, dtype="fp32")
+                            max_new_tokens=6, dtype="fp32")
     samples = sample(cfg)
     assert len(samples) == 3  # 4 rows, 3 distinct prompts
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 
 from stages.cli import main as cli_main
 from stages.settings import commands as settings, yamlconfig as cfgmod
+from stages.settings.options import options, resume_free
 from stages.stage2 import resume, train
 from tests.hhrows import hh_rows, write_jsonl
 
@@ -54,19 +54,18 @@ def test_every_option_comes_from_the_dataclass_with_help_and_its_real_default(na
     cls = GENERATED[name]
     cmd = command(name)
     by_dest = {p.name: p for p in cmd.params}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in options(cls):
         assert f.name in by_dest, f"--{f.name} missing from `dpo {name}`"
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
         if f.metadata.get("argument"):
             continue
         text = by_dest[f.name].help
         if f.default is not dataclasses.MISSING and f.default not in (None, ()):
-            shown = (("on" if f.default else "off") if hints[f.name] is bool else
+            shown = (("on" if f.default else "off") if f.hint is bool else
                      ", ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default))
             assert f"[default: {shown}]" in text, (f.name, text)
         assert "[default: (" not in text, text  # no tuple reprs
-    assert set(by_dest) - {"config_path"} == {f.name for f in dataclasses.fields(cls)}
+    assert set(by_dest) - {"config_path"} == {f.name for f in options(cls)}
 
 
 def test_every_command_is_generated():
@@ -86,7 +85,7 @@ def test_literal_fields_are_choices_and_one_line_errors():
 
 
 def test_resume_free_fields_are_declared_once_and_agree():
-    free_train, free_sweep = settings.resume_free(settings.TrainConfig), settings.resume_free(settings.SweepConfig)
+    free_train, free_sweep = resume_free(settings.TrainConfig), resume_free(settings.SweepConfig)
     assert set(free_train) <= set(free_sweep) and {"betas", "losses"} <= set(free_sweep)
     assert "logging_steps" in free_train and resume.RESUME_FREE == free_train
 
@@ -97,10 +96,10 @@ def test_yaml_numbers_in_any_spelling_and_old_option_names(tmp_path):
                    "precompute-ref:\n  out: x/ref.parquet\n  shard_index: 3\n  num_shards: 4\n")
     t = cfgmod.build(settings.TrainConfig, str(cfg), {"model": "m", "data": ("d",), "ref_cache": "r", "output": "o"},
                      section="train")
-    assert (t.learning_rate, t.warmup_ratio, t.beta) == (1e-4, 0.02, 1.0)
+    assert (t.optim.learning_rate, t.optim.warmup_ratio, t.loss.beta) == (1e-4, 0.02, 1.0)
     p = cfgmod.build(settings.PrecomputeConfig, str(cfg), {"model": "m", "data": ("d",)}, section="precompute-ref")
-    assert p.output == "x/ref.parquet"  # `out:` still read as `output`
-    assert p.shard_index == "3"  # a YAML integer for a string field (which also takes `auto`)
+    assert p.scoring.output == "x/ref.parquet"  # `out:` still read as `output`
+    assert p.scoring.shard_index == "3"  # a YAML integer for a string field (which also takes `auto`)
     parsed = cli_main.commands["precompute-ref"].make_context("precompute-ref", ["--out", "y.parquet"])
     assert parsed.params["output"] == "y.parquet"
     parsed = cli_main.commands["plan"].make_context("plan", ["--seq-len", "512", "--batch", "2"])
@@ -114,7 +113,8 @@ def test_plan_reads_the_stages_config_file(repo_root):
     assert "stage 1 32,768 tokens per forward" in res.output  # from the precompute-ref section
     assert "seq_len 2048" in res.output                       # from shared
     default = invoke("plan", "--model", str(repo_root / "configs" / "models" / "qwen2.5-72b-instruct"))
-    assert f"stage 1 {settings.PrecomputeConfig.max_tokens_per_batch:,} tokens" in default.output  # same default
+    budget = {o.name: o.default for o in options(settings.PrecomputeConfig)}["max_tokens_per_batch"]
+    assert f"stage 1 {budget:,} tokens" in default.output  # same default
 
 
 # ------------------------------------------------------------------- checks before any side effect, in < 1 s
@@ -126,7 +126,7 @@ def finished(tiny_llama, hh_path, tmp_path_factory) -> dict:
     data = write_jsonl(d / "rows.jsonl", hh_rows(hh_path, 0, 8))
     cache = d / "ref.parquet"
     precompute.run(settings.PrecomputeConfig.flat(model=str(tiny_llama), data=(str(data),), output=str(cache),
-                                             max_length=160, max_prompt_length=96))
+                                                  max_length=160, max_prompt_length=96))
     run = d / "run"
     args = ["--model", str(tiny_llama), "--data", str(data), "--ref-cache", str(cache), "--output", str(run),
             "--max-steps", "1", "--batch-size", "2", "--lora-r", "4"]

@@ -105,9 +105,9 @@ def sharded(tiny_llama, hh_path, tmp_path_factory):
     data = [write_jsonl(d / "train.jsonl", hh_rows(hh_path, 0, 25)), write_jsonl(d / "chat.jsonl", CHAT_ROWS)]
     single = run_inproc(tiny_llama, data, d / "single" / "ref.parquet", max_tokens_per_batch=2048)
     files = [precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=tuple(map(str, data)),
-                                             output=str(d / "sh" / "ref.parquet"), max_length=MAXLEN,
-                                             max_prompt_length=MAXPROMPT, max_tokens_per_batch=2048, num_shards=N,
-                                             shard_index=str(i)))
+                                                  output=str(d / "sh" / "ref.parquet"), max_length=MAXLEN,
+                                                  max_prompt_length=MAXPROMPT, max_tokens_per_batch=2048, num_shards=N,
+                                                  shard_index=str(i)))
              for i in range(N)]
     assert files == [d / "sh" / f"ref.shard-{i}-of-{N}.parquet" for i in range(N)]
     return {"dir": d, "data": data, "single": single, "single_path": d / "single" / "ref.parquet", "files": files}
@@ -167,7 +167,7 @@ def test_train_takes_the_merged_cache(sharded, tiny_llama, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     with pytest.raises(UserError, match="not in the cache"):  # one shard alone does not cover the data
         train.run(TrainConfig.flat(model=str(tiny_llama), data=tuple(map(str, sharded["data"])),
-                              ref_cache=str(sharded["files"][0]), output=str(tmp_path / "run1"), max_steps=1))
+                                   ref_cache=str(sharded["files"][0]), output=str(tmp_path / "run1"), max_steps=1))
 
 
 def test_auto_index_from_the_environment(sharded, tiny_llama, tmp_path):
@@ -255,4 +255,4 @@ def test_one_shard_settings_are_checked(sharded, tiny_llama, tmp_path):
         run_inproc(tiny_llama, sharded["data"], tmp_path / "x.parquet", shard_index="2")
     with pytest.raises(UserError, match="no examples"):
         precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(sharded["data"][1]),),
-                                        output=str(tmp_path / "y.parquet"), num_shards=6, shard_index="5"))
+                                             output=str(tmp_path / "y.parquet"), num_shards=6, shard_index="5"))

@@ -53,13 +53,13 @@ def cache(tiny_llama: Path, hh_path: Path, tmp_path_factory) -> dict:
     files = {"train": write_jsonl(d / "train.jsonl", rows[:16]), "eval": write_jsonl(d / "eval.jsonl", rows[16:])}
     out = d / "ref.parquet"
     precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(files["train"]), str(files["eval"])),
-                                    output=str(out), max_length=128, max_prompt_length=64))
+                                         output=str(out), max_length=128, max_prompt_length=64))
     return {"model": str(tiny_llama), "cache": str(out), **{k: str(v) for k, v in files.items()}}
 
 
 def sweep_config(cache: dict, output: Path, betas=BETAS, **kw) -> SweepConfig:
     return SweepConfig.flat(model=cache["model"], data=(cache["train"],), eval_data=(cache["eval"],),
-                       ref_cache=cache["cache"], output=str(output), betas=tuple(betas), **{**SMALL, **kw})
+                            ref_cache=cache["cache"], output=str(output), betas=tuple(betas), **{**SMALL, **kw})
 
 
 class Counter:
@@ -100,7 +100,7 @@ def swept(cache: dict, tmp_path_factory) -> dict:
 
 # --------------------------------------------------------------------------------------------- the sweep
 def test_three_betas_train_three_runs_from_one_cache_read(swept):
-    out = Path(swept["cfg"].output)
+    out = Path(swept["cfg"].run.output)
     dirs = [out / run_name(b, "sigmoid") for b in BETAS]
     assert swept["result"].run_dirs == dirs
     assert [d.name for d in dirs] == ["beta-0.01-sigmoid", "beta-0.1-sigmoid", "beta-0.5-sigmoid"]
@@ -127,7 +127,7 @@ def test_runs_share_settings_seed_and_data_order(swept):
 
 
 def test_sweep_yaml_saved_and_round_trips(swept):
-    saved = Path(swept["cfg"].output) / "sweep.yaml"
+    saved = Path(swept["cfg"].run.output) / "sweep.yaml"
     assert config.build(SweepConfig, str(saved), {}) == swept["cfg"]
 
 
@@ -140,7 +140,7 @@ def test_importing_sweep_does_not_import_stage_one():
 
 # --------------------------------------------------------------------------------------------- compare
 def test_compare_three_rows_csv_and_png(swept, tmp_path):
-    out = Path(swept["cfg"].output)
+    out = Path(swept["cfg"].run.output)
     assert (out / "compare.png").is_file() and (out / "compare.csv").is_file()  # written by the sweep itself
     rows, png, csv_path = compare(swept["result"].run_dirs, tmp_path)
     assert len(rows) == 3 and sorted(r.beta for r in rows) == list(BETAS)
@@ -165,7 +165,7 @@ def test_compare_three_rows_csv_and_png(swept, tmp_path):
 
 
 def test_compare_cli_on_a_sweep_folder(swept, tmp_path):
-    res = CliRunner().invoke(cli_main, ["compare", swept["cfg"].output, "--out", str(tmp_path)])
+    res = CliRunner().invoke(cli_main, ["compare", swept["cfg"].run.output, "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert sum(line.startswith("*") for line in res.output.splitlines()) == 1
     for b in BETAS:
@@ -275,7 +275,7 @@ def test_cli_yaml_config_and_flags(swept, tmp_path):
 
 def test_example_config_is_valid(repo_root):
     cfg = config.build(SweepConfig, str(repo_root / "configs" / "sweep-smollm2-135m-cpu.yaml"), {})
-    assert len(cfg.betas) >= 3 and cfg.losses
+    assert len(cfg.grid.betas) >= 3 and cfg.grid.losses
 
 
 # --------------------------------------------------------------------------------------------- torchrun

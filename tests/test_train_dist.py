@@ -69,8 +69,8 @@ def setup(hh_path: Path, tiny_llama: Path, tmp_path_factory) -> dict:
     for name, q in (("nf4", True), ("fp32", False)):
         caches[name] = d / f"ref-{name}.parquet"
         precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(train_f), str(eval_f)),
-                                        output=str(caches[name]), load_in_4bit=q, max_length=MAXLEN,
-                                        max_prompt_length=MAXPROMPT))
+                                             output=str(caches[name]), load_in_4bit=q, max_length=MAXLEN,
+                                             max_prompt_length=MAXPROMPT))
     return {"dir": d, "model": tiny_llama, "train": train_f, "eval": eval_f, "caches": caches}
 
 
@@ -120,7 +120,7 @@ def tol(pair, setup) -> dict:
             for a in (None, str(pair["one"] / "adapter")))
     cache = pl.read_parquet(setup["caches"][pair["mode"]])
     nc, nr = int(cache["chosen_tokens"].max()), int(cache["rejected_tokens"].max())
-    beta = TrainConfig.flat(**common(setup, pair["mode"]), output="unused").beta
+    beta = TrainConfig.flat(**common(setup, pair["mode"]), output="unused").loss.beta
     # accuracies: exact after step 1 (a flip needs a margin within 2 beta sum_tol of 0); lr and epoch: same schedule
     return {"z": z, "loss": loss_tol(nc + nr, z, beta), "logps/chosen": sum_tol(nc, z),
             "logps/rejected": sum_tol(nr, z), "rewards/chosen": beta * sum_tol(nc, z),

@@ -423,7 +423,7 @@ def test_export_trl_errors(tiny_llama: Path, text_data, hh_path: Path, tmp_path:
     chat_path, _ = chat_rows(hh_path, tmp_path, 3)
     both = tmp_path / "both.parquet"
     precompute.run(PrecomputeConfig.flat(model=str(tiny_llama), data=(str(path), str(chat_path)), output=str(both),
-                                    max_length=None, max_prompt_length=None))
+                                         max_length=None, max_prompt_length=None))
     res = export([str(both), "--data", str(path), "--data", str(chat_path), "--out", str(tmp_path / "y.parquet")])
     assert res.exit_code == 2 and "mix text rows" in res.output
     # the cache covering more than the data is fine (counted)

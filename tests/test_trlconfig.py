@@ -61,7 +61,8 @@ dataloader_num_workers: 4
 """
 
 
-def test_a_trl_config_becomes_ours_and_builds(tmp_path):
+def test_a_trl_config_becomes_ours_and_builds(tmp_path, monkeypatch):
+    monkeypatch.setattr("stages.settings.groups._cuda_available", lambda: True)  # paged_adamw_8bit: checked at build
     src = tmp_path / "dpo.yaml"
     src.write_text(TRL_YAML)
     text = from_trl(str(src))
@@ -87,8 +88,9 @@ def test_a_trl_config_becomes_ours_and_builds(tmp_path):
     out.write_text(text)
     t = cfgmod.build(TrainConfig, str(out), {}, section="train")
     p = cfgmod.build(PrecomputeConfig, str(out), {}, section="precompute-ref")
-    assert t.loss == "sigmoid*0.8+bco_pair*0.2+sft" and t.report_to == ("wandb", "trackio") and t.dtype == "bf16"
-    assert p.data == t.data + t.eval_data and p.output == t.ref_cache
+    assert t.loss.loss == "sigmoid*0.8+bco_pair*0.2+sft" and t.run.report_to == ("wandb", "trackio")
+    assert t.model.dtype == "bf16"
+    assert p.data.data == t.data.data + t.data.eval_data and p.scoring.output == t.cache.ref_cache
 
 
 def test_every_dpoconfig_key_is_mapped_or_listed():

@@ -58,7 +58,8 @@ def train_config(cfg: SweepConfig, beta: float, loss: str) -> TrainConfig:
     """One run's `dpo train` settings: the sweep's, with this β and loss and the run's own folder; checked as
     `dpo train` checks them (the loss settings of each combination too)."""
     shared = {k: tuple(v) if isinstance(v, list) else v for k, v in to_flat(cfg).items() if k not in SWEEP_ONLY}
-    return TrainConfig.flat(**shared, beta=beta, loss=loss, output=str(Path(cfg.run.output) / run_name(beta, loss)))
+    return TrainConfig.flat(**{**shared, "beta": beta, "loss": loss,
+                               "output": str(Path(cfg.run.output) / run_name(beta, loss))})
 
 
 def check_same_settings(cfg, path: Path) -> None:
