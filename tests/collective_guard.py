@@ -80,7 +80,8 @@ def site(frame) -> str:
     while frame is not None and len(names) < 2:
         path = Path(frame.f_code.co_filename)
         if STAGES in path.parents and path != HELPERS:
-            names.append(f"stages.{path.stem}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}")
+            module = ".".join(path.resolve().relative_to(REPO).with_suffix("").parts)
+            names.append(f"{module}.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}")
         frame = frame.f_back
     return " < ".join(names)
 

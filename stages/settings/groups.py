@@ -5,7 +5,6 @@ command receives the groups it needs. Torch-free: `dpo --help` reads these."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from stages.base.constants import CHUNK_HELP, DEFAULT_SPLIT, launched_world_size
@@ -332,7 +331,4 @@ class CacheInput(Group):
 
     ref_cache: str = opt(help="Reference cache from `dpo precompute-ref`.")
     allow_cache_mismatch: bool = opt(False, "Accept a cache made with another tokenizer/chat-template hash.")
-
-    def check(self) -> None:
-        if Path(self.ref_cache).suffix != ".parquet" and not Path(self.ref_cache).exists():
-            return  # read_cache says what is wrong with it, in one line
+    # no check of its own: read_cache says in one line what is wrong with a cache (missing, not ours, corrupt)
