@@ -264,8 +264,8 @@ def _check_shapes(policy_chosen_logps: Tensor, **others: Tensor) -> None:
 
 @dataclass(frozen=True)
 class DPOLoss:
-    """A loss mixture built once per run by `build_loss` (checked, its spec parsed, each term bound to its
-    settings); calling it computes a LossOutput per micro-batch with no parsing or checking of settings."""
+    """A loss mixture built once per run by `build_loss` (its spec parsed, each term bound to its settings, which
+    were checked before); calling it computes a LossOutput per micro-batch with no parsing or checking."""
 
     terms: tuple[tuple[str, float, Term, tuple[float, ...]], ...]  # (type, weight, its Term, its settings' values)
     beta: float
