@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 import types
 
 import click
 
 from stages.base.errors import Interrupted, UserError, one_line, os_error_line
+from stages.base.launcher import check_launcher, is_main_process, launched_dtype
 from stages.settings import commands as settings, yamlconfig as cfgmod
 from stages.settings.options import Option, options
 
 
 def user_errors(fn):
     """The CLI's one error path: a UserError or an OSError (disk full, read-only, not a directory...) is ONE line on
-    stderr (errors.one_line) and a non-zero exit, never a traceback. Anything else keeps its traceback: a bug."""
+    stderr (errors.one_line) and a non-zero exit, never a traceback. Anything else keeps its traceback: a bug.
+    First the launcher's settings are checked (stages/base/launcher.py), before any setting is built."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            for note in check_launcher():
+                _say(note)
             return fn(*args, **kwargs)
         except UserError as e:
             _close_progress_bars()
-            click.echo(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {one_line(str(e))}", err=True)
+            _report("stopped" if isinstance(e, Interrupted) else "error", one_line(str(e)))
             sys.exit(e.exit_code)
         except OSError as e:
             _close_progress_bars()
-            click.echo(f"error: {one_line(os_error_line(e))}", err=True)
+            _report("error", one_line(os_error_line(e)))
             sys.exit(2)
         finally:  # commands may run several stages in one process group (sweep); end it once, here
             if "torch.distributed" in sys.modules:
@@ -35,6 +42,43 @@ def user_errors(fn):
                 end_process_group()
     wrapper.one_line_errors = True  # tests/test_faults.py checks that every command has it
     return wrapper
+
+
+def _say(line: str) -> None:
+    if is_main_process():
+        click.echo(line)
+
+
+LINGER_S = 2.0  # an erring rank other than 0 waits this long: torchrun kills the others when the first one exits
+
+
+def _report(kind: str, message: str) -> None:
+    """`kind: message` on stderr from rank 0 only (one line, not one per process; every rank exits with the same
+    code). Under torchrun the message also goes to the rank's error file (TORCHELASTIC_ERROR_FILE), so the
+    launcher's failure block names it (the one trace of a failure only another rank had); another rank lingers
+    before it exits, so that torchrun does not kill rank 0 before rank 0 has said the same error."""
+    if is_main_process():
+        click.echo(f"{kind}: {message}", err=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:  # torchrun's own format (its error_handler.record_exception); the block shows py_callstack
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": info}}, f)
+        except OSError:
+            pass  # rank 0's line is the message; the launcher's block then says <N/A>
+    if kind == "error" and not is_main_process():
+        time.sleep(LINGER_S)
+
+
+def _settings(cls, config_path, flags: dict, section: str):
+    """The command's settings (YAML, then flags); under `accelerate launch` its mixed precision becomes the dtype
+    the user left at auto/unset (stages/base/launcher.py), said once."""
+    cfg = cfgmod.build(cls, config_path, flags, section=section)
+    dtype, line = launched_dtype(cfg.model.dtype)
+    if line:
+        _say(line)
+    return cfgmod.build(cls, config_path, {**flags, "dtype": dtype}, section=section) if dtype else cfg
 
 
 def _close_progress_bars() -> None:
@@ -54,11 +98,11 @@ class OneLineErrors(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:  # Ctrl-C outside a run (a run stops itself and says what it saved)
-            click.echo("stopped: interrupted", err=True)
+            _report("stopped", "interrupted")
             sys.exit(130)
         except click.ClickException as e:
             where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
-            click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+            _report("error", f"{one_line(e.format_message())}{where}")
             sys.exit(e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -124,7 +168,7 @@ def precompute_ref(config_path, **flags):
     """Stage one: reference log-probs of every chosen/rejected reply, written once to Parquet."""
     from stages.stage1.precompute import run
 
-    run(cfgmod.build(settings.PrecomputeConfig, config_path, flags, section="precompute-ref"))
+    run(_settings(settings.PrecomputeConfig, config_path, flags, "precompute-ref"))
 
 
 @main.group()
@@ -136,10 +180,11 @@ def cache():
 @options_from(settings.CacheInfoConfig, config=False)
 @user_errors
 def cache_info(**flags):
-    """Print a cache's metadata and statistics."""
+    """A cache's summary and statistics (--json: one JSON object with the whole metadata)."""
     from stages.cache.refcache import info_text
 
-    click.echo(info_text(cfgmod.build(settings.CacheInfoConfig, None, flags).cache.path))
+    c = cfgmod.build(settings.CacheInfoConfig, None, flags)
+    click.echo(info_text(c.cache.path, as_json=c.format.json))
 
 
 @cache.command("merge", context_settings={"show_default": False})
@@ -210,7 +255,7 @@ def train(config_path, **flags):
     """Stage two: train a (Q)LoRA policy against a reference cache; no reference model is loaded."""
     from stages.stage2.train import run
 
-    run(cfgmod.build(settings.TrainConfig, config_path, flags, section="train"))
+    run(_settings(settings.TrainConfig, config_path, flags, "train"))
 
 
 @main.command(context_settings={"show_default": False})
@@ -220,7 +265,7 @@ def sweep(config_path, **flags):
     """Train one policy per (--loss, --beta) against ONE reference cache (data read once), then compare them."""
     from stages.tools.sweep import run_sweep
 
-    run_sweep(cfgmod.build(settings.SweepConfig, config_path, flags, section="sweep"))
+    run_sweep(_settings(settings.SweepConfig, config_path, flags, "sweep"))
 
 
 @main.command("compare", context_settings={"show_default": False})
@@ -285,7 +330,7 @@ def sample_cmd(config_path, **flags):
     β·log π/π_ref; greedy unless --seed. Writes samples.md / samples.jsonl (into the run folder of --adapter)."""
     from stages.tools.sample import run
 
-    run(cfgmod.build(settings.SampleConfig, config_path, flags, section="sample"))
+    run(_settings(settings.SampleConfig, config_path, flags, "sample"))
 
 
 if __name__ == "__main__":

@@ -579,7 +579,8 @@ def test_a_cache_made_from_jsonl_is_hit_by_the_same_rows_as_a_saved_dataset(tmp_
     cache = tmp_path / "ref.parquet"
     runner = CliRunner()
     res = runner.invoke(main, ["precompute-ref", "--model", str(tiny_llama), "--data", str(jsonl), "--out", str(cache),
-                               "--max-length", "64", "--max-prompt-length", "32"], catch_exceptions=False)
+                               "--max-length", "128", "--max-prompt-length", "64"],  # every row fits: none skipped
+                        catch_exceptions=False)
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["cache", "verify", str(cache), "--data", f"{tmp_path / 'saved'}:validation"],
                         catch_exceptions=False)

@@ -217,7 +217,7 @@ def test_config_loading(tmp_path):
     assert plan_memory(PlanConfig(str(folder))).counts["total"] == 106816
     wrapped = write(tmp_path, {"model_type": "llava", "text_config": SMALL}, "mm.json")
     assert plan_memory(PlanConfig(str(wrapped))).counts["total"] == 106816
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such folder or config JSON"):
         plan_memory(PlanConfig(str(tmp_path / "nope")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -531,7 +531,8 @@ def test_cache_info_prints_rows_and_means(e2e):
     assert f"mean {df['ref_chosen_logps'].mean():.4f}" in res.stdout
     assert f"mean {df['ref_rejected_logps'].mean():.4f}" in res.stdout
     assert f"total {df['chosen_tokens'].sum()}" in res.stdout
-    assert "ids_digest" in res.stdout and "world_size" in res.stdout
+    full = json.loads(invoke("cache", "info", str(out), "--json").stdout)  # the whole metadata behind --json
+    assert full["rows"] == 30 and "ids_digest" in full["metadata"]["data"] and "world_size" in full["metadata"]
 
 
 def test_cache_info_on_a_non_cache_is_one_line(tmp_path):

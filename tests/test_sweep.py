@@ -180,7 +180,8 @@ def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path):
     res = CliRunner().invoke(cli_main, ["compare", str(tmp_path / "empty"), str(tmp_path / "nope")])
     assert res.exit_code == 2
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "empty" in errors[0] and "Traceback" not in res.output
+    # a path that does not exist is the error (a typo); folders without runs beside it would only be skipped
+    assert len(errors) == 1 and "nope: no such folder" in errors[0] and "Traceback" not in res.output
 
 
 def test_run_without_eval_is_still_compared(swept, tmp_path):

@@ -420,8 +420,10 @@ def test_drift_zero_for_matching_nf4_cache(sharp, tmp_path, capsys):
 
 
 def test_drift_warns_for_fp32_cache_against_nf4_policy(sharp, tmp_path, capsys):
-    """An explicit contrary flag is allowed: one note says rewards will not start at 0, the drift check warns."""
-    summary = train.run(tcfg(sharp, tmp_path / "run", ref_cache=str(sharp["fp32"]), max_steps=1, load_in_4bit=True))
+    """An explicit contrary flag is allowed with --allow-reference-mismatch: one note says rewards will not start at
+    0, the drift check warns (without it: refused before loading, tests/test_reference_match.py)."""
+    summary = train.run(tcfg(sharp, tmp_path / "run", ref_cache=str(sharp["fp32"]), max_steps=1, load_in_4bit=True,
+                             allow_reference_mismatch=True))
     out = capsys.readouterr().out
     assert "note: --load-in-4bit True differs from the cache's reference" in out, out
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]

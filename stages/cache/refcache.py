@@ -71,7 +71,7 @@ REQUIRED_META = ("manifest", "tokenization", "model")
 def read_meta(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{path}: no such cache file; run `dpo precompute-ref --out {path}` first")
+        raise UserError(f"{path}: no such cache file; make it first with `dpo precompute-ref --output {path}`")
     try:
         raw = pq.read_schema(p).metadata or {}
         meta = json.loads(raw[META_KEY]) if META_KEY in raw else None
@@ -181,10 +181,10 @@ def finished_rows(out: Path, manifest: dict, overwrite: bool) -> pa.Table | None
     if overwrite or not out.exists():
         return None
     if not out.is_file():
-        raise UserError(f"--out {out}: a folder, not a cache file; give a file name such as {out}/ref.parquet")
+        raise UserError(f"--output {out}: a folder, not a cache file; give a file name such as {out}/ref.parquet")
     diff = _differences(read_meta(out)["manifest"], manifest)
     if diff:
-        raise UserError(f"--out {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse "
+        raise UserError(f"--output {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse "
                         "it, --overwrite recomputes")
     df, _ = read_cache(out)
     return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps"))))
@@ -315,14 +315,47 @@ def origin_line(meta: dict) -> str | None:
     return None
 
 
-def info_text(path: str | Path) -> str:
+def summary_lines(meta: dict) -> list[str]:
+    """`dpo cache info`'s human lines from the metadata: model, adapter, lengths, truncation counts (stage one's
+    meta["truncation"]; "not recorded" by older caches), where the rows came from (shards), when and by what."""
+    data, tok, cut = meta.get("data") or {}, meta.get("tokenization") or {}, meta.get("truncation")
+    skipped = data.get("skipped", "?")  # reason -> count, as LoadReport counts them
+    why = ", ".join(f"{r}: {n}" for r, n in skipped.items() if n) if isinstance(skipped, dict) else ""
+    count = sum(skipped.values()) if isinstance(skipped, dict) else skipped
+    dropped = f"{data.get('rows_kept', '?')} kept, {count} skipped{f' ({why})' if why else ''}, " \
+              f"{data.get('too_long', '?')} too long"
+    files = len(data.get("files") or [])
+    cuts = "not recorded" if not isinstance(cut, dict) else (
+        f"{cut.get('prompts_cut', '?')} prompts cut (at most {cut.get('max_prompt_tokens_cut', '?')} tokens), "
+        f"{cut.get('replies_cut', '?')} replies cut (at most {cut.get('max_reply_tokens_cut', '?')} tokens), "
+        f"{cut.get('skipped', '?')} skipped")
+    adapter = meta.get("adapter")
+    return [f"  data: {data.get('rows_read', '?')} rows read from {files} file(s), {dropped}",
+            f"  model: {meta['model'].get('path', '?')} (dtype {meta.get('dtype', '?')}, quantization "
+            f"{meta.get('quantization', '?')})",
+            f"  adapter: {adapter.get('path', '?') if isinstance(adapter, dict) else 'none'}",
+            f"  lengths: max_length {tok.get('max_length', '?')}, "
+            f"max_prompt_length {tok.get('max_prompt_length', '?')}",
+            f"  truncation: {cuts}",
+            f"  shards: {(origin_line(meta) or '  one job').strip()}",
+            f"  created: {meta.get('created', '?')} by dpo-stages {meta.get('tool_version', '?')}"
+            + (f", {meta['world_size']} process(es)" if meta.get("world_size") else "")]
+
+
+def info_text(path: str | Path, as_json: bool = False) -> str:
+    """`dpo cache info`: a short summary (summary_lines, the log-prob and token statistics), or with `as_json` one
+    JSON object {path, rows, stats, metadata} holding the whole metadata."""
     df, meta = read_cache(path)
-    lines = [f"cache {path}", f"  rows: {df.height}"]
-    lines += [line for line in [origin_line(meta)] if line]  # a shard job's cache, or one merged from N shards
-    for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        lines.append(f"  {col}: mean {df[col].mean():.4f}  min {df[col].min():.4f}  max {df[col].max():.4f}")
-    for col in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
-        lines.append(f"  {col}: mean {df[col].mean():.1f}  total {df[col].sum()}")
-    lines.append("  metadata:")
-    lines += ["    " + line for line in json.dumps(meta, indent=2, sort_keys=True).splitlines()]
-    return "\n".join(lines)
+    stats = {c: {"mean": df[c].mean(), "min": df[c].min(), "max": df[c].max()}
+             for c in ("ref_chosen_logps", "ref_rejected_logps")}
+    stats |= {c: {"mean": df[c].mean(), "total": int(df[c].sum())} for c in ("prompt_tokens", "chosen_tokens",
+                                                                              "rejected_tokens")}
+    if as_json:
+        return json.dumps({"path": str(path), "rows": df.height, "stats": stats, "metadata": meta}, indent=2,
+                          sort_keys=True)
+    lines = [f"cache {path}", f"  rows: {df.height}"] + summary_lines(meta)
+    shown = {c: v for c, v in stats.items() if v["mean"] is not None}  # no rows: no means
+    lines += [f"  {c}: mean {v['mean']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}" for c, v in shown.items()
+              if "min" in v]
+    lines += [f"  {c}: mean {v['mean']:.1f}  total {v['total']}" for c, v in shown.items() if "total" in v]
+    return "\n".join(lines + ["  full metadata: add --json"])

@@ -4,6 +4,13 @@ Plain rows follow TRL's DPOTrainer convention: prompt text tokenized (with BOS w
 text tokenized separately with EOS appended (once: a reply already ending with EOS keeps it). Chat rows use the
 tokenizer's chat template: prompt rendered with the generation prompt, the completion is what the full conversation adds
 after it, cut after the last end-of-turn (EOS) token so trailing template whitespace is not scored.
+
+Truncation (TRUNCATION names the rule; it is part of the cache's fingerprint). Rows that fit are never touched.
+A text prompt longer than max_prompt_length keeps its end. A conversation's prompt keeps its system message(s)
+and drops the OLDEST whole turns (from the first message after the system message, so the kept history starts
+with a user turn); when even the last user turn does not fit, that turn is cut inside, keeping the system
+message, the template's framing and the END of its text; a prompt that cannot keep any of its last user turn is
+skipped. Replies then keep their start within max_length. `TruncationReport` counts every cut and skip.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Sequence
 from stages.base.errors import UserError
 from stages.data.rows import Example
 
-TRUNCATION = "prompt_keep_end,completion_keep_start"
+TRUNCATION = "text_prompt_keep_end,chat_prompt_keep_system_drop_oldest_turns_then_keep_end,completion_keep_start"
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,10 @@ def _chat_ids(tokenizer, messages, generation_prompt: bool) -> list[int]:
     return list(ids)
 
 
-def _chat_completion(tokenizer, prompt_ids: list[int], ex: Example, completion) -> list[int]:
-    full = _chat_ids(tokenizer, list(ex.prompt) + list(completion), generation_prompt=False)
+def _chat_completion(tokenizer, prompt_ids: list[int], ex: Example, completion, prompt=None) -> list[int]:
+    """What rendering `prompt` (default: the row's) + `completion` adds after `prompt_ids`, up to the last EOS."""
+    full = _chat_ids(tokenizer, list(ex.prompt if prompt is None else prompt) + list(completion),
+                     generation_prompt=False)
     if full[: len(prompt_ids)] != prompt_ids:
         raise UserError(
             f"{ex.source}: row {ex.row}: the chat template renders the prompt differently with and without the "
@@ -125,17 +134,153 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], settings
     return prompt, chosen, rejected
 
 
+@dataclass
+class TruncationReport:
+    """What tokenization cut or dropped. Cuts are counted over the rows kept; `skipped` rows are not encoded."""
+
+    rows: int = 0                   # rows tokenized
+    prompts_cut: int = 0
+    replies_cut: int = 0            # chosen and rejected count one each
+    max_prompt_tokens_cut: int = 0
+    max_reply_tokens_cut: int = 0
+    skipped: int = 0                # rows that cannot fit (prompt without its last user turn, or no room for replies)
+
+    def as_meta(self) -> dict:
+        """Stage one's meta["truncation"]."""
+        keys = ("prompts_cut", "replies_cut", "max_prompt_tokens_cut", "max_reply_tokens_cut", "skipped")
+        return {k: getattr(self, k) for k in keys}
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.prompts_cut or self.replies_cut or self.skipped)
+
+    def summary(self) -> str:
+        """E.g. "cut 15 of 20 prompts (by at most 37 tokens) and 8 of 40 replies (by at most 12 tokens)"."""
+        kept = self.rows - self.skipped
+        if not self.anything:
+            return f"nothing cut: every prompt and reply of {kept} rows fits"
+
+        def part(n: int, of: int, what: str, most: int) -> str:
+            return f"{n} of {of} {what}" + (f" (by at most {most} tokens)" if n else "")
+
+        line = (f"cut {part(self.prompts_cut, kept, 'prompts', self.max_prompt_tokens_cut)} and "
+                f"{part(self.replies_cut, 2 * kept, 'replies', self.max_reply_tokens_cut)}")
+        return line + (f"; skipped {self.skipped} rows that cannot fit" if self.skipped else "")
+
+    def add(self, prompt_cut: int, replies_cut: tuple[int, int]) -> None:
+        self.prompts_cut += prompt_cut > 0
+        self.max_prompt_tokens_cut = max(self.max_prompt_tokens_cut, prompt_cut)
+        self.replies_cut += sum(n > 0 for n in replies_cut)
+        self.max_reply_tokens_cut = max(self.max_reply_tokens_cut, *replies_cut)
+
+
+@dataclass(frozen=True)
+class _ChatCut:
+    messages: list      # the prompt messages kept (whole turns)
+    rendered: list[int]  # their ids with the generation prompt: the replies are split off after these
+    ids: list[int]      # what the model sees: `rendered`, or `rendered` cut inside the last user turn
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _cut_inside(tokenizer, messages: list, rendered: list[int], index: int, limit: int) -> list[int] | None:
+    """`rendered` within `limit` by dropping the START of message `index`'s text; what the template writes
+    before and after that text (system message, role header, end of turn, generation prompt) stays. None when
+    that alone fills `limit`."""
+    framed = [dict(m, content="") if i == index else m for i, m in enumerate(messages)]
+    frame = _chat_ids(tokenizer, framed, generation_prompt=True)
+    pre = _common_prefix(frame, rendered)
+    post = _common_prefix(frame[pre:][::-1], rendered[pre:][::-1])
+    room = limit - pre - post
+    if room < 1:
+        return None
+    end = len(rendered) - post
+    return rendered[:pre] + rendered[pre:end][-room:] + rendered[end:]
+
+
+def cut_chat_prompt(tokenizer, ex: Example, limit: int) -> _ChatCut | None:
+    """A conversation's prompt within `limit` tokens: system message(s) kept, oldest whole turns dropped (the kept
+    history starts at a user turn), the last user turn cut inside only when it alone does not fit; None when even
+    that cannot keep any of its text."""
+    messages = [dict(m) for m in ex.prompt]
+    head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    system, history = messages[:head], messages[head:]
+    users = [i for i, m in enumerate(history) if m["role"] == "user"] or [len(history) - 1]
+    starts = [i for i in users if i > 0]
+    lo, hi, found = 0, len(starts), None
+    while lo < hi:  # the oldest start that fits: fewer messages never render longer
+        mid = (lo + hi) // 2
+        kept = system + history[starts[mid]:]
+        ids = _chat_ids(tokenizer, kept, generation_prompt=True)
+        if len(ids) <= limit:
+            found, hi = _ChatCut(kept, ids, ids), mid
+        else:
+            lo = mid + 1
+    if found is not None:
+        return found
+    if not history:  # system messages only: keep the end, as for text
+        rendered = _chat_ids(tokenizer, messages, generation_prompt=True)
+        return _ChatCut(messages, rendered, rendered[len(rendered) - limit:]) if limit > 0 else None
+    kept = system + history[users[-1]:]
+    rendered = _chat_ids(tokenizer, kept, generation_prompt=True)
+    ids = _cut_inside(tokenizer, kept, rendered, len(system), limit)
+    return None if ids is None else _ChatCut(kept, rendered, ids)
+
+
+def _skip(ex: Example, strict: bool, problem: str, fix: str) -> None:
+    if strict:
+        raise UserError(f"{ex.source}: row {ex.row}: {problem}; {fix}")
+
+
+def encode_example(tokenizer, ex: Example, settings: TokenizeSettings, report: TruncationReport,
+                   strict: bool = False) -> Encoded | None:
+    """One row tokenized and cut (module docstring), counted in `report`; None when it cannot fit (an error when
+    `strict`). A row whose prompt fits gets exactly the ids of the rule before chat prompts dropped turns."""
+    prompt, chosen, rejected = tokenize_example(tokenizer, ex)
+    report.rows += 1
+    full_prompt, limit = len(prompt), settings.max_prompt_length
+    if limit is not None and full_prompt > limit:
+        if not ex.is_chat:
+            prompt = prompt[-limit:] if limit > 0 else []
+        else:
+            cut = cut_chat_prompt(tokenizer, ex, limit)
+            if cut is None:
+                report.skipped += 1
+                _skip(ex, strict, f"no room for the last user turn within --max-prompt-length {limit}",
+                      "raise it or shorten the system message")
+                return None
+            if cut.messages != list(ex.prompt):  # other turns: split the replies off that rendering
+                chosen, rejected = (_chat_completion(tokenizer, cut.rendered, ex, c, cut.messages)
+                                    for c in (ex.chosen, ex.rejected))
+            prompt = cut.ids
+    result = truncate(prompt, chosen, rejected, TokenizeSettings(settings.max_length, None))
+    if result is None:
+        report.skipped += 1
+        _skip(ex, strict, f"the prompt ({len(prompt)} tokens) leaves no room for a reply within --max-length "
+              f"{settings.max_length}", "raise --max-length or lower --max-prompt-length")
+        return None
+    p, c, r = result
+    report.add(full_prompt - len(p), (len(chosen) - len(c), len(rejected) - len(r)))
+    return Encoded(ex.example_id, tuple(p), tuple(c), tuple(r))
+
+
+def encode_with_report(tokenizer, examples: Sequence[Example], settings: TokenizeSettings,
+                       strict: bool = False) -> tuple[list[Encoded], TruncationReport]:
+    """Encode every example; returns (encoded, what was cut and skipped). `strict`: a skip is a one-line error."""
+    report = TruncationReport()
+    encoded = [encode_example(tokenizer, ex, settings, report, strict) for ex in examples]
+    return [e for e in encoded if e is not None], report
+
+
 def encode_examples(tokenizer, examples: Sequence[Example], settings: TokenizeSettings) -> tuple[list[Encoded], int]:
-    """Encode every example; returns (encoded, number skipped because they cannot fit max_length)."""
-    out, skipped = [], 0
-    for ex in examples:
-        cut = truncate(*tokenize_example(tokenizer, ex), settings)
-        if cut is None:
-            skipped += 1
-            continue
-        p, c, r = cut
-        out.append(Encoded(ex.example_id, tuple(p), tuple(c), tuple(r)))
-    return out, skipped
+    """Encode every example; returns (encoded, number skipped because they cannot fit)."""
+    encoded, report = encode_with_report(tokenizer, examples, settings)
+    return encoded, report.skipped
 
 
 def _sha(text: str) -> str:

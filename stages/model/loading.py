@@ -22,12 +22,14 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from stages.base.errors import UserError
+from stages.model.quiet import import_bitsandbytes
 
 NF4_BLOCK = 64  # bitsandbytes' NF4 blocksize: one absmax per 64 consecutive weights of the flattened matrix
 NF4_STORAGE = torch.uint8  # packed codes: 2 per byte (FSDP2 copies integer shards byte for byte)
@@ -145,7 +147,7 @@ def quantize_meta(model, compute_dtype: torch.dtype) -> int:
     [ceil(n/2), 1] (the layout `from_pretrained(quantization_config=...)` produces); still on meta. Returns how many.
     uint8 storage: FSDP2 copies uint8 shards byte for byte, while bf16-stored codes go through float on CUDA, which
     rewrites NaN bit patterns (bitsandbytes #1945)."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     head = model.get_output_embeddings()
     swaps = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
@@ -230,9 +232,8 @@ def _recomputed(model, name: str) -> bool:
 
 
 def _is_nf4(model, name: str) -> bool:
-    import bitsandbytes as bnb
-
-    return name.endswith(".weight") and isinstance(_owner(model, name), bnb.nn.Linear4bit)
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no Linear4bit anywhere (and no import just to look)
+    return bnb is not None and name.endswith(".weight") and isinstance(_owner(model, name), bnb.nn.Linear4bit)
 
 
 def _fill_nf4(module, local: torch.Tensor, first: int, t: StoredTensor, env) -> None:
@@ -240,8 +241,8 @@ def _fill_nf4(module, local: torch.Tensor, first: int, t: StoredTensor, env) -> 
     matrix, from the block-aligned range around them (so every block is quantized exactly as in one piece); then
     the absmax of the blocks that START in this rank's range (each block starts in exactly one), all-reduced with
     max (HSDP replicas hold the same blocks; max keeps them exact where a sum would not)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
+    bnb = import_bitsandbytes()
+    bf = bnb.functional
 
     from stages.model.distributed import all_reduce_max_
 

@@ -6,6 +6,7 @@ the policy equals the reference at step 0.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from stages.base.errors import UserError
 from stages.base.progress import say
+from stages.model.quiet import import_bitsandbytes, quiet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOAD_COUNT = {"models": 0}  # every model load; tests assert that stage two loads exactly one
@@ -64,9 +66,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def fix_bnb_cpu(model) -> int:
     """bitsandbytes on CPUs with AVX512-BF16 repacks Linear4bit weights in any no-grad forward, after which
     gradients through the base are silently wrong. Switch that path off on every Linear4bit; returns how many."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no Linear4bit anywhere (and no import just to look)
+    if bnb is None:
         return 0
     n = 0
     for m in model.modules():
@@ -87,6 +88,7 @@ def load_model(spec: ModelSpec, device: torch.device, trainable_adapter: bool = 
 
 def _meta_base(spec: ModelSpec, device: torch.device):
     """The base on the meta device (NF4 layers swapped in when asked): nothing allocated, nothing read yet."""
+    quiet()
     from transformers.utils import logging as hf_logging
 
     from stages.model.loading import meta_model, quantize_meta
@@ -103,6 +105,7 @@ def _meta_base(spec: ModelSpec, device: torch.device):
 
 
 def _with_adapter(model, adapter: str, trainable: bool):
+    import_bitsandbytes(required=False)  # PEFT imports it: first here, quietly
     from peft import PeftModel
 
     from stages.model.loading import lora_off_meta
@@ -148,6 +151,7 @@ def load_policy(spec: ModelSpec, lora: LoraSettings, device: torch.device, gradi
                 env=None, replicas: int = 1):
     """The one model stage two holds: frozen (NF4) base + trainable LoRA (new, or `spec.adapter` continued), sharded
     under torchrun. The LoRA weights are drawn on CPU as PEFT draws them (same seed, same values at any world size)."""
+    import_bitsandbytes(required=False)  # PEFT imports it: first here, quietly
     from peft import LoraConfig, get_peft_model
 
     from stages.model.loading import lora_off_meta

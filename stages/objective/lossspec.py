@@ -38,8 +38,18 @@ class LossSpec(str):
 _TERM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\*\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?))?\s*(\+|$)")
 
 
+# Other spellings accepted for a loss type (configs store the canonical name): DPO's loss is TRL's "sigmoid"
+LOSS_ALIASES = {"dpo": "sigmoid"}
+
+
+def _loss_name(name: str) -> str:
+    """The canonical loss type of a name as written: case-insensitive, aliases resolved ("DPO" -> "sigmoid")."""
+    low = name.lower()
+    return LOSS_ALIASES.get(low, low)
+
+
 def _unknown(name: str, value) -> LossSettingsError:
-    near = difflib.get_close_matches(name, LOSS_TYPES, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(name.lower(), LOSS_TYPES, n=1, cutoff=0.5)
     where = f"--loss {name!r}: unknown loss type" if value == name else f"--loss: unknown loss type {name!r}"
     if near:
         return LossSettingsError(f"{where}; did you mean {near[0]!r}? (all types: dpo train --help)")
@@ -59,7 +69,8 @@ def _term_weight(name: str, weight, value) -> float:
 def parse_loss_spec(value) -> LossSpec_:
     """"sigmoid*0.8+bco_pair*0.2+sft" | {sigmoid: 0.8, ...} | ((name, weight), ...) -> ((name, weight), ...).
 
-    Names must be LOSS_TYPES (a typo names the nearest one), each at most once, weights positive (default 1)."""
+    Names must be LOSS_TYPES, in any case, or an alias of one ("dpo" is "sigmoid"); the result holds the canonical
+    lower-case name. A typo names the nearest type; each type at most once; weights positive (default 1)."""
     if isinstance(value, Mapping):
         pairs = [(str(k), v) for k, v in value.items()]
     elif isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
@@ -82,11 +93,13 @@ def parse_loss_spec(value) -> LossSpec_:
     if not pairs:
         raise LossSettingsError(f"--loss {value!r}: give at least one loss type")
     out = []
-    for name, weight in pairs:
+    for written, weight in pairs:
+        name = _loss_name(written)
         if name not in LOSS_TYPES:
-            raise _unknown(name, value)
+            raise _unknown(written, value)
         if name in (n for n, _ in out):
-            raise LossSettingsError(f"--loss {value!r}: {name!r} appears twice; give it once with the summed weight")
+            twice = f"{name!r} appears twice" if written == name else f"{written!r} is {name!r}, which appears twice"
+            raise LossSettingsError(f"--loss {value!r}: {twice}; give it once with the summed weight")
         out.append((name, _term_weight(name, weight, value)))
     return tuple(out)
 

@@ -147,6 +147,18 @@ class PlanConfig(Group):
     gradient_checkpointing: bool = opt(True, "Stage two recomputes activations in backward.")
     layers: int | None = opt(None, "Count the model with this many decoder layers (same widths).")
     cpu: bool = opt(False, "One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
+    ref_adapter_r: int = opt(0, "LoRA rank of the reference's SFT adapter on every decoder linear (0: none); its "
+                                "fp32 weights are counted wherever a reference is held.")
+
+    def check(self) -> None:
+        counts = ("gpus", "max_length", "batch_size", "lora_r", "max_tokens_per_batch")
+        for name in counts + (("layers",) if self.layers else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"dpo plan: --{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not isinstance(self.ref_adapter_r, int) or self.ref_adapter_r < 0:
+            raise UserError(f"--ref-adapter-r {self.ref_adapter_r!r}: must be a whole number >= 0 (0: the reference "
+                            f"has no SFT adapter)")
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,10 @@ class Sampling(Group):
     def check(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
             raise UserError("-n and --max-new-tokens must be >= 1")
+        if not (0 < self.top_p <= 1):
+            raise UserError(f"--top-p must be in (0, 1] (1: no nucleus cut), got {self.top_p}")
+        if not 0 < self.temperature < float("inf"):
+            raise UserError(f"--temperature must be > 0 (for greedy replies leave out --seed), got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -193,10 +209,18 @@ class CachePath(Group):
 
 
 @dataclass(frozen=True)
+class InfoFormat(Group):
+    """How `dpo cache info` prints."""
+
+    json: bool = opt(False, "Print one JSON object with the whole metadata and the statistics (not the summary).")
+
+
+@dataclass(frozen=True)
 class CacheInfoConfig(Command):
-    """`dpo cache info CACHE`."""
+    """`dpo cache info CACHE [--json]`."""
 
     cache: CachePath = part(CachePath)
+    format: InfoFormat = part(InfoFormat)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ class DataSpec(Group):
 
     data: tuple[str, ...] = opt(help=DATA_HELP)
     eval_data: tuple[str, ...] = opt((), "Held-out data (same forms; e.g. owner/name:test).")
-    strict: bool = opt(False, "Rows with chosen == rejected or an empty reply are errors, not skipped.")
+    strict: bool = opt(False, "Rows with chosen == rejected, an empty reply, or no room within the lengths are errors, "
+                              "not skipped.")
     prompt_field: str = opt("prompt", "Column holding the prompt.")
     chosen_field: str = opt("chosen", "Column holding the chosen reply.")
     rejected_field: str = opt("rejected", "Column holding the rejected reply.")
@@ -136,7 +137,7 @@ class LossSettings(Group):
     """Everything that decides the loss besides the log-probs; `check` refuses what would silently differ.
     stages/objective/loss.py turns it into the loss callable, once per run."""
 
-    loss: LossSpec = opt("sigmoid", f"A loss type ({' '.join(LOSS_TYPES)}) or a mixture "
+    loss: LossSpec = opt("sigmoid", f"A loss type ({' '.join(LOSS_TYPES)}; any case; dpo = sigmoid) or a mixture "
                                     "'sigmoid*0.8+bco_pair*0.2+sft'.")
     beta: float = opt(0.1, "DPO beta (multiplies the log-ratio difference).")
     label_smoothing: float = opt(0.0, "Epsilon of robust, exo_pair, aot*; with sigmoid it makes cDPO (TRL 1.16 "
@@ -331,4 +332,8 @@ class CacheInput(Group):
 
     ref_cache: str = opt(help="Reference cache from `dpo precompute-ref`.")
     allow_cache_mismatch: bool = opt(False, "Accept a cache made with another tokenizer/chat-template hash.")
+    allow_reference_mismatch: bool = opt(False, "Train against a cache whose reference had other weights, adapter, "
+                                                "quantization or dtype than this policy (e.g. a continued run): "
+                                                "rewards then do not start at 0 and the step-0 drift check only "
+                                                "warns.")
     # no check of its own: read_cache says in one line what is wrong with a cache (missing, not ours, corrupt)

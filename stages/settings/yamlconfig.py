@@ -59,6 +59,44 @@ def nearest(name: str, known) -> str:
     return f"; did you mean {close[0]!r}?" if close else "; see `dpo COMMAND --help` for the options"
 
 
+# Keys only a TRL DPOConfig / TrainingArguments / TRL script file has (all known to stages/tools/trlconfig.py):
+# a --config with any of them unknown is pointed to `dpo config from-trl`
+TRL_KEYS = frozenset({
+    "per_device_train_batch_size", "per_device_eval_batch_size", "output_dir", "num_train_epochs",
+    "model_name_or_path", "loss_type", "loss_weights", "rpo_alpha", "lr_scheduler_type", "optim", "bf16", "fp16",
+    "torch_dtype", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "eval_strategy",
+    "evaluation_strategy", "save_strategy", "logging_strategy", "warmup_steps", "use_peft", "lora_target_modules",
+    "f_divergence_type", "f_alpha_divergence_coef", "push_to_hub", "hub_model_id", "precompute_ref_log_probs",
+    "ref_model_init_kwargs", "model_init_kwargs", "sync_ref_model", "run_name", "logging_dir", "overwrite_output_dir",
+    "remove_unused_columns", "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_epsilon",
+})
+SHOWN_UNKNOWN = 3  # unknown keys named in one message; the rest are counted
+
+
+def _unknown_keys(unknown: list[str], offered, config_path: str | None) -> UserError:
+    """One line naming the unknown keys (a few, then "and N more"): a typo gets its nearest option; keys of a TRL
+    file point to `dpo config from-trl`."""
+    where = f"--config {config_path}" if config_path else "options"
+    trl = config_path is not None and bool(set(unknown) & TRL_KEYS)
+    if len(unknown) == 1 and not trl:
+        return UserError(f"{where}: unknown key {unknown[0]!r}{nearest(unknown[0], offered)}")
+    shown = ", ".join(repr(k) for k in unknown[:SHOWN_UNKNOWN])
+    more = f" and {len(unknown) - SHOWN_UNKNOWN} more" if len(unknown) > SHOWN_UNKNOWN else ""
+    head = f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {shown}{more}"
+    if trl:
+        return UserError(f"{head}; TRL DPOConfig keys: convert with `dpo config from-trl {config_path}`")
+    return UserError(f"{head}{nearest(unknown[0], offered)}")
+
+
+def _missing(option) -> UserError:
+    """The missing required option, with the start of its help (where its value comes from)."""
+    name = option.name
+    about = option.metadata.get("help", "").split(". ")[0].rstrip(".")
+    about = about.split(":")[0] if len(about) > 80 else about
+    about = f": {about}" if about else ""
+    return UserError(f"missing required option --{name.replace('_', '-')} (or `{name}:` in the YAML config){about}")
+
+
 def read_yaml(config_path: str, section: str | None) -> dict:
     """A flat mapping, or a sectioned one (`shared:` plus one block per command) used by several commands."""
     try:
@@ -91,14 +129,12 @@ def build(cls, config_path: str | None, overrides: dict, section: str | None = N
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     unknown = sorted(set(values) - set(offered))
     if unknown:
-        where = f"--config {config_path}" if config_path else "options"
-        raise UserError(f"{where}: unknown key {unknown[0]!r}{nearest(unknown[0], offered)}")
+        raise _unknown_keys(unknown, offered, config_path)
     where = config_path or "command line"
     checked = {k: _check_type(k, v, offered[k].hint, where) for k, v in values.items()}
-    missing = [o.name for o in offered.values() if o.name not in checked and o.required]
+    missing = [o for o in offered.values() if o.name not in checked and o.required]
     if missing:
-        name = missing[0]
-        raise UserError(f"missing required option --{name.replace('_', '-')} (or `{name}:` in the YAML config)")
+        raise _missing(missing[0])
     return from_flat(cls, checked)
 
 

@@ -18,7 +18,7 @@ from stages.base.errors import Interrupted, UserError
 from stages.base.progress import Progress, say
 from stages.cache import refcache, shards
 from stages.cache.fingerprint import config_hash, folder_fingerprint
-from stages.data.encode import Encoded, encode_examples, tokenizer_fingerprint
+from stages.data.encode import Encoded, encode_with_report, tokenizer_fingerprint
 from stages.data.rows import ids_digest, load_examples
 from stages.model.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from stages.model.logprobs import pair_logps, supports_prompt_sharing
@@ -47,13 +47,13 @@ def run(cfg: PrecomputeConfig) -> Path:
     say(env, f"data: {report.summary()}")
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     settings = cfg.lengths.tokenize()
-    encoded, too_long = encode_examples(tokenizer, examples, settings)
-    if too_long:
-        say(env, f"tokenize: skipped {too_long} rows that cannot fit --max-length {cfg.lengths.max_length} "
-                 "(prompt too long)")
+    encoded, cuts = encode_with_report(tokenizer, examples, settings, cfg.data.strict)
+    say(env, f"tokenize (--max-prompt-length {settings.max_prompt_length}, --max-length {settings.max_length}): "
+             f"{cuts.summary()}")
     if not encoded:
         raise UserError(f"{', '.join(cfg.data.data)}: no usable rows after validation and truncation")
     meta = cache_metadata(cfg, tokenizer, settings, examples, encoded, report, env.world_size, env.device)
+    meta["truncation"] = cuts.as_meta()  # what tokenization cut and skipped (`dpo cache info` shows it)
     encoded, out = shards.take_shard(encoded, cfg.scoring, meta, out)  # --num-shards: this shard's examples, own file
     with guarded_output(out.with_name(f".{out.name}.lock"), out, "--output", env):
         base, have = open_cache_everywhere(out, meta["manifest"], cfg.scoring.overwrite, env)

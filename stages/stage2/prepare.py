@@ -7,6 +7,7 @@ prepares once and trains many times.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 import torch
@@ -15,9 +16,9 @@ from stages.base.errors import UserError
 from stages.cache import refcache
 from stages.cache.fingerprint import folder_fingerprint
 from stages.cache.refcache import token_count_problems
-from stages.data.encode import Encoded, TokenizeSettings, encode_examples, tokenizer_fingerprint
+from stages.data.encode import Encoded, TokenizeSettings, encode_with_report, tokenizer_fingerprint
 from stages.data.rows import load_examples
-from stages.model.models import check_model_dir, load_tokenizer
+from stages.model.models import check_model_dir, dtype_name, load_tokenizer, resolve_dtype
 from stages.objective.loss import ld_token_weights
 from stages.settings.groups import CacheInput, DataSpec, Lengths, ModelSettings
 
@@ -43,6 +44,7 @@ class Prepared:
     settings: TokenizeSettings
     cache_meta: dict
     notes: list[str]  # what the user should read: counts, skips, warnings
+    reference_differs: tuple[str, ...] = ()  # what of the policy is not the cache's reference (--allow-reference-...)
 
 
 def ld_reference(chosen: list[float], rejected: list[float], alpha: float) -> tuple[float, float]:
@@ -81,7 +83,8 @@ def _join(encoded: list[Encoded], df: pl.DataFrame, cache_path: str, what: str, 
 def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Lengths, ld_alpha: float | None = None,
             loaded: tuple[pl.DataFrame, dict] | None = None) -> Prepared:
     """Rows of `data` (and its eval data) tokenized as the cache says, joined with it. `loaded`: the cache already
-    read (a sweep reads it once)."""
+    read (a sweep reads it once). A policy that would not start as the cache's reference (other weights, adapter,
+    NF4 or dtype: reference_differences) is refused here, before any model loads, unless --allow-reference-mismatch."""
     check_model_dir(model.model)
     df, meta = loaded if loaded is not None else refcache.read_cache(cache.ref_cache)
     if ld_alpha is not None:
@@ -89,26 +92,69 @@ def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Le
     tokenizer = load_tokenizer(model.model, model.trust_remote_code)
     settings = lengths.tokenize(meta)  # unset lengths: the cache's
     fingerprint = tokenizer_fingerprint(tokenizer, settings)
-    problems = refcache.tokenization_problems(meta, fingerprint, cache.allow_cache_mismatch)
-    if problems:
-        waiver = "" if cache.allow_cache_mismatch else " (a hash only: --allow-cache-mismatch)"
-        raise UserError(f"{cache.ref_cache}: other tokenization ({problems[0]}); rerun precompute-ref with this model "
-                        f"and lengths{waiver}")
-    notes = []
-    weights = folder_fingerprint(model.model)["hash"]
-    if weights != meta["manifest"]["model"]:
-        notes.append(f"note: the cache was made from {meta['model']['path']}, not these weights; the step-0 drift "
-                     "check will show how far apart they are")
+    if refcache.tokenization_problems(meta, fingerprint, cache.allow_cache_mismatch):
+        raise UserError(tokenization_error(cache, meta, fingerprint))
+    notes, differs = [], reference_differences(model, meta)
+    if differs and not cache.allow_reference_mismatch:
+        raise UserError(f"{cache.ref_cache}: {'; '.join(differs.values())}; pass --allow-reference-mismatch if "
+                        "meant, else rerun `dpo precompute-ref` for this policy")
+    if differs:
+        notes.append(f"note: {'; '.join(differs.values())}: allowed by --allow-reference-mismatch; the policy starts "
+                     "away from the reference and rewards will not start at 0")
     sets = []
     for what, paths in (("train", data.data), ("eval", data.eval_data)):
         if not paths:
             sets.append([])
             continue
         examples, report = load_examples(paths, data.fields(), data.strict, split=data.data_split)
-        encoded, too_long = encode_examples(tokenizer, examples, settings)
-        notes.append(f"{what} data: {report.summary()}"
-                     + (f"; {too_long} too long for --max-length" if too_long else ""))
+        encoded, cuts = encode_with_report(tokenizer, examples, settings, data.strict)
+        notes.append(f"{what} data: {report.summary()}" + (f"; tokenize: {cuts.summary()}" if cuts.anything else ""))
         sets.append(_join(encoded, df, cache.ref_cache, what, ld_alpha))
     if not sets[0]:
         raise UserError(f"{', '.join(data.data)}: no training examples left after validation and truncation")
-    return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes)
+    return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes, tuple(differs))
+
+
+def tokenization_error(cache: CacheInput, meta: dict, fingerprint: dict) -> str:
+    """The one line for a cache tokenized otherwise; --allow-cache-mismatch is offered only when all that differs is
+    a hash it waives (refcache.FINGERPRINT_KEYS), never for lengths or the truncation rules."""
+    fixed = refcache.tokenization_problems(meta, fingerprint, True)  # what the waiver leaves
+    problem = (fixed or refcache.tokenization_problems(meta, fingerprint, False))[0]
+    if not fixed:
+        fix = "rerun precompute-ref with this model (a hash only: --allow-cache-mismatch)"
+    elif any(p.startswith(("max_length:", "max_prompt_length:")) for p in fixed):
+        fix = "rerun precompute-ref with these lengths, or drop --max-length/--max-prompt-length to use the cache's"
+    else:
+        fix = "rerun precompute-ref with this model and lengths"
+    return f"{cache.ref_cache}: other tokenization ({problem}); {fix}"
+
+
+def reference_differences(model: ModelSettings, meta: dict) -> dict[str, str]:
+    """What would make the policy at step 0 other than the cache's reference, by setting (weights, adapter,
+    load_in_4bit, dtype) -> a phrase naming the flag. Weights and adapter compare content fingerprints made as the
+    cache made them (the same files reached by another path are the same); unset --load-in-4bit/--dtype/--adapter
+    take the cache's values (train.policy_spec), so only explicit ones can differ. Reads no model."""
+    out, cached_adapter = {}, meta.get("adapter") or {}
+    full = bool((meta["model"].get("weights") or {}).get("full_hash"))
+    if folder_fingerprint(model.model, full)["hash"] != meta["manifest"]["model"]:
+        out["weights"] = f"--model {model.model} has other weights than the cache's ({meta['model']['path']})"
+    adapter = model.adapter or cached_adapter.get("path")
+    if adapter is not None:
+        whose = "--adapter" if model.adapter else "the cache's adapter"
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{whose} {adapter}: no adapter_config.json there; pass --adapter with a PEFT adapter "
+                            "folder")
+        hashed = folder_fingerprint(adapter, bool(cached_adapter.get("full_hash")))["hash"]
+        if hashed != meta["manifest"].get("adapter"):
+            out["adapter"] = (f"--adapter {adapter} differs from the cache's reference "
+                              f"({cached_adapter.get('path') or 'no adapter'})" if model.adapter else
+                              f"the cache's adapter {adapter} has changed since the cache was made")
+    cached_4bit = meta["quantization"] != "none"
+    if model.load_in_4bit is not None and model.load_in_4bit != cached_4bit:
+        out["load_in_4bit"] = f"--load-in-4bit {model.load_in_4bit} differs from the cache's reference ({cached_4bit})"
+    if model.dtype is not None:  # on the device init_distributed picks
+        now = dtype_name(resolve_dtype(model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+        if now != meta["dtype"]:
+            given = model.dtype + (f" ({now} here)" if model.dtype == "auto" else "")
+            out["dtype"] = f"--dtype {given} differs from the cache's reference ({meta['dtype']})"
+    return out

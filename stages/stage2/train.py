@@ -70,7 +70,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
         say(env, note)
     seed_everything(cfg.run.seed)
     total_steps, steps_per_epoch = plan_steps(cfg.schedule, len(prep.train), env)
-    spec = policy_spec(cfg.model, prep.cache_meta, env)
+    spec = policy_spec(cfg.model, prep.cache_meta, env, prep.reference_differs)
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "train"
     model = load_policy(spec, cfg.lora.lora(), env.device, cfg.lora.gradient_checkpointing, env=env,
                         replicas=cfg.compute.replicas)  # sharded load
@@ -99,21 +99,17 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     return summary
 
 
-def policy_spec(model: ModelSettings, meta: dict, env: DistEnv) -> ModelSpec:
-    """The policy's base loaded as the cache's reference was (quantization, dtype, SFT adapter) unless a flag says
-    otherwise: then the policy at step 0 is not the reference and rewards do not start at 0 (said in one line)."""
+def policy_spec(model: ModelSettings, meta: dict, env: DistEnv, differs: tuple[str, ...] = ()) -> ModelSpec:
+    """The policy's base loaded as the cache's reference was (quantization, dtype, SFT adapter) where no flag says
+    otherwise. `differs`: what prepare found not the reference (only with --allow-reference-mismatch; prepare refuses
+    it otherwise, and has said it in a note); named in the one model line."""
     cached = {"load_in_4bit": meta["quantization"] != "none", "dtype": meta["dtype"],
               "adapter": (meta.get("adapter") or {}).get("path")}
     given = {"load_in_4bit": model.load_in_4bit, "dtype": model.dtype, "adapter": model.adapter}
     spec = {k: cached[k] if v is None else v for k, v in given.items()}
-    now = {**spec, "dtype": dtype_name(resolve_dtype(spec["dtype"], env.device)),
-           "adapter": str(Path(spec["adapter"]).resolve()) if spec["adapter"] else None}
-    contrary = [k for k in given if given[k] is not None and now[k] != cached[k]]
-    say(env, f"model: {'NF4' if now['load_in_4bit'] else now['dtype']} base, adapter {spec['adapter'] or 'none'} "
-             f"({'as the cache' if not contrary else 'cache differs in ' + ', '.join(contrary)})")
-    if contrary:
-        say(env, f"note: --{contrary[0].replace('_', '-')} {given[contrary[0]]} differs from the cache's reference "
-                 f"({cached[contrary[0]]}): the policy starts away from it and rewards will not start at 0")
+    dtype = dtype_name(resolve_dtype(spec["dtype"], env.device))
+    say(env, f"model: {'NF4' if spec['load_in_4bit'] else dtype} base, adapter {spec['adapter'] or 'none'} "
+             f"({'as the cache' if not differs else 'cache differs in ' + ', '.join(differs)})")
     return model.spec(**spec)
 
 
@@ -220,13 +216,15 @@ def drift_check(t: Trainer, prep: Prepared, cfg, env, writer) -> None:
         result = policy_forward(t.model, items, prep.tokenizer.pad_token_id, cfg, t.loss)
     acc = Accumulator()
     acc.add(result)
-    report_drift(acc, env, writer)
+    report_drift(acc, env, writer, cfg.cache.allow_reference_mismatch)
     t.model.train()
 
 
-def report_drift(acc: Accumulator, env, writer) -> None:
+def report_drift(acc: Accumulator, env, writer, allow_mismatch: bool = False) -> None:
     """Step 0: before any update the policy should equal the reference. acc holds forwards made before the first
-    optimizer step (step 1's own, or drift_check's); logs mean |policy - reference| of summed log-probs."""
+    optimizer step (step 1's own, or drift_check's); logs mean |policy - reference| of summed log-probs. Above
+    DRIFT_WARN per token the run stops here (the drift row written, no step taken, nothing saved) unless
+    --allow-reference-mismatch (`allow_mismatch`): then one warning. Every rank reads the same reduced drift."""
     m = acc.reduce(env)
     counts = all_reduce_sum(torch.tensor([acc.chosen_tokens + acc.rejected_tokens, 2 * acc.examples],
                                          dtype=torch.float64), env)
@@ -234,6 +232,11 @@ def report_drift(acc: Accumulator, env, writer) -> None:
     writer.write({"step": 0, "ref_drift": m["ref_drift"], "ref_drift_per_token": per_token})
     say(env, f"step 0: ref_drift {m['ref_drift']:.4g} (mean |policy - reference| of summed log-probs, "
              f"{per_token:.3g} per token)")
+    if per_token > DRIFT_WARN and not allow_mismatch:
+        writer.close()  # the trackers get the drift row too
+        raise UserError(f"step 0: ref_drift {per_token:.3g} per token (> {DRIFT_WARN}): the policy is not the cached "
+                        "reference, rewards would not start at 0; pass --allow-reference-mismatch if meant, else "
+                        "rerun `dpo precompute-ref` for this policy")
     if per_token > DRIFT_WARN:
         say(env, f"WARNING: the policy differs from the cached reference before training (ref_drift {per_token:.3g} "
                  "per token). Rewards will not start at 0. Was the cache made with another base, quantization "
@@ -259,7 +262,7 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
             (result.losses.mean() / accum).backward()
             window.add(result, items)
         if step == 0 and at.drift_at_step_one:  # the step-0 row: the window (fresh at step 0) holds step 1's forwards
-            report_drift(window.acc, env, writer)
+            report_drift(window.acc, env, writer, cfg.cache.allow_reference_mismatch)
         # clip
         grad_norm = clip(params, cfg.optim.max_grad_norm)
         # step

@@ -7,6 +7,7 @@ import random
 import torch
 
 from stages.base.errors import UserError
+from stages.model.quiet import import_bitsandbytes
 from stages.settings.groups import OptimSettings
 
 MEGABATCH = 16  # length grouping: sort within groups of 16 micro-batches, so batches stay shuffled overall
@@ -38,7 +39,7 @@ def build_optimizer(model, optim: OptimSettings):
         raise UserError("the policy has no trainable parameters; check --target-modules")
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()  # quietly (stages/model/quiet.py)
 
     cls = bnb.optim.PagedAdamW8bit if optim.optimizer.startswith("paged") else bnb.optim.AdamW8bit
     return cls(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from stages.base.errors import UserError
+from stages.base.progress import say
 from stages.settings.groups import LossSettings
 from stages.stage2.metrics import read_metrics
 
@@ -71,18 +72,26 @@ def is_run(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_FILES)
 
 
-def expand(run_dirs) -> list[Path]:
-    """The folders as given; a sweep folder becomes its run subfolders. Duplicates dropped, order kept."""
+def expand(run_dirs, skipped: list[str] | None = None) -> list[Path]:
+    """The folders as given; a sweep folder becomes its run subfolders. Duplicates dropped, order kept. A path
+    that does not exist is an error; files and folders without runs (a sweep's own compare.csv after `DIR/*`) are
+    skipped into `skipped` when some run is found, else the first of them is the error."""
     found: list[Path] = []
+    refused: list[UserError] = []
     for given in run_dirs:
         p = Path(given)
-        if not p.is_dir():
+        if not p.exists():
             raise UserError(f"{given}: no such folder; pass run folders written by `dpo train` or `dpo sweep`")
-        subs = [] if is_run(p) else sorted(s for s in p.iterdir() if s.is_dir() and is_run(s))
-        if not is_run(p) and not subs:
-            raise UserError(f"{given}: not a training run (no config.yaml or metrics.jsonl there); pass folders "
-                            "written by `dpo train` or `dpo sweep`")
+        subs = [] if not p.is_dir() or is_run(p) else sorted(s for s in p.iterdir() if s.is_dir() and is_run(s))
+        if not p.is_dir() or (not is_run(p) and not subs):
+            what = "a file" if not p.is_dir() else "not a training run (no config.yaml or metrics.jsonl there)"
+            refused.append(UserError(f"{given}: {what}; pass folders written by `dpo train` or `dpo sweep`"))
+            if skipped is not None:
+                skipped.append(str(given))
+            continue
         found += subs or [p]
+    if not found and refused:
+        raise refused[0]
     unique = {p.resolve(): p for p in reversed(found)}  # first occurrence wins
     return [p for p in found if unique.get(p.resolve()) is p]
 
@@ -266,13 +275,17 @@ def samples_tables(run_dirs) -> str:
 
 
 def common_parent(paths: list[Path]) -> Path:
-    """The folder holding all the runs: where compare.png goes without --out, and what names are relative to."""
+    """The folder holding all the runs: where compare.png goes without --output, and what names are relative to."""
     return Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
 
 
 def compare(run_dirs, out_dir: str | Path | None = None) -> tuple[list[Row], Path, Path]:
     """Rows sorted best first, and the paths of compare.png and compare.csv written into out_dir."""
-    paths = expand(run_dirs)
+    skipped: list[str] = []
+    paths = expand(run_dirs, skipped)
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        say(None, f"note: skipped {len(skipped)} path(s) that are not run folders: {', '.join(skipped[:3])}{more}")
     runs = [load_run(p) for p in paths]
     parent = common_parent(paths)
     names = [str(p.resolve().relative_to(parent)) for p in paths]

@@ -64,7 +64,7 @@ def _out_format(out: Path) -> str:
     for suffix in sorted(FORMATS, key=len, reverse=True):  # ".jsonl.gz" before ".jsonl"
         if name.endswith(suffix):
             return suffix
-    raise UserError(f"--out {out}: unknown format; name it *.parquet, *.jsonl or *.jsonl.gz")
+    raise UserError(f"--output {out}: unknown format; name it *.parquet, *.jsonl or *.jsonl.gz")
 
 
 def _as_trl(value) -> str | list[dict]:
@@ -81,9 +81,9 @@ def trl_row(ex: Example, ref_chosen: float, ref_rejected: float) -> dict:
 def _missing_error(cache_path, missing: list[Example], total: int, meta: dict) -> UserError:
     first = missing[0]
     too_long = meta.get("data", {}).get("too_long", 0)
-    hint = (f"; the cache skipped {too_long} rows that could not fit --max-length "
-            f"{meta.get('tokenization', {}).get('max_length')} (TRL drops such rows too): drop them from the data"
-            if too_long else "")
+    tok = meta.get("tokenization", {})
+    hint = (f"; the cache skipped {too_long} rows that could not fit --max-length {tok.get('max_length')} / "
+            f"--max-prompt-length {tok.get('max_prompt_length')}: drop them from the data" if too_long else "")
     return UserError(f"{cache_path}: {len(missing)} of {total} rows are not in the cache (first: {first.source} row "
                      f"{first.row}, id {first.example_id}); run `dpo precompute-ref` over these files first{hint}")
 
@@ -109,7 +109,12 @@ def convention_notes(meta: dict, df_prompt_tokens: list[int], is_chat: bool) -> 
     max_length, max_prompt = tok.get("max_length"), tok.get("max_prompt_length")
     notes = [f"note: train with DPOConfig(precompute_ref_log_probs=True, max_length={max_length}) and "
              "stages.tools.export_trl.dpo_trainer_class() (TRL 1.16 itself would recompute these columns)"]
-    if max_prompt is not None and (max_length is None or max_prompt < max_length):
+    counted = meta.get("truncation")  # stage one's counts (caches made since they are recorded)
+    if counted and counted.get("prompts_cut"):
+        notes.append(f"note: the cache cut {counted['prompts_cut']} prompts of its rows (by at most "
+                     f"{counted['max_prompt_tokens_cut']} tokens) to its --max-prompt-length {max_prompt}, which TRL "
+                     "1.16 never does; for TRL's exact convention cache with --max-prompt-length equal to --max-length")
+    elif not counted and max_prompt is not None and (max_length is None or max_prompt < max_length):
         cut = sum(1 for n in df_prompt_tokens if n >= max_prompt)
         if cut:
             notes.append(f"note: {cut} prompts reached the cache's --max-prompt-length {max_prompt} and may have been "

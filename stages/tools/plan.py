@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from stages.base.errors import UserError
@@ -72,6 +72,7 @@ from stages.tools.plancount import (
 from stages.tools.planterms import (
     BF16,
     FP32,
+    article_naive,
     base_nf4_per_gpu,
     cdiv,
     copy_out,
@@ -82,6 +83,9 @@ from stages.tools.planterms import (
     load_parts,
     logits_chunk,
     lora_input_bytes_per_token,
+    ref_adapter_layer,
+    ref_adapter_params,
+    ref_adapter_sharded,
     root_params,
     training_activations,
 )
@@ -116,6 +120,7 @@ class Plan:
     suggestions: tuple[str, ...]
     notes: tuple[str, ...]
     shape: Shape
+    article: dict[str, int] = field(default_factory=dict)  # article_naive: naive DPO at 8 B/param, whole job
 
     def scenario(self, key: str) -> Scenario:
         return next(s for s in self.scenarios if s.key == key)
@@ -138,20 +143,23 @@ def scenario_naive(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) 
     """Naive two-model DPO, full fine-tuning in bf16 with AdamW, policy and reference both FSDP-sharded:
         sharded    : 4P/N (policy bf16 weights + bf16 grads) + 12P/N (AdamW fp32 master, m, v)
                      + 2P/N (bf16 reference)                       = 18 bytes/param / N
+                     + 4·A_ref/N (the reference's SFT adapter, fp32, with --ref-adapter-r)
         gathered   : 3·2·P_lay (current + prefetched layer, and that layer's unsharded grads)
                      + 2·2·P_root (root unit weights and grads); none on one GPU
         copy-out   : max(2·P_root, 2·P_lay) at N > 1 (copy_out)
         activations: training_activations (same batch and checkpointing as stage two, no LoRA); the
-                     reference forward runs before the policy's and needs less, so it adds nothing at peak.
+                     reference forward runs before the policy's and needs less, so it adds nothing at peak
+                     (nor do its gathered layers: resharded by then).
     """
-    n = cfg.gpus
+    n, ref = cfg.gpus, ref_adapter_sharded(s, cfg)
     parts = {"policy weights + grads, bf16 (sharded)": cdiv(4 * c["total"], n),
              "AdamW fp32 master + m + v (sharded)": cdiv(12 * c["total"], n),
-             "reference weights (sharded)": cdiv(BF16 * c["total"], n),
+             "reference weights (sharded)": cdiv(BF16 * c["total"], n), **ref,
              **gathered_parts(n, 3 * BF16 * c["per_layer"] + 2 * BF16 * root_params(c)),
              **copy_out(n, BF16 * root_params(c), BF16 * c["per_layer"]),
              **training_activations(s, cfg, lora=False)}
-    load = load_parts(s, cfg, 2 * cdiv(BF16 * c["total"], n), nf4=False)  # bf16 policy + reference, no grads
+    load = load_parts(s, cfg, 2 * cdiv(BF16 * c["total"], n) + sum(ref.values()), nf4=False,  # no grads yet
+                      lora_params=ref_adapter_params(s, cfg))
     return _finish("naive", "naive DPO", parts, load, capacity, cfg.cpu)
 
 
@@ -161,39 +169,40 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
         nf4 : sharded (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole; gathered 2·layer_nf4 (codes + bf16 norms and
               biases) + 2·P_root (embeddings and lm_head are not quantised) + 2·h·i (the largest linear,
               dequantised to bf16 for its matmul; also on one GPU)
+        SFT adapter (--ref-adapter-r): + 4·A_ref/N sharded; each gathered layer carries its 4·A_ref/L.
         activations: inference_activations over max_tokens_per_batch tokens.
         copy-out: one more root or layer at N > 1 (copy_out).
         load: the sharded weights + the largest tensor's slice in flight (load_parts).
     """
-    n = cfg.gpus
+    n, ref, layer = cfg.gpus, ref_adapter_sharded(s, cfg), ref_adapter_layer(s, cfg)
     if nf4:
-        weights = base_nf4_per_gpu(c, n)
-        gathered = gathered_parts(n, 2 * layer_nf4_gathered(c) + BF16 * root_params(c), BF16 * largest_linear(s))
+        weights, layer = base_nf4_per_gpu(c, n), layer + layer_nf4_gathered(c)
+        gathered = gathered_parts(n, 2 * layer + BF16 * root_params(c), BF16 * largest_linear(s))
     else:
-        weights = cdiv(BF16 * c["total"], n)
-        gathered = gathered_parts(n, 2 * BF16 * c["per_layer"] + BF16 * root_params(c))
-    layer = layer_nf4_gathered(c) if nf4 else BF16 * c["per_layer"]
-    parts = {"reference weights (sharded)": weights, **gathered, **copy_out(n, BF16 * root_params(c), layer),
-             **inference_activations(s, cfg)}
+        weights, layer = cdiv(BF16 * c["total"], n), layer + BF16 * c["per_layer"]
+        gathered = gathered_parts(n, 2 * layer + BF16 * root_params(c))
+    parts = {"reference weights (sharded)": weights, **ref, **gathered,
+             **copy_out(n, BF16 * root_params(c), layer), **inference_activations(s, cfg)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
-    return _finish(key, title, parts, load_parts(s, cfg, weights, nf4), capacity, cfg.cpu)
+    load = load_parts(s, cfg, weights + sum(ref.values()), nf4, lora_params=ref_adapter_params(s, cfg))
+    return _finish(key, title, parts, load, capacity, cfg.cpu)
 
 
-def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
+def _stage2_parts(s: Shape, c: dict[str, int], cfg: PlanConfig, ref: bool = False) -> dict[str, int]:
+    """Stage two's run terms; `ref`: the online reference's frozen copy of the SFT adapter rides along."""
     n, a = cfg.gpus, lora_parameters_from_shape(s, cfg.lora_r)
-    a_lay = a // s.layers
+    lay = layer_nf4_gathered(c) + BF16 * (a // s.layers) + (ref_adapter_layer(s, cfg) if ref else 0)
     return {"base weights NF4 (sharded)": base_nf4_per_gpu(c, n),
-            "LoRA weights + grads + AdamW (sharded)": cdiv(18 * a, n),
-            **gathered_parts(n, 2 * (layer_nf4_gathered(c) + BF16 * a_lay) + FP32 * a_lay + BF16 * root_params(c),
-                        BF16 * largest_linear(s)),
-            **copy_out(n, BF16 * root_params(c), layer_nf4_gathered(c) + BF16 * a_lay),
+            "LoRA weights + grads + AdamW (sharded)": cdiv(18 * a, n), **(ref_adapter_sharded(s, cfg) if ref else {}),
+            **gathered_parts(n, 2 * lay + FP32 * (a // s.layers) + BF16 * root_params(c), BF16 * largest_linear(s)),
+            **copy_out(n, BF16 * root_params(c), lay),
             **training_activations(s, cfg, lora=True)}
 
 
-def _stage2_load(s: Shape, c: dict[str, int], cfg: PlanConfig) -> dict[str, int]:
+def _stage2_load(s: Shape, c: dict[str, int], cfg: PlanConfig, ref: bool = False) -> dict[str, int]:
     """Stage two's loading peak: the NF4 base shards and the fp32 LoRA weight shards (4A/N, as PEFT creates
-    them; no gradient or optimizer state yet), plus load_parts' transient."""
-    a = lora_parameters_from_shape(s, cfg.lora_r)
+    them; no gradient or optimizer state yet), with `ref` the SFT adapter's (4·A_ref/N), plus load_parts' transient."""
+    a = lora_parameters_from_shape(s, cfg.lora_r) + (ref_adapter_params(s, cfg) if ref else 0)
     return load_parts(s, cfg, base_nf4_per_gpu(c, cfg.gpus) + cdiv(FP32 * a, cfg.gpus), True, lora_params=a)
 
 
@@ -223,15 +232,17 @@ def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: 
                             T·a without)): usually 0 with checkpointing — the online reference costs time (one
                             more forward per step), hardly memory. A trainer that materialises full logits
                             (a plain HF forward) pays [2B, T, V] instead of a chunk: see the notes of
-                            plantable.format_plan."""
-    parts = _stage2_parts(s, cfg=cfg, c=c)
+                            plantable.format_plan.
+    With an SFT reference (--ref-adapter-r) adapters off would give the base, so the reference is a frozen copy of
+    the SFT adapter held next to the policy's LoRA (TRL's ref_adapter_name): + 4·A_ref/N, 4·A_ref/L per layer."""
+    parts = _stage2_parts(s, c, cfg, ref=True)
     T = cfg.batch_size * 2 * cfg.max_length
     a = layer_activation_bytes_per_token(s) + lora_input_bytes_per_token(s, cfg.lora_r)
     ref = 2 * T * s.hidden * BF16 + T * layer_activation_bytes_per_token(s) + \
         min(logits_chunk(cfg), T) * s.vocab * (BF16 + FP32)
     backward = (2 if cfg.gradient_checkpointing else 1) * T * a
     parts["reference forward, adapters off (extra at peak)"] = max(0, ref - backward)
-    return _finish("online_ref", "QLoRA+online ref", parts, _stage2_load(s, c, cfg), capacity, cfg.cpu)
+    return _finish("online_ref", "QLoRA+online ref", parts, _stage2_load(s, c, cfg, ref=True), capacity, cfg.cpu)
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -248,13 +259,9 @@ def capacity_bytes(cfg: PlanConfig) -> int:
 
 
 def _check(cfg: PlanConfig) -> None:
-    """A UserError naming the option for a --gpu-memory that is not a size or a count that is not positive."""
+    """A UserError naming the option for a --gpu-memory that is not a size (the counts: PlanConfig.check)."""
     gpu_memory_gib(cfg)
-    counts = ("gpus", "max_length", "batch_size", "lora_r", "max_tokens_per_batch")
-    for name in counts + (("layers",) if cfg.layers else ()):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"dpo plan: --{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    cfg.check()
 
 
 def _all_scenarios(s: Shape, c: dict[str, int], cfg: PlanConfig) -> tuple[Scenario, ...]:
@@ -266,12 +273,8 @@ def _all_scenarios(s: Shape, c: dict[str, int], cfg: PlanConfig) -> tuple[Scenar
 
 def _fits(s: Shape, c: dict[str, int], cfg: PlanConfig, key: str) -> bool:
     cap = capacity_bytes(cfg)
-    if key == "naive":
-        return scenario_naive(s, c, cfg, cap).fits
-    if key == "stage2":
-        return scenario_stage2(s, c, cfg, cap).fits
-    if key == "online_ref":
-        return scenario_online_ref(s, c, cfg, cap).fits
+    if (build := {"naive": scenario_naive, "stage2": scenario_stage2, "online_ref": scenario_online_ref}.get(key)):
+        return build(s, c, cfg, cap).fits
     return scenario_stage1(s, c, cfg, cap, nf4=key == "stage1_nf4").fits
 
 
@@ -321,12 +324,12 @@ def _suggest_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
 
 def _suggest_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, Scenario]) -> list[str]:
     """Headroom hints when stage two fits; otherwise the first of these that fixes it, applied in turn:
-    gradient checkpointing on, a smaller --batch, a shorter --seq-len; and the GPU count that would do."""
+    gradient checkpointing on, a smaller --batch-size, a shorter --max-length; and the GPU count that would do."""
     out = []
     if sc["stage2"].fits:
         b = _largest_batch(s, c, cfg)
         if b > cfg.batch_size:
-            out.append(f"stage 2 has room for --batch {b} per GPU (fewer gradient-accumulation steps)")
+            out.append(f"stage 2 has room for --batch-size {b} per GPU (fewer gradient-accumulation steps)")
         if cfg.gradient_checkpointing and _fits(s, c, replace(cfg, gradient_checkpointing=False), "stage2"):
             out.append("stage 2 also fits with gradient checkpointing off (faster: no recompute)")
         return out
@@ -338,9 +341,9 @@ def _suggest_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, sc: dict[str, 
         if fixed:
             return out
     if base.batch_size > 1 and (b := _largest(s, c, base, "stage2", "batch_size", base.batch_size // 2, 1)):
-        return out + [f"stage 2: --batch {b} with more gradient-accumulation steps"]
+        return out + [f"stage 2: --batch-size {b} with more gradient-accumulation steps"]
     if (n := _largest(s, c, base, "stage2", "max_length", base.max_length // 2, 128)):
-        out.append(f"stage 2: --seq-len {n} fits (longer rows are truncated)")
+        out.append(f"stage 2: --max-length {n} fits (longer rows are truncated)")
     return out + [f"stage 2 {_gpus_text(_min_gpus(s, c, base, 'stage2'))}"]
 
 
@@ -375,10 +378,10 @@ def plan_memory(cfg: PlanConfig) -> Plan:
         notes.append(f"model_type {s.model_type!r} is not one of {', '.join(KNOWN_MODEL_TYPES)}: "
                      f"counted as a Llama-style decoder (RMSNorm, q/k/v/o attention, gate/up/down MLP)")
     if cfg.max_tokens_per_batch < cfg.max_length:
-        notes.append(f"max_tokens_per_batch {cfg.max_tokens_per_batch} < seq_len {cfg.max_length}: the longest "
+        notes.append(f"max_tokens_per_batch {cfg.max_tokens_per_batch} < max_length {cfg.max_length}: the longest "
                      f"rows cannot be scored in stage one")
     return Plan(cfg, s.model_type, counts, lora_parameters_from_shape(s, cfg.lora_r), capacity_bytes(cfg),
-                scen, tuple(sugg), tuple(notes), s)
+                scen, tuple(sugg), tuple(notes), s, article_naive(counts, ref_adapter_params(s, cfg)))
 
 
 def parse_gpu_memory(text: str | float | int) -> float:

@@ -4,6 +4,7 @@ stages/tools/plan.py."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,24 @@ class Shape:
     ckpt_bytes: int = 2  # bytes per weight in the checkpoint files: config's torch_dtype/dtype (bf16 if absent)
 
 
+def _check_model_path(model: str) -> None:
+    """A model that is no local folder or file (a Hub id, another machine's path) is refused naming the shipped
+    config JSON nearest its name (configs/models/NAME/config.json, here or in the checkout), else a few of them."""
+    roots = (Path("configs/models"), Path(__file__).resolve().parents[2] / "configs" / "models")
+    root = next((r for r in roots if r.is_dir() and any(r.glob("*/config.json"))), None)
+    if Path(model).exists() or root is None:  # else load_model_config says what is missing
+        return
+    names = sorted(p.parent.name for p in root.glob("*/config.json"))
+    near = difflib.get_close_matches(Path(model).name.lower(), names, n=1, cutoff=0.6)
+    where = f"dpo plan: --model {model}: no such folder or config JSON (nothing is downloaded)"
+    more = f" (+{len(names) - 2} more)" if len(names) > 2 else ""
+    fix = f"--model {root / near[0]}" if near else f"--model {root}/NAME, NAME one of {', '.join(names[:2])}{more}"
+    raise UserError(f"{where}; pass {fix}")
+
+
 def load_model_config(path: str | Path) -> dict:
     """Read config.json from a model folder, or a config JSON file; unwrap `text_config` (multimodal)."""
+    _check_model_path(str(path))
     p = Path(path)
     f = p / "config.json" if p.is_dir() else p
     if not f.is_file():

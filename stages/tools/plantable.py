@@ -4,10 +4,11 @@ loading rows, the peak (max of the two), fits/does-not-fit, suggestions and note
 from __future__ import annotations
 
 from stages.tools.plan import GIB, OVERHEAD_BYTES, Plan, gpu_memory_gib
-from stages.tools.planterms import full_logits_bytes, nf4_split
+from stages.tools.planterms import BF16, full_logits_bytes, nf4_split
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
-              "reference weights (sharded)", "base weights NF4 (sharded)", "LoRA weights + grads + AdamW (sharded)",
+              "reference weights (sharded)", "reference SFT adapter, fp32 (sharded)", "base weights NF4 (sharded)",
+              "LoRA weights + grads + AdamW (sharded)",
               "all-gathered params (FSDP)", "all-gather copy-out, largest unit (transient)",
               "dequantised NF4 linear (one GPU)", "activations: hidden states",
               "activations: one layer",
@@ -26,7 +27,7 @@ def _b(n: float) -> str:
 def _header(plan: Plan) -> list[str]:
     c, cfg, s = plan.counts, plan.config, plan.shape
     tokens = cfg.batch_size * 2 * cfg.max_length
-    return [
+    lines = [
         f"model: {cfg.model}",
         f"  {s.model_type}, {s.layers} layers{' (--layers override)' if cfg.layers else ''}, hidden {s.hidden}, "
         f"intermediate {s.intermediate}, "
@@ -36,11 +37,32 @@ def _header(plan: Plan) -> list[str]:
         f"(NF4-quantisable), other {_b(c['other'])}",
         f"  LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down: {plan.lora_params:,} ({_b(plan.lora_params)}, "
         f"{100 * plan.lora_params / c['total']:.2f}% of the model)",
+        f"  reference SFT adapter r={cfg.ref_adapter_r} (fp32): {_ref_adapter(plan):,} ({_b(_ref_adapter(plan))}), "
+        f"held by naive, online-ref and stage 1; stage 2 reads the cache" if cfg.ref_adapter_r else None,
         f"setting: {cfg.gpus} {'CPU processes' if cfg.cpu else 'GPUs'} x {gpu_memory_gib(cfg):g} GiB; "
         f"training {cfg.batch_size} pair(s) x 2 x seq_len "
         f"{cfg.max_length} = {tokens:,} tokens per GPU per step, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
     ]
+    return [x for x in lines if x is not None]
+
+
+def _ref_adapter(plan: Plan) -> int:
+    """A_ref, the reference's SFT adapter parameters (the article's reference term holds them in bf16)."""
+    return (plan.article["reference"] - BF16 * plan.counts["total"]) // BF16
+
+
+def article_lines(plan: Plan) -> list[str]:
+    """Naive DPO in the article's convention (Plan.article, 8 B/param), in GB = 10^9 bytes as the article writes,
+    against N GPUs x the --gpu-memory figure taken as the article takes a GPU's size."""
+    a, n, g = plan.article, plan.config.gpus, gpu_memory_gib(plan.config)
+    total, naive = sum(a.values()), plan.scenario("naive").total
+    return ["naive DPO, article convention (bf16 policy 2 + bf16 reference 2 + AdamW m, v in bf16 4 = 8 B/param"
+            + (", + the SFT adapter in bf16" if plan.config.ref_adapter_r else "") + "), GB = 10^9 bytes:",
+            "  " + " + ".join(f"{k} {v / 1e9:.1f}" for k, v in a.items()) + f" = {total / 1e9:.1f} GB in all, "
+            f"{total / n / 1e9:.1f} GB ({total / n / GIB:.1f} GiB) per GPU",
+            f"  vs {n} x {g:g} GB = {n * g:g} GB: {'fits' if total <= n * g * 1e9 else 'does not fit'} as the "
+            f"article counts (the naive column above: {naive / GIB:.1f} GiB per GPU)"]
 
 
 def _labels(plan: Plan, field: str) -> list[str]:
@@ -74,6 +96,7 @@ def format_plan(plan: Plan) -> str:
                  "".join(f"{sc.total / GIB:.1f}".rjust(col) for sc in plan.scenarios))
     cap = f"fits in {gpu_memory_gib(plan.config):g} GiB?"
     lines.append(cap.ljust(width) + "".join(("yes" if sc.fits else "NO").rjust(col) for sc in plan.scenarios))
+    lines += [""] + article_lines(plan)
     lines += ["", "suggestions:"] + [f"  - {x}" for x in plan.suggestions or ("everything fits as set",)]
     lines += ["", "notes:"] + [f"  - {x}" for x in plan.notes] + [
         "  - estimates from the config alone (expect about +-15%); 1 GiB = 2^30 bytes, '80GB' GPUs have 80 GiB",
@@ -85,6 +108,8 @@ def format_plan(plan: Plan) -> str:
         if plan.config.gpus > 1 else "  - one GPU: nothing is sharded, so nothing is all-gathered",
         "  - naive DPO = full fine-tuning of a bf16 policy with AdamW (16 B/param) plus a resident bf16 "
         "reference (2 B/param); its activations are counted as in stage two, so the gap is weights and optimizer",
+        "  - naive column vs the article convention: the article keeps AdamW m and v in bf16 (4 B/param) and counts "
+        "no gradients; here bf16 grads (2) + fp32 master + m + v (12) and the gathers, activations and overhead",
         "  - QLoRA+online ref = what most users run (TRL's default with PEFT): the same NF4 base + LoRA as stage 2, "
         "the reference recomputed each step with the adapters off - same memory give or take the reference "
         "forward's transient, but one more forward per step (~+25% compute with checkpointing)",

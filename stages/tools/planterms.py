@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stages.base.constants import CHUNK_BY_DEVICE
-from stages.tools.plancount import Shape, linear_shapes
+from stages.tools.plancount import Shape, linear_shapes, lora_parameters_from_shape
 
 if TYPE_CHECKING:
     from stages.settings.commands import PlanConfig
@@ -54,6 +54,35 @@ def base_nf4_per_gpu(c: dict[str, int], n: int) -> int:
     """Whole model, NF4 linears + bf16 rest, per GPU: (P_lin/2 + 2·P_oth)/N + absmax(P_lin) whole."""
     sharded, whole = nf4_split(c["linear_weights"])
     return cdiv(sharded + BF16 * c["other"], n) + whole
+
+
+# ----------------------------------------------------------------------------------------------- reference adapter
+
+def ref_adapter_params(s: Shape, cfg: PlanConfig) -> int:
+    """A_ref: parameters of the reference's SFT adapter, a LoRA of rank --ref-adapter-r on every decoder linear
+    (q,k,v,o,gate,up,down); 0 without one."""
+    return lora_parameters_from_shape(s, cfg.ref_adapter_r)
+
+
+def ref_adapter_sharded(s: Shape, cfg: PlanConfig) -> dict[str, int]:
+    """The reference's SFT adapter as each GPU holds it, 4·A_ref/N: PEFT loads adapter weights in fp32
+    (PeftModel.from_pretrained's autocast_adapter_dtype), FSDP2 shards them with their layer. Empty without one."""
+    a = ref_adapter_params(s, cfg)
+    return {"reference SFT adapter, fp32 (sharded)": cdiv(FP32 * a, cfg.gpus)} if a else {}
+
+
+def ref_adapter_layer(s: Shape, cfg: PlanConfig) -> int:
+    """Bytes of one layer's share of the reference's SFT adapter as all-gathered with that layer: 4·A_ref/L."""
+    return FP32 * ref_adapter_params(s, cfg) // s.layers
+
+
+# ----------------------------------------------------------------------------------------------- the article
+
+def article_naive(c: dict[str, int], a_ref: int = 0) -> dict[str, int]:
+    """Naive DPO as the article counts it, bytes for the whole job (not per GPU): bf16 policy 2P + bf16 reference
+    2P (+ 2·A_ref for an SFT adapter, also bf16) + AdamW m and v in bf16 4P = 8 bytes/param; no gradients, no fp32
+    master weights, no activations or overhead (the naive column counts 18 bytes/param and those)."""
+    return {"policy": BF16 * c["total"], "reference": BF16 * (c["total"] + a_ref), "AdamW m + v": 2 * BF16 * c["total"]}
 
 
 # ----------------------------------------------------------------------------------------------- FSDP2 and loading

@@ -1,6 +1,6 @@
 """`dpo sample`: what the policy now writes, next to what the reference wrote, for held-out prompts.
 
-  read the data (held-out rows) -> the first N distinct prompts, tokenized as training does (prompt end kept) ->
+  read the data (held-out rows) -> the first N distinct prompts, tokenized and cut as training does ->
   load the base once, the policy adapter on top -> generate with the adapter off (reference) and on (policy),
   greedy unless --seed -> score both replies under both models: implicit reward β·(log π(y|x) − log π_ref(y|x))
   -> samples.jsonl + samples.md (atomically) in the run folder, and a side-by-side print.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from stages.data.encode import Encoded, tokenize_example
+from stages.data.encode import Encoded, cut_chat_prompt, tokenize_example
 from stages.data.rows import load_examples
 from stages.model.logprobs import collate_pairs, sequence_logps
 from stages.model.models import load_model, load_tokenizer
@@ -59,20 +59,31 @@ def resolve_beta(cfg: SampleConfig) -> float:
 
 
 def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]:
-    """The first N examples with distinct prompts, in data order, as (example, prompt ids with the end kept)."""
+    """The first N examples with distinct prompts, in data order, as (example, prompt ids cut as training cuts them:
+    text keeps its end, a conversation its system message and newest turns); prompts that cannot keep their last
+    user turn are passed over. Prints what was cut."""
+    from stages.base.progress import say
+
     examples, _ = load_examples(cfg.data.data, cfg.data.fields(), split=cfg.data.data_split)
-    picked, seen = [], set()
+    picked, seen, limit, cut, skipped = [], set(), cfg.sampling.max_prompt_length, 0, 0
     for ex in examples:
         key = json.dumps(ex.prompt, sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
         ids = tokenize_example(tokenizer, ex)[0]
-        if cfg.sampling.max_prompt_length:
-            ids = ids[-cfg.sampling.max_prompt_length:]
+        if limit and len(ids) > limit:
+            chat = cut_chat_prompt(tokenizer, ex, limit) if ex.is_chat else None
+            if ex.is_chat and chat is None:
+                skipped += 1
+                continue
+            ids, cut = (chat.ids if chat else ids[-limit:]), cut + 1
         picked.append((ex, ids))
         if len(picked) == cfg.sampling.n:
             break
+    if cut or skipped:
+        say(None, f"sample: cut {cut} of {len(picked)} prompts to --max-prompt-length {limit}"
+                  + (f"; passed over {skipped} that cannot keep their last user turn" if skipped else ""))
     return picked
 
 
@@ -119,7 +130,26 @@ def _reference_mode(model, cfg: SampleConfig):
     return ref()
 
 
+def check_adapters(cfg: SampleConfig) -> None:
+    """--adapter / --ref-adapter are PEFT adapter folders, refused before anything loads: a missing folder is named
+    as missing; a run folder points to its adapter/ inside."""
+    from stages.base.errors import UserError
+
+    for flag, adapter in (("--adapter", cfg.model.adapter), ("--ref-adapter", cfg.sampling.ref_adapter)):
+        if not adapter:
+            continue
+        p = Path(adapter)
+        if not p.exists():
+            raise UserError(f"{flag} {adapter}: no such folder; pass the adapter folder of a run (RUN/adapter, "
+                            f"written by `dpo train`)")
+        if (p / "adapter" / "adapter_config.json").is_file():
+            raise UserError(f"{flag} {adapter}: a run folder; pass its adapter: {flag} {p / 'adapter'}")
+        if not (p / "adapter_config.json").is_file():
+            raise UserError(f"{flag} {adapter}: not a PEFT adapter folder (no adapter_config.json); pass RUN/adapter")
+
+
 def sample(cfg: SampleConfig) -> list[Sample]:
+    check_adapters(cfg)
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     prompts = pick_prompts(cfg, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

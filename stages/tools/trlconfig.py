@@ -4,7 +4,8 @@ The input is the flat YAML `trl dpo --config` reads: DPOConfig / TrainingArgumen
 dataset keys (dataset_name, dataset_config, dataset_train_split, dataset_test_split) and ModelConfig keys
 (model_name_or_path, dtype, use_peft, lora_*, load_in_4bit). Keys of older TRL releases (rpo_alpha,
 max_prompt_length) map too. Every key that does not map is listed, with why, as comments at the top, so the output
-stays valid YAML: `dpo config from-trl dpo.yaml > ours.yaml`.
+stays valid YAML: `dpo config from-trl dpo.yaml > ours.yaml`. TRL defaults that differ from ours and change what a
+run does (checkpoints every 500 steps) are written out and listed there too.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ WHY = {
     "same --output resume from its newest checkpoint", "eval_on_start": "step 0 logs ref_drift, not an eval",
     "load_best_model_at_end": "the final adapter is the last step's; summary.json names the best eval step",
 }
+TRL_SAVE_STEPS = 500  # TrainingArguments.save_steps (save_strategy "steps" is the default)
+TRL_LOGGING_STEPS = 10  # DPOConfig.logging_steps
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant_with_warmup": "constant_with_warmup"}
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw_8bit": "adamw_8bit",
               "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
@@ -104,10 +107,12 @@ def loss_string(loss_type, loss_weights, rpo_alpha) -> str:
     return format_loss_spec(pairs)
 
 
-def convert(trl: dict, source: str = "DPOConfig.yaml") -> tuple[dict, dict[str, str]]:
-    """(our sectioned config, {unmapped key: why})."""
+def convert(trl: dict, source: str = "DPOConfig.yaml", filled: dict | None = None) -> tuple[dict, dict[str, str]]:
+    """(our sectioned config, {unmapped key: why}). `filled` (optional) receives {our key: why} for the TRL
+    defaults written out because ours differ (TRL checkpoints every 500 steps unless told otherwise)."""
     out = {"shared": {}, "precompute-ref": {}, "train": {}}
     unmapped: dict[str, str] = {}
+    filled = {} if filled is None else filled
     for key, value in trl.items():
         if key in RENAMES and value is None:
             unmapped[key] = "null: our default applies"
@@ -118,6 +123,7 @@ def convert(trl: dict, source: str = "DPOConfig.yaml") -> tuple[dict, dict[str, 
             unmapped[key] = WHY.get(key, "no equivalent option in dpo precompute-ref / dpo train")
     _loss(trl, out, unmapped)
     _schedule(trl, out, unmapped)
+    _trl_defaults(trl, out, filled)
     _data(trl, out)
     _precision(trl, out, unmapped)
     train, shared = out["train"], out["shared"]
@@ -174,6 +180,19 @@ def _schedule(trl: dict, out: dict, unmapped: dict) -> None:
             unmapped[key] = f"{strategy!r}: only every N steps (--{target.replace('_', '-')}; 0 = at the end)"
 
 
+def _trl_defaults(trl: dict, out: dict, filled: dict) -> None:
+    """TRL's step defaults where ours differ: save_strategy `steps` (TRL's default) without save_steps saves every
+    500 steps; eval_strategy `steps` without eval_steps evaluates every logging_steps (TRL's default 10)."""
+    if trl.get("save_strategy", "steps") == "steps" and "save_steps" not in trl:
+        out["train"]["save_steps"] = TRL_SAVE_STEPS
+        filled["save_steps"] = f"{TRL_SAVE_STEPS}, TRL's default with save_strategy steps (ours: 0, only at the end)"
+    strategy = trl.get("eval_strategy", trl.get("evaluation_strategy"))
+    if strategy == "steps" and not trl.get("eval_steps"):
+        steps = trl.get("logging_steps") or TRL_LOGGING_STEPS
+        out["train"]["eval_steps"] = steps
+        filled["eval_steps"] = f"{steps}, TRL's logging_steps (what eval_strategy steps uses without eval_steps)"
+
+
 def _data(trl: dict, out: dict) -> None:
     name = trl.get("dataset_name")
     if not name:
@@ -205,7 +224,8 @@ def _precision(trl: dict, out: dict, unmapped: dict) -> None:
 def from_trl(path: str) -> str:
     """Our YAML, with every unmapped key and why as comments at the top."""
     trl = read_trl_yaml(path)
-    ours, unmapped = convert(trl, path)
+    filled: dict[str, str] = {}
+    ours, unmapped = convert(trl, path, filled)
     head = [f"# from TRL config {path} by `dpo config from-trl`",
             "# run: dpo precompute-ref --config THIS.yaml && dpo train --config THIS.yaml"]
     if unmapped:
@@ -213,4 +233,7 @@ def from_trl(path: str) -> str:
         head += [f"#   {k}: {why}" for k, why in unmapped.items()]
     else:
         head.append("# every key mapped")
+    if filled:
+        head.append(f"# TRL defaults written out ({len(filled)}):")
+        head += [f"#   {k}: {why}" for k, why in filled.items()]
     return "\n".join(head) + "\n" + yaml.safe_dump(ours, sort_keys=False)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from stages.cache import refcache
 from stages.cache.fingerprint import folder_fingerprint
-from stages.data.encode import encode_examples, tokenizer_fingerprint
+from stages.data.encode import encode_with_report, tokenizer_fingerprint
 from stages.data.rows import load_examples
 from stages.model.models import check_model_dir, load_tokenizer
 from stages.settings.groups import DataSpec, Lengths
@@ -26,5 +28,7 @@ def verify_cache(path: str, data: DataSpec, model: str | None, lengths: Lengths)
     if weights != meta["manifest"]["model"]:
         problems.append(f"model weights: cache made from {meta['model']['path']} ({meta['manifest']['model']}), "
                         f"{model} has fingerprint {weights}")
-    encoded, _ = encode_examples(tokenizer, examples, settings)
+    encoded, cuts = encode_with_report(tokenizer, examples, settings)
+    if cuts.anything:  # not a problem (the cache cut them the same way): said on stderr, the verdict is stdout's
+        print(f"tokenize: {cuts.summary()}", file=sys.stderr)
     return problems + refcache.token_count_problems(df, encoded)
