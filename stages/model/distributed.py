@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from stages.base.constants import launched_world_size  # noqa: F401  (torchrun's WORLD_SIZE; declared there)
+from stages.base.constants import launched_world_size  # torchrun's WORLD_SIZE, declared there
 from stages.base.errors import UserError
 
 
