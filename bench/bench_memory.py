@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M, fp32 LoRA r16 on all linear layers, gradient checkpointing on - the `dpo train`
 defaults), same batch (the 4 longest HH-RLHF pairs after truncation), each variant in its own fresh process:
 
-  chunked    - stage two as implemented: `stages.stage2.train.policy_forward` -> `sequence_logps` (hidden states of
+  chunked    - stage two as implemented: `stages.stage2.forward.policy_forward` -> `sequence_logps` (hidden states of
                completion positions only, projected through the LM head in checkpointed chunks); cached reference;
   full       - the plain path (written here): `model(...).logits` [2B, T, V] -> log_softmax -> gather -> masked sum,
                then the same `dpo_loss`; cached reference;

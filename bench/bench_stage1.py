@@ -94,6 +94,7 @@ def score(model, pad_id, batches, shared: bool):
     from stages.settings.commands import Scoring
     from stages.settings.groups import Compute
     from stages.stage1.precompute import score_batches
+    from stages.stage1.units import PairUnits
 
     parts = C.OUT / "stage1-parts"
     shutil.rmtree(parts, ignore_errors=True)
@@ -103,7 +104,7 @@ def score(model, pad_id, batches, shared: bool):
     device = next(model.parameters()).device
     env = DistEnv(0, 1, 0, device if device.type == "cuda" else torch.device("cpu"))
     with C.Timer() as timer, StopSignal() as stop:
-        score_batches(model, pad_id, batches, parts, shared, cfg, env, stop)
+        score_batches(model, pad_id, PairUnits([]), batches, parts, shared, cfg, env, stop)
     values = {}
     for f in sorted(parts.glob("*.parquet")):
         t = pq.read_table(f).to_pydict()

@@ -1,6 +1,6 @@
 """Stage two (`dpo train --ref-cache`) against the two usual ways of getting the reference, same model/data/batch:
 
-  (a) cache     - stage two as implemented: `stages.stage2.train.policy_forward` with the reference as constants;
+  (a) cache     - stage two as implemented: `stages.stage2.forward.policy_forward` with the reference as constants;
   (b) online    - same code, reference log-probs recomputed at every step by the policy with adapters disabled
                   (`with model.disable_adapter(), torch.no_grad(): sequence_logps(...)`);
   (c) two-model - a separate frozen reference copy (`load_model` a second time) run at every step.
@@ -324,8 +324,8 @@ def dpo_step_factory(variant: str, policy, rows, cfg, spec, device, pad_id: int)
     from stages.model.logprobs import pair_logps
     from stages.model.models import load_model
     from stages.objective.loss import build_loss
+    from stages.stage2.forward import policy_forward
     from stages.stage2.prepare import Item
-    from stages.stage2.train import policy_forward
 
     reference = None
     if variant == "two-model":

@@ -28,7 +28,7 @@ from stages.base.errors import MAX_CHARS, Interrupted, UserError
 from stages.cache import refcache
 from stages.cli import main as cli_main
 from stages.model import models
-from stages.stage1 import precompute
+from stages.stage1 import precompute, units
 from stages.stage1.precompute import PrecomputeConfig
 from stages.stage2 import checkpoint, train
 from stages.stage2.train import TrainConfig
@@ -186,9 +186,9 @@ def test_second_writer_stops_at_once_and_a_dead_holder_is_taken_over(tiny_llama,
 def test_two_runs_started_together_one_wins_one_refuses(tiny_llama, rows, baseline, tmp_path):
     out = tmp_path / "ref.parquet"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    slow = ("import sys, time; from stages.stage1 import precompute; from stages import cli; "
-            "real = precompute.pair_logps; "
-            "precompute.pair_logps = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]; "
+    slow = ("import sys, time; from stages.stage1 import units; from stages import cli; "
+            "real = units.pair_logps; "
+            "units.pair_logps = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]; "
             "sys.argv = ['dpo'] + sys.argv[1:]; cli.main()")
     cmd = [sys.executable, "-c", slow, *pc_args(tiny_llama, [rows["twelve"]], out)]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -331,7 +331,7 @@ def test_checkpoint_rng_state_loads_with_weights_only(tiny_llama, rows, cache12,
 def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(tiny_llama, rows, baseline, tmp_path,
                                                                               monkeypatch):
     out = tmp_path / "ref.parquet"
-    real, calls = precompute.pair_logps, []
+    real, calls = units.pair_logps, []
 
     def signalling(*a, **kw):
         calls.append(1)
@@ -339,7 +339,7 @@ def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(ti
             os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before it kills the job
         return real(*a, **kw)
     with monkeypatch.context() as m:
-        m.setattr(precompute, "pair_logps", signalling)
+        m.setattr(units, "pair_logps", signalling)
         line = one_line(invoke(*pc_args(tiny_llama, [rows["twelve"]], out)), "3 examples are safe", "to continue",
                         code=128 + signal.SIGTERM)
     assert line.startswith("stopped:")
@@ -353,7 +353,7 @@ def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(ti
 def test_parts_are_saved_by_time_as_well_as_by_count(tiny_llama, rows, tmp_path, monkeypatch):
     """--batches-per-part 1000 would save nothing before the end; --part-seconds saves anyway (here: every batch)."""
     out = tmp_path / "ref.parquet"
-    real, calls = precompute.pair_logps, []
+    real, calls = units.pair_logps, []
 
     def dying(*a, **kw):
         calls.append(1)
@@ -361,7 +361,7 @@ def test_parts_are_saved_by_time_as_well_as_by_count(tiny_llama, rows, tmp_path,
             raise SimulatedKill("kill -9")
         return real(*a, **kw)
     with monkeypatch.context() as m:
-        m.setattr(precompute, "pair_logps", dying)
+        m.setattr(units, "pair_logps", dying)
         with pytest.raises(SimulatedKill):
             precompute.run(pc(tiny_llama, [rows["twelve"]], out, batches_per_part=1000, part_seconds=1e-9))
     assert len(refcache.done_ids(tmp_path / "ref.parquet.parts")) == 4

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from stages.base import fsio
 from stages.base.errors import UserError
+from stages.cache import replycache
 
 FORMAT_VERSION = 1
 META_KEY = b"dpo_stages"
@@ -41,20 +42,36 @@ TOKEN_FIELDS = [("ref_chosen_token_logps", pa.list_(pa.float32())),
                 ("ref_rejected_token_logps", pa.list_(pa.float32()))]
 
 
-def schema(store_token_logps: bool) -> pa.Schema:
+PAIRS = "pairs"  # the layout of pair caches (no "layout" key); replycache.LAYOUT: one row per reply
+
+
+def layout_of(meta_or_manifest: dict) -> str:
+    """"pairs" or "replies" (replycache.py), from a cache's metadata or manifest."""
+    return meta_or_manifest.get("layout") or (meta_or_manifest.get("manifest") or {}).get("layout") or PAIRS
+
+
+def key_column(layout: str) -> str:
+    return replycache.KEY if layout == replycache.LAYOUT else "example_id"
+
+
+def schema(store_token_logps: bool, layout: str = PAIRS) -> pa.Schema:
+    if layout == replycache.LAYOUT:
+        return replycache.schema(store_token_logps)
     return pa.schema(list(SCHEMA) + [pa.field(n, t) for n, t in TOKEN_FIELDS]) if store_token_logps else SCHEMA
 
 
-def rows_to_table(rows: list[dict], store_token_logps: bool) -> pa.Table:
-    """rows: dicts with the schema's columns; refuses non-finite values, naming the example."""
-    for r in rows:
+def rows_to_table(rows: list[dict], store_token_logps: bool, layout: str = PAIRS) -> pa.Table:
+    """rows: dicts with the schema's columns; refuses non-finite values, naming the example (or reply)."""
+    if layout == replycache.LAYOUT:
+        replycache.check_rows(rows)
+    for r in rows if layout == PAIRS else ():
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if not math.isfinite(r[key]):
                 raise UserError(
                     f"example {r['example_id']}: {key} is {r[key]} (non-finite); the reference model overflowed - "
                     "use --dtype fp32 or bf16 instead of fp16, or check the model weights"
                 )
-    sch = schema(store_token_logps)
+    sch = schema(store_token_logps, layout)
     return pa.Table.from_pylist([{k: r[k] for k in sch.names} for r in rows], schema=sch)
 
 
@@ -97,7 +114,9 @@ def read_cache(path: str | Path) -> tuple[pl.DataFrame, dict]:
         df = pl.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - polars raises ComputeError/OSError/... for damaged data pages
         raise UserError(f"{path}: damaged cache data ({_first_line(e)}); rerun `dpo precompute-ref`") from None
-    problem = table_problem(df, bool(meta["manifest"].get("store_token_logps")))
+    store = bool(meta["manifest"].get("store_token_logps"))
+    check = replycache.table_problem if layout_of(meta) == replycache.LAYOUT else table_problem
+    problem = check(df, store)
     if problem:
         raise UserError(f"{path}: {problem}; this file was not written by `dpo precompute-ref` - rerun it")
     return df, meta
@@ -187,7 +206,7 @@ def finished_rows(out: Path, manifest: dict, overwrite: bool) -> pa.Table | None
         raise UserError(f"--output {out}: a cache made with other settings ({_leaf(diff[0])}); the same settings reuse "
                         "it, --overwrite recomputes")
     df, _ = read_cache(out)
-    return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps"))))
+    return df.to_arrow().cast(schema(bool(manifest.get("store_token_logps")), layout_of(manifest)))
 
 
 def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
@@ -208,17 +227,18 @@ def open_parts(out: Path, manifest: dict, overwrite: bool) -> Path:
     return d
 
 
-def done_ids(d: Path) -> set[str]:
-    """Ids already written by any rank (parts are renamed into place, so a listed part is whole)."""
+def done_ids(d: Path, layout: str = PAIRS) -> set[str]:
+    """Ids (example ids, or reply ids) already written by any rank (parts are renamed into place, so a listed part
+    is whole)."""
     ids: set[str] = set()
     for part in sorted(d.glob("part-*.parquet")):
-        ids.update(pq.read_table(part, columns=["example_id"]).column(0).to_pylist())
+        ids.update(pq.read_table(part, columns=[key_column(layout)]).column(0).to_pylist())
     return ids
 
 
-def write_part(d: Path, rank: int, index: int, rows: list[dict], store_token_logps: bool) -> None:
+def write_part(d: Path, rank: int, index: int, rows: list[dict], store_token_logps: bool, layout: str = PAIRS) -> None:
     if rows:
-        write_atomic(rows_to_table(rows, store_token_logps), d / f"part-r{rank:04d}-{index:06d}.parquet")
+        write_atomic(rows_to_table(rows, store_token_logps, layout), d / f"part-r{rank:04d}-{index:06d}.parquet")
 
 
 def next_part_index(d: Path, rank: int) -> int:
@@ -230,22 +250,25 @@ def merge_parts(d: Path, out: Path, expected_ids: set[str], meta: dict, store_to
     """Rank 0: the finished rows (`base`) plus every part, joined by example id, into one file. Each id once, every
     expected id present. Order of the end game, each step safe to kill and rerun: settings file, cache (renamed
     into place), parts folder renamed away, then deleted (a rerun deletes a leftover `.parts.done`)."""
+    layout = layout_of(meta)
+    key = key_column(layout)  # example_id, or reply_id
     parts = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))] if d.is_dir() else []
-    table = pa.concat_tables(parts) if parts else schema(store_token_logps).empty_table()
-    ids = table.column("example_id").to_pylist()
+    table = pa.concat_tables(parts) if parts else schema(store_token_logps, layout).empty_table()
+    ids = table.column(key).to_pylist()
     if len(ids) != len(set(ids)):
         twice = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"{d}: example {twice} was written twice; delete the folder (or --overwrite) and rerun")
+        raise UserError(f"{d}: {key[:-3]} {twice} was written twice; delete the folder (or --overwrite) and rerun")
     table = table.filter(pa.array([i in expected_ids for i in ids], type=pa.bool_()))
     if base is not None:  # finished rows not recomputed since (all of them, unless a kill came after the write)
         fresh = set(ids)
-        old = base.filter(pa.array([i not in fresh for i in base.column("example_id").to_pylist()], type=pa.bool_()))
+        old = base.filter(pa.array([i not in fresh for i in base.column(key).to_pylist()], type=pa.bool_()))
         table = pa.concat_tables([old, table])
-    missing = expected_ids - set(table.column("example_id").to_pylist())
+    missing = expected_ids - set(table.column(key).to_pylist())
     if missing:
-        raise UserError(f"{d}: {len(missing)} examples have no entry (e.g. {sorted(missing)[0]}); rerun the same "
+        what = "replies" if layout == replycache.LAYOUT else "examples"
+        raise UserError(f"{d}: {len(missing)} {what} have no entry (e.g. {sorted(missing)[0]}); rerun the same "
                         "command to finish")
-    table = table.sort_by("example_id")
+    table = table.sort_by(key)
     if write_config is not None:
         write_config()
     write_atomic(table, out, meta)

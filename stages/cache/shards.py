@@ -1,7 +1,8 @@
 """Stage one as N independent shard jobs, and `dpo cache merge` of their caches into one.
 
 Split rule (deterministic, independent of file and row order): every encoded example costs its shared-row tokens
-(prompt + chosen + rejected); examples are taken by cost descending, ties by content id, and each goes to the
+(prompt + chosen + rejected; a prompt with many replies: its whole row, and all its replies stay in one shard);
+examples are taken by cost descending, ties by content id (prompt id), and each goes to the
 shard with the fewest tokens so far (ties: lowest index). Each id lands in exactly one shard; the greedy
 "largest first" rule leaves the shards within one longest example of each other, i.e. within a few percent as
 soon as a shard holds a few hundred examples.
@@ -25,29 +26,37 @@ import pyarrow.parquet as pq
 from stages.base.errors import UserError
 from stages.cache import refcache
 from stages.data.encode import Encoded
+from stages.data.replyset import EncodedSet
 from stages.data.rows import ids_digest
 
 INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")  # Slurm job array, Kubernetes Indexed Job
 
 
-def example_tokens(e: Encoded) -> int:
-    """What a shard pays for an example: its [prompt|chosen|rejected] row (the default shared layout)."""
+def example_tokens(e: Encoded | EncodedSet) -> int:
+    """What a shard pays for an example: its [prompt|chosen|rejected] row (the default shared layout), or a
+    prompt's [prompt | reply_1 | ... | reply_K] row."""
+    if isinstance(e, EncodedSet):
+        return e.length
     return len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
 
 
-def assign_shards(encoded: list[Encoded], num_shards: int) -> list[list[Encoded]]:
+def _key(e: Encoded | EncodedSet) -> str:
+    return e.prompt_id if isinstance(e, EncodedSet) else e.example_id
+
+
+def assign_shards(encoded: list, num_shards: int) -> list[list]:
     """Longest-first greedy split by tokens; see the module docstring. Returns one list per shard, each in
     the order the examples were given (so the stage's own batching is unchanged)."""
-    order = sorted(encoded, key=lambda e: (-example_tokens(e), e.example_id))
+    order = sorted(encoded, key=lambda e: (-example_tokens(e), _key(e)))
     heap = [(0, i) for i in range(num_shards)]  # (tokens so far, shard index)
     owner: dict[str, int] = {}
     for e in order:
         tokens, i = heapq.heappop(heap)
-        owner[e.example_id] = i
+        owner[_key(e)] = i
         heapq.heappush(heap, (tokens + example_tokens(e), i))
-    shards: list[list[Encoded]] = [[] for _ in range(num_shards)]
+    shards: list[list] = [[] for _ in range(num_shards)]
     for e in encoded:
-        shards[owner[e.example_id]].append(e)
+        shards[owner[_key(e)]].append(e)
     return shards
 
 
@@ -83,21 +92,21 @@ def shard_path(out: Path, index: int, num_shards: int) -> Path:
     return out.with_name(f"{out.stem}.shard-{index}-of-{num_shards}{out.suffix}")
 
 
-def take_shard(encoded: list[Encoded], cfg, meta: dict, out: Path) -> tuple[list[Encoded], Path]:
-    """Stage one's one call: with --num-shards N > 1, keep only shard I's examples, record the shard in `meta`
-    (and its manifest) and return the shard's own output file. N == 1 changes nothing."""
+def take_shard(units, cfg, meta: dict, out: Path):
+    """Stage one's one call: with --num-shards N > 1, keep only shard I's examples (prompts, with all their replies)
+    of `units` (stages/stage1/units.py), record the shard in `meta` (and its manifest) and return the shard's units
+    and own output file. N == 1 changes nothing."""
     if cfg.num_shards == 1:  # the settings checked --num-shards and --shard-index (Scoring.check)
-        return encoded, out
+        return units, out
     index = resolve_index(cfg.shard_index, cfg.num_shards)
-    mine = assign_shards(encoded, cfg.num_shards)[index]
-    if not mine:
-        raise UserError(f"shard {index} of {cfg.num_shards} has no examples ({len(encoded)} in all); "
+    mine = type(units)(assign_shards(units.items, cfg.num_shards)[index])
+    if not mine.items:
+        raise UserError(f"shard {index} of {cfg.num_shards} has no examples ({len(units.items)} in all); "
                         f"use a smaller --num-shards")
     meta["manifest"]["shard"] = {"index": index, "num_shards": cfg.num_shards}
-    meta["shard"] = {"index": index, "num_shards": cfg.num_shards, "examples": len(mine),
-                     "tokens": sum(example_tokens(e) for e in mine),
-                     "ids_digest": ids_digest(e.example_id for e in mine),
-                     "all_examples": len(encoded), "all_ids_digest": meta["manifest"]["ids_digest"]}
+    meta["shard"] = {"index": index, "num_shards": cfg.num_shards, "examples": len(mine.keys()),
+                     "tokens": sum(example_tokens(e) for e in mine.items), "ids_digest": ids_digest(mine.keys()),
+                     "all_examples": len(units.keys()), "all_ids_digest": meta["manifest"]["ids_digest"]}
     return mine, shard_path(out, index, cfg.num_shards)
 
 
@@ -137,7 +146,7 @@ def _unsharded(manifest: dict) -> dict:
 
 def _read_checked(path: str, meta: dict) -> pa.Table:
     table = pq.read_table(path).replace_schema_metadata(None)
-    ids = table.column("example_id").to_pylist()
+    ids = table.column(refcache.key_column(refcache.layout_of(meta))).to_pylist()
     if ids_digest(ids) != meta["shard"]["ids_digest"] or len(ids) != len(set(ids)):
         raise UserError(f"{path}: its rows are not the slice its metadata records (edited or truncated); "
                         f"rerun that shard with --overwrite")
@@ -152,8 +161,9 @@ def merge_shards(paths: list[str], out: str | Path) -> dict:
     metas = _shard_metas(list(paths))
     tables = [_read_checked(p, m) for p, m in zip(paths, metas)]
     owner: dict[str, str] = {}
+    key = refcache.key_column(refcache.layout_of(metas[0]))
     for p, t in zip(paths, tables):
-        for i in t.column("example_id").to_pylist():
+        for i in t.column(key).to_pylist():
             if i in owner:
                 raise UserError(f"example {i} is in both {Path(owner[i]).name} and {Path(p).name}; shards must "
                                 f"not overlap - rerun them with one data set and settings")
@@ -163,7 +173,7 @@ def merge_shards(paths: list[str], out: str | Path) -> dict:
         raise UserError(f"the {len(paths)} shards hold {len(owner)} examples, not the "
                         f"{metas[0]['shard']['all_examples']} of the data (ids digest differs); rerun the shards from "
                         "the same data")
-    merged = pa.concat_tables(tables).sort_by("example_id")
+    merged = pa.concat_tables(tables).sort_by(key)
     meta = merged_metadata(paths, metas)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ command receives the groups it needs. Torch-free: `dpo --help` reads these."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,7 @@ from stages.settings.options import Group, opt
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
+PairRuleName = Literal["all", "best-worst", "best-rest"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 FSDP2_OPTIMIZERS = ("adamw",)  # tested under FSDP2 (more than one process); torch AdamW: LoRA-sized state, small
 DATA_HELP = ("Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, a save_to_disk folder, or a Hub "
@@ -46,16 +48,36 @@ class DataSpec(Group):
     chosen_field: str = opt("chosen", "Column holding the chosen reply.")
     rejected_field: str = opt("rejected", "Column holding the rejected reply.")
     data_split: str = opt(DEFAULT_SPLIT, "Split of a saved DatasetDict / Hub dataset given without :split.")
+    replies_field: str | None = opt(None, "Many replies per prompt: the column holding the replies (default: "
+                                          "completions, else answers).")
+    scores_field: str = opt("scores", "Many replies per prompt: the column of scores (higher is better).")
+    ranks_field: str = opt("ranks", "Many replies per prompt: the column of ranks (1 = best), instead of scores.")
+    rank_by: str | None = opt(None, "Replies given as objects: the key ranking them, or an UltraFeedback aspect "
+                                    "(helpfulness, honesty, ...) (default: overall_score, Nectar's rank).")
+    pairs: PairRuleName = opt("all", "Many replies per prompt: which pairs train (all, best-worst, best-rest); "
+                                     "ties never pair.")
+    min_score_gap: float = opt(0.0, "Many replies per prompt: a pair needs at least this score difference.")
 
     def check(self) -> None:
         if not self.data:
             raise UserError("give the preference file(s) with --data (repeatable)")
+        if not (self.min_score_gap >= 0 and math.isfinite(self.min_score_gap)):
+            raise UserError(f"--min-score-gap {self.min_score_gap}: must be a finite number >= 0")
 
     def fields(self):
         """The column names as the data layer takes them."""
         from stages.data.rows import FieldMap
 
         return FieldMap(self.prompt_field, self.chosen_field, self.rejected_field)
+
+    def load(self, paths: tuple[str, ...] | None = None):
+        """The data layer's Loaded (pair rows, or reply sets and their pairs) of `paths` (default: --data)."""
+        from stages.data.pairs import PairRule
+        from stages.data.replies import ReplyFields, load_data
+
+        replies = ReplyFields(self.prompt_field, self.replies_field, self.scores_field, self.ranks_field, self.rank_by)
+        return load_data(self.data if paths is None else paths, self.fields(), replies,
+                         PairRule(self.pairs, self.min_score_gap), self.strict, self.data_split)
 
 
 @dataclass(frozen=True)
@@ -123,9 +145,13 @@ class Compute(Group):
     share_prompt: bool = opt(True, "One [prompt|chosen|rejected] row per pair: the prompt runs once (same "
                                    "gradients).")
     replicas: int = opt(1, "HSDP: replica groups (e.g. nodes); weights sharded within one, replicated across.")
+    max_row_tokens: int | None = opt(None, "Many replies per prompt: most tokens of one [prompt | replies] row; more "
+                                           "replies go to further rows, each with its prompt (default: no limit).",
+                                     resume=True)
 
     def check(self) -> None:
         at_least("chunk_size", self.chunk_size, 1)
+        at_least("max_row_tokens", self.max_row_tokens, 1)
         world_size = launched_world_size()
         if self.replicas < 1 or world_size % self.replicas:
             raise UserError(f"--replicas {self.replicas} must be >= 1 and divide the {world_size} processes "
@@ -138,7 +164,8 @@ class LossSettings(Group):
     stages/objective/loss.py turns it into the loss callable, once per run."""
 
     loss: LossSpec = opt("sigmoid", f"A loss type ({' '.join(LOSS_TYPES)}; any case; dpo = sigmoid) or a mixture "
-                                    "'sigmoid*0.8+bco_pair*0.2+sft'.")
+                                    "'sigmoid*0.8+bco_pair*0.2+sft'; or plackett_luce (pl): the ranking of all a "
+                                    "prompt's replies.")
     beta: float = opt(0.1, "DPO beta (multiplies the log-ratio difference).")
     label_smoothing: float = opt(0.0, "Epsilon of robust, exo_pair, aot*; with sigmoid it makes cDPO (TRL 1.16 "
                                       "ignores it there).")

@@ -23,12 +23,13 @@ class Accumulator:
     def __init__(self):
         self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         self.terms = torch.zeros(2 * len(LOSS_TYPES), dtype=torch.float64)  # per type: sum, examples
-        self.examples = 0
+        self.examples = 0  # pairs
+        self.prompts = 0   # reply sets' prompts (0 for pair rows)
         self.chosen_tokens = 0
         self.rejected_tokens = 0
 
     def add(self, result) -> None:
-        """result: stages.stage2.train.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B]
+        """result: stages.stage2.forward.PolicyPass (losses [B], the policy's LogpOutput, the LossOutput, ref_* [B]
         cached). ONE device->host copy per batch: the [B] vectors are stacked on the device, copied once,
         summed here."""
         losses, lp, loss_out = result.losses, result.logps, result.loss
@@ -48,12 +49,14 @@ class Accumulator:
             self.terms[k] += term.sum()
             self.terms[len(LOSS_TYPES) + k] += term.shape[0]
         self.examples += int(losses.shape[0])
+        self.prompts += int(getattr(result, "prompts", 0))
         self.chosen_tokens += int(tokens_c.sum())
         self.rejected_tokens += int(tokens_r.sum())
 
     def state(self) -> dict:
         """JSON-able, so a checkpoint taken mid logging window resumes the same window."""
-        return {"sums": self.sums.tolist(), "examples": self.examples, "chosen_tokens": self.chosen_tokens,
+        return {"sums": self.sums.tolist(), "examples": self.examples, "prompts": self.prompts,
+                "chosen_tokens": self.chosen_tokens,
                 "rejected_tokens": self.rejected_tokens, "terms": self.terms.tolist()}
 
     @classmethod
@@ -62,16 +65,19 @@ class Accumulator:
         if state:
             acc.sums = torch.tensor(state["sums"], dtype=torch.float64)
             acc.examples, acc.chosen_tokens = state["examples"], state["chosen_tokens"]
-            acc.rejected_tokens = state["rejected_tokens"]
+            acc.rejected_tokens, acc.prompts = state["rejected_tokens"], state.get("prompts", 0)
             if "terms" in state:  # checkpoints from before mixtures have none
                 acc.terms = torch.tensor(state["terms"], dtype=torch.float64)
         return acc
 
-    def reduce(self, env: DistEnv, prefix: str = "") -> dict:
-        counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens], dtype=torch.float64)
+    def reduce(self, env: DistEnv, prefix: str = "", per_step: int | None = None) -> dict:
+        """Global means (TRL's names, per pair). `per_step`: the optimizer steps the sums cover; with reply sets
+        the record also says the pairs and prompts of one step (all ranks)."""
+        counts = torch.tensor([self.examples, self.chosen_tokens, self.rejected_tokens, self.prompts],
+                              dtype=torch.float64)
         both = all_reduce_sum(torch.cat([self.sums, counts, self.terms]), env)  # reduced on env.device, back here
         k = len(SUM_KEYS)
-        sums, (n, ct, rt), terms = both[:k], both[k:k + 3].tolist(), both[k + 3:].tolist()
+        sums, (n, ct, rt, prompts), terms = both[:k], both[k:k + 4].tolist(), both[k + 4:].tolist()
         out = {}
         for key, value in zip(SUM_KEYS, sums.tolist()):
             denom = ct if key == "logits/chosen" else rt if key == "logits/rejected" else n
@@ -80,6 +86,8 @@ class Accumulator:
                 if terms[len(LOSS_TYPES) + i] > 0]
         if len(seen) > 1:  # a mixture: each term's mean (before its weight), e.g. loss/sigmoid, loss/sft
             out.update({f"{prefix}loss/{name}": total / count for name, total, count in seen})
+        if prompts and per_step:  # reply sets: how many pairs and prompts one step trained on
+            out.update({"pairs_per_step": n / per_step, "prompts_per_step": prompts / per_step})
         return out
 
 

@@ -1,7 +1,8 @@
 """Stage two's input: rows read, tokenized exactly as the cache says, and joined with it by example id.
 
 Everything here runs BEFORE any model is loaded, so a cache that does not match fails in seconds. A sweep
-prepares once and trains many times.
+prepares once and trains many times. Pair rows join a pair cache by example id (`Item`); reply sets (several replies
+per prompt) join a reply cache by reply id, and carry the pairs their rule derived (`SetItem`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import polars as pl
 import torch
 
 from stages.base.errors import UserError
-from stages.cache import refcache
+from stages.cache import refcache, replycache
 from stages.cache.fingerprint import folder_fingerprint
 from stages.cache.refcache import token_count_problems
-from stages.data.encode import Encoded, TokenizeSettings, encode_with_report, tokenizer_fingerprint
-from stages.data.rows import load_examples
+from stages.data.encode import Encoded, TokenizeSettings, TruncationReport, encode_with_report, tokenizer_fingerprint
+from stages.data.encodeset import encode_set
+from stages.data.replyset import EncodedSet
 from stages.model.models import check_model_dir, dtype_name, load_tokenizer, resolve_dtype
 from stages.objective.loss import ld_token_weights
 from stages.settings.groups import CacheInput, DataSpec, Lengths, ModelSettings
@@ -35,11 +37,34 @@ class Item:
     def length(self) -> int:
         return self.enc.length
 
+    @property
+    def tokens(self) -> int:  # what its forward costs: two padded rows (the metrics' tokens/s)
+        return 2 * self.enc.length
+
+
+@dataclass(frozen=True)
+class SetItem:
+    """One prompt with several replies: token ids, each reply's cached reference sum, and the pairs (reply indices)
+    the rule derived, with each pair's reference values (the LD-DPO sums with --ld-alpha)."""
+
+    enc: EncodedSet
+    ref: tuple[float, ...]
+    pairs: tuple[tuple[int, int], ...]
+    pair_ref: tuple[tuple[float, float], ...]
+
+    @property
+    def length(self) -> int:
+        return self.enc.length
+
+    @property
+    def tokens(self) -> int:  # one [prompt | replies] row
+        return self.enc.length
+
 
 @dataclass
 class Prepared:
-    train: list[Item]
-    eval: list[Item]
+    train: list  # Item (pair rows) or SetItem (reply sets)
+    eval: list
     tokenizer: object
     settings: TokenizeSettings
     cache_meta: dict
@@ -57,11 +82,16 @@ def ld_reference(chosen: list[float], rejected: list[float], alpha: float) -> tu
     return out[0], out[1]
 
 
-def _ld_values(df: pl.DataFrame, cache_path: str, alpha: float) -> dict[str, tuple[float, float]]:
-    """example id -> LD-DPO reference sums; one line when the cache has no per-token values."""
-    if not all(name in df.columns for name, _ in refcache.TOKEN_FIELDS):
+def _need_token_values(df: pl.DataFrame, cache_path: str) -> None:
+    """One line when the cache (pairs or replies) has no per-token values."""
+    if not all(name in df.columns for name, _ in refcache.TOKEN_FIELDS) and "ref_token_logps" not in df.columns:
         raise UserError(f"{cache_path}: --ld-alpha needs per-token reference log-probs, which this cache lacks; "
                         "rerun `dpo precompute-ref --store-token-logps`")
+
+
+def _ld_values(df: pl.DataFrame, cache_path: str, alpha: float) -> dict[str, tuple[float, float]]:
+    """example id -> LD-DPO reference sums; one line when the cache has no per-token values."""
+    _need_token_values(df, cache_path)
     columns = (df["ref_chosen_token_logps"].to_list(), df["ref_rejected_token_logps"].to_list())
     return {i: ld_reference(c, r, alpha) for i, c, r in zip(df["example_id"].to_list(), *columns)}
 
@@ -88,7 +118,7 @@ def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Le
     check_model_dir(model.model)
     df, meta = loaded if loaded is not None else refcache.read_cache(cache.ref_cache)
     if ld_alpha is not None:
-        _ld_values(df.head(0), cache.ref_cache, ld_alpha)  # no per-token values: one line now, not after tokenizing
+        _need_token_values(df, cache.ref_cache)  # no per-token values: one line now, not after tokenizing
     tokenizer = load_tokenizer(model.model, model.trust_remote_code)
     settings = lengths.tokenize(meta)  # unset lengths: the cache's
     fingerprint = tokenizer_fingerprint(tokenizer, settings)
@@ -106,13 +136,51 @@ def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Le
         if not paths:
             sets.append([])
             continue
-        examples, report = load_examples(paths, data.fields(), data.strict, split=data.data_split)
-        encoded, cuts = encode_with_report(tokenizer, examples, settings, data.strict)
-        notes.append(f"{what} data: {report.summary()}" + (f"; tokenize: {cuts.summary()}" if cuts.anything else ""))
-        sets.append(_join(encoded, df, cache.ref_cache, what, ld_alpha))
+        loaded = data.load(paths)
+        _same_layout(loaded, meta, cache.ref_cache, what)
+        if loaded.sets is None:
+            encoded, cuts = encode_with_report(tokenizer, loaded.examples, settings, data.strict)
+            items = _join(encoded, df, cache.ref_cache, what, ld_alpha)
+        else:
+            items, cuts = _join_sets(tokenizer, loaded, settings, data.strict, df, cache.ref_cache, what, ld_alpha)
+        notes.append(f"{what} data: {loaded.report.summary()}" + (f"; tokenize: {cuts.summary()}" if cuts.anything
+                                                                  else ""))
+        if loaded.pair_report is not None:
+            notes.append(f"{what} pairs: {loaded.pair_report.summary()}")
+        sets.append(items)
     if not sets[0]:
         raise UserError(f"{', '.join(data.data)}: no training examples left after validation and truncation")
     return Prepared(sets[0], sets[1], tokenizer, settings, meta, notes, tuple(differs))
+
+
+def _same_layout(loaded, meta: dict, path: str, what: str) -> None:
+    """Pair rows need a pair cache, reply sets a reply cache (one line otherwise)."""
+    layout = refcache.layout_of(meta)
+    if (loaded.sets is None) != (layout == refcache.PAIRS):
+        shape = "pair rows" if loaded.sets is None else "several replies per prompt"
+        raise UserError(f"{path}: a cache of {layout}, but the {what} data has {shape}; rerun `dpo precompute-ref` "
+                        "over this data")
+
+
+def _join_sets(tokenizer, loaded, settings: TokenizeSettings, strict: bool, df: pl.DataFrame, path: str, what: str,
+               ld_alpha: float | None) -> tuple[list[SetItem], TruncationReport]:
+    """Reply sets tokenized as the cache's were and joined with it by reply id; each keeps its rule's pairs."""
+    report, encoded = TruncationReport(), []
+    for s, pairs in zip(loaded.sets, loaded.pairs):
+        e = encode_set(tokenizer, s, settings, report, strict)
+        if e is not None:
+            encoded.append((e, tuple(pairs)))
+    found = replycache.lookup(df, [e for e, _ in encoded], what, path)
+    items = []
+    for e, pairs in encoded:
+        ref = tuple(found[k][0] for k in e.reply_ids)
+        if ld_alpha is None:
+            pair_ref = tuple((ref[c], ref[r]) for c, r in pairs)
+        else:  # LD-DPO: the pair's shared length decides the weights, so each pair has its own reference sums
+            tokens = [found[k][3] for k in e.reply_ids]
+            pair_ref = tuple(ld_reference(tokens[c], tokens[r], ld_alpha) for c, r in pairs)
+        items.append(SetItem(e, ref, pairs, pair_ref))
+    return items, report
 
 
 def tokenization_error(cache: CacheInput, meta: dict, fingerprint: dict) -> str:

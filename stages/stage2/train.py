@@ -22,17 +22,19 @@ from stages.base import fsio
 from stages.base.errors import Interrupted, UserError
 from stages.base.progress import Progress, say
 from stages.model.distributed import DistEnv, all_reduce_sum, init_distributed
-from stages.model.logprobs import LogpOutput, pair_logps
 from stages.model.memory import PhaseMemory, memory_line, peak_memory_gb
 from stages.model.models import ModelSpec, dtype_name, load_policy, resolve_dtype
 from stages.model.runguard import StopSignal, guarded_output, rerun_hint
-from stages.objective.loss import DPOLoss, LossOutput, build_loss
+from stages.objective.loss import DPOLoss, build_loss
+from stages.objective.lossspec import is_listwise
+from stages.objective.ranking import ListwiseLoss, build_listwise
 from stages.settings import yamlconfig as config
 from stages.settings.commands import TrainConfig
 from stages.settings.groups import ModelSettings, Schedule
 from stages.stage2 import checkpoint
+from stages.stage2.forward import PolicyPass, policy_forward
 from stages.stage2.metrics import Accumulator, MetricsWriter, read_metrics, readable
-from stages.stage2.prepare import Item, Prepared, prepare
+from stages.stage2.prepare import Item, Prepared, SetItem, prepare
 from stages.stage2.resume import check_resumable, resume_or_start
 from stages.stage2.trainutil import (
     batches_for_epoch,
@@ -132,12 +134,13 @@ class Trainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss: DPOLoss
+    loss: DPOLoss | ListwiseLoss
 
     @classmethod
     def build(cls, model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> Trainer:
         optimizer = build_optimizer(model, cfg.optim)
-        return cls(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps), build_loss(cfg.loss))
+        loss = build_listwise(cfg.loss) if is_listwise(cfg.loss.loss) else build_loss(cfg.loss)
+        return cls(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps), loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,47 +167,18 @@ class Window:
     def __init__(self, state: dict | None = None):
         state = state or {}
         self.acc, self.tokens = Accumulator.from_state(state.get("acc")), state.get("tokens", 0)
+        self.steps = state.get("steps", 0)
         self.started = time.perf_counter() - state.get("elapsed", 0.0)
 
-    def add(self, result: PolicyPass, items: list[Item]) -> None:
+    def add(self, result: PolicyPass, items: list) -> None:
         self.acc.add(result)
-        self.tokens += sum(i.enc.length * 2 for i in items)
+        self.tokens += sum(i.tokens for i in items)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def state(self) -> dict:
-        return {"acc": self.acc.state(), "tokens": self.tokens, "elapsed": self.elapsed()}
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyPass:
-    """What one policy forward gives the metrics: losses [B], the policy's log-probs (LD-DPO sums in chosen/rejected
-    with --ld-alpha), the loss head's output and the cached reference values [B] (float64, CPU)."""
-
-    losses: torch.Tensor
-    logps: LogpOutput
-    loss: LossOutput
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
-
-
-def policy_forward(model, items: list[Item], pad_id: int, cfg: TrainConfig, loss: DPOLoss) -> PolicyPass:
-    """One forward (chosen + rejected) -> per-example losses of the run's `loss` against the cached reference.
-    With --ld-alpha the loss, rewards, logps/* and drift use the LD-DPO sums on both sides (as TRL logs them);
-    the sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
-    lp = pair_logps(model, [i.enc for i in items], pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt,
-                    ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.use_weighting)
-    plain_chosen = lp.chosen_logps
-    if cfg.loss.ld_alpha is not None:
-        lp = dataclasses.replace(lp, chosen_logps=lp.chosen_ld_logps, rejected_logps=lp.rejected_ld_logps)
-    ref_c = torch.tensor([i.ref_chosen for i in items], dtype=torch.float64)  # on the host: the metrics read them
-    ref_r = torch.tensor([i.ref_rejected for i in items], dtype=torch.float64)
-    device = lp.chosen_logps.device
-    out = loss(lp.chosen_logps, lp.rejected_logps, ref_c.to(device), ref_r.to(device),
-               chosen_tokens=lp.chosen_tokens, rejected_tokens=lp.rejected_tokens, chosen_sft_logps=plain_chosen,
-               chosen_wpo_logps=lp.chosen_wpo_logps, rejected_wpo_logps=lp.rejected_wpo_logps)
-    return PolicyPass(out.losses, lp, out, ref_c, ref_r)
+        return {"acc": self.acc.state(), "tokens": self.tokens, "elapsed": self.elapsed(), "steps": self.steps}
 
 
 def drift_check(t: Trainer, prep: Prepared, cfg, env, writer) -> None:
@@ -259,8 +233,9 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
             # forward, loss
             result = policy_forward(t.model, items, pad_id, cfg, t.loss)
             # backward
-            (result.losses.mean() / accum).backward()
+            (result.objective / accum).backward()
             window.add(result, items)
+        window.steps += 1
         if step == 0 and at.drift_at_step_one:  # the step-0 row: the window (fresh at step 0) holds step 1's forwards
             report_drift(window.acc, env, writer, cfg.cache.allow_reference_mismatch)
         # clip
@@ -272,7 +247,8 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
         # log
         if done % cfg.schedule.logging_steps == 0 or done == total:
             elapsed, tokens = window.elapsed(), window.tokens * env.world_size
-            record = {"step": done, "epoch": round(done / at.steps_per_epoch, 4), **window.acc.reduce(env),
+            record = {"step": done, "epoch": round(done / at.steps_per_epoch, 4),
+                      **window.acc.reduce(env, per_step=window.steps),
                       "learning_rate": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_second": tokens / max(elapsed, 1e-9)}
             writer.write(record)
@@ -296,7 +272,7 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
     progress.close()
 
 
-def step_batches(train: list[Item], cfg, env: DistEnv, at: Position) -> Iterator[tuple[int, list[list[Item]]]]:
+def step_batches(train: list[Item | SetItem], cfg, env: DistEnv, at: Position) -> Iterator[tuple[int, list[list]]]:
     """(step, this rank's micro-batches) for each step still to do. The batch order is built once per epoch (after
     a resume: the epoch resumed); micro-batch m of the epoch's step k on rank r is batch (k·accum + m)·world + r."""
     accum, order_epoch, batches = cfg.schedule.gradient_accumulation_steps, None, []
@@ -327,7 +303,7 @@ def clip(params, max_norm: float) -> float:
     return float(norm)
 
 
-def evaluate(t: Trainer, items: list[Item], pad_id: int, cfg, env) -> dict:
+def evaluate(t: Trainer, items: list[Item | SetItem], pad_id: int, cfg, env) -> dict:
     """The whole eval set, split across ranks; every rank runs the same number of forwards."""
     batches = [items[i:i + cfg.schedule.eval_batch_size] for i in range(0, len(items), cfg.schedule.eval_batch_size)]
     steps = math.ceil(len(batches) / env.world_size)

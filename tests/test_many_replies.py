@@ -1,0 +1,239 @@
+"""Many replies per prompt through both stages (issue 23), on the tiny random model and real HH-RLHF prompts.
+
+Reply sets are made from HH rows: prompt i with its own chosen/rejected and the replies of row i + 1 (K = 2..4,
+one set with tied scores). The same pairs written as pair rows ("expanded") are the oracle:
+- stage one: the reply cache holds each (prompt, reply) once, and every expanded pair's cached values equal its two
+  replies' values (sums within tests/bounds.py, token counts exactly); a new reply costs that reply only; shard jobs
+  merge; a cache of the other layout is refused in one line;
+- stage two: one forward per prompt gives per-pair losses and LoRA gradients equal to the expanded pair rows holding
+  the same pairs and reference values (float64 model: rounding only), for several loss types, mixtures, WPO and
+  LD-DPO; plackett_luce equals sigmoid on two-reply prompts; a short run logs pairs and prompts per step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages.cli import main as cli_main
+from stages.data.rows import content_id, load_examples
+from stages.stage1 import precompute
+from stages.stage1.precompute import PrecomputeConfig
+from stages.stage2 import train
+from stages.stage2.forward import policy_forward
+from stages.stage2.prepare import Item, prepare
+from stages.stage2.train import TrainConfig, Trainer
+from tests.bounds import EPS32, ULPS, logit_scale, sum_tol
+from tests.hhrows import hh_rows, write_jsonl
+
+MAXLEN, MAXPROMPT = 96, 48
+SCORES = ([4, 1, 3, 2], [3, 1, 2], [2, 1], [5, 5, 1, 2], [1, 4, 2, 3], [2, 3, 1, 4])
+
+
+def reply_sets(hh_path: Path, root: Path, n: int = 6) -> list[dict]:
+    """Generic-shape rows: HH prompt i, replies chosen_i, rejected_i, chosen_{i+1}, rejected_{i+1} (cut to K)."""
+    examples, _ = load_examples([write_jsonl(root / "hh.jsonl", hh_rows(hh_path, 0, n + 1))])
+    out = []
+    for i, scores in enumerate(SCORES[:n]):
+        a, b = examples[i], examples[i + 1]
+        replies = [a.chosen, a.rejected, b.chosen, b.rejected][:len(scores)]
+        out.append({"prompt": a.prompt, "completions": replies, "scores": scores})
+    return out
+
+
+def expanded(sets: list[dict]) -> list[dict]:
+    """Every pair of the `all` rule as a pair row (ties never pair), in set order then (i < j) order."""
+    out = []
+    for s in sets:
+        r, sc = s["completions"], s["scores"]
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                if sc[i] != sc[j]:
+                    c, w = (i, j) if sc[i] > sc[j] else (j, i)
+                    out.append({"prompt": s["prompt"], "chosen": r[c], "rejected": r[w]})
+    return out
+
+
+def run_stage_one(model: Path, data: Path, out: Path, **kw) -> pl.DataFrame:
+    kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, **kw}
+    precompute.run(PrecomputeConfig.flat(model=str(model), data=(str(data),), output=str(out), **kw))
+    return pl.read_parquet(out)
+
+
+@pytest.fixture(scope="module")
+def made(hh_path, tiny_llama, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("replies")
+    sets = reply_sets(hh_path, root)
+    files = {"sets": write_jsonl(root / "sets.jsonl", sets), "pairs": write_jsonl(root / "pairs.jsonl", expanded(sets))}
+    files["reply_cache"] = root / "replies.parquet"
+    files["pair_cache"] = root / "pairs.parquet"
+    files["reply_df"] = run_stage_one(tiny_llama, files["sets"], files["reply_cache"], store_token_logps=True)
+    files["pair_df"] = run_stage_one(tiny_llama, files["pairs"], files["pair_cache"], store_token_logps=True)
+    files["rows"], files["root"], files["model"] = sets, root, tiny_llama
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------- stage one
+def test_stage_one_scores_each_reply_once_and_equals_the_expanded_pairs(made):
+    from stages.data.replyset import reply_id
+
+    replies = made["reply_df"]
+    n_replies = sum(len(set(map(json.dumps, s["completions"]))) for s in made["rows"])
+    assert replies.height == n_replies and replies["reply_id"].n_unique() == n_replies
+    by_reply = {r["reply_id"]: r for r in replies.iter_rows(named=True)}
+    scale = logit_scale(_model(made["model"]), [[1, 2, 3]])  # the tiny model's logit scale (random weights)
+    pairs = made["pair_df"]
+    assert pairs.height == len(expanded(made["rows"]))
+    for row in expanded(made["rows"]):
+        pair = pairs.filter(pl.col("example_id") == content_id(row["prompt"], row["chosen"], row["rejected"]))
+        assert pair.height == 1
+        c = by_reply[reply_id(row["prompt"], row["chosen"])]
+        r = by_reply[reply_id(row["prompt"], row["rejected"])]
+        assert (pair["chosen_tokens"][0], pair["rejected_tokens"][0]) == (c["reply_tokens"], r["reply_tokens"])
+        assert pair["prompt_tokens"][0] == c["prompt_tokens"]
+        assert abs(pair["ref_chosen_logps"][0] - c["ref_logps"]) <= sum_tol(c["reply_tokens"], scale) * 4
+        assert abs(pair["ref_rejected_logps"][0] - r["ref_logps"]) <= sum_tol(r["reply_tokens"], scale) * 4
+
+
+def _model(path: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def test_a_new_reply_for_an_old_prompt_costs_that_reply_only(made, tmp_path):
+    import shutil
+
+    cache = tmp_path / "ref.parquet"
+    shutil.copy(made["reply_cache"], cache)
+    shutil.copy(made["reply_cache"].with_name("replies.parquet.config.yaml"), tmp_path / "ref.parquet.config.yaml")
+    rows = [dict(s) for s in made["rows"]]
+    rows[1] = {**rows[1], "completions": rows[1]["completions"] + [" A brand new reply."], "scores": [3, 1, 2, 0]}
+    data = write_jsonl(tmp_path / "more.jsonl", rows)
+    res = CliRunner().invoke(cli_main, ["precompute-ref", "--model", str(made["model"]), "--data", str(data),
+                                        "--output", str(cache), "--max-length", str(MAXLEN), "--max-prompt-length",
+                                        str(MAXPROMPT), "--store-token-logps"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    n = made["reply_df"].height
+    assert f"cache: {n} of {n + 1} replies already in" in res.output and "1 to go" in res.output, res.output
+    assert pl.read_parquet(cache).height == n + 1
+
+
+def test_shard_jobs_merge_to_the_single_cache(made, tmp_path):
+    out = tmp_path / "ref.parquet"
+    for index in range(2):
+        precompute.run(PrecomputeConfig.flat(model=str(made["model"]), data=(str(made["sets"]),), output=str(out),
+                                             max_length=MAXLEN, max_prompt_length=MAXPROMPT, num_shards=2,
+                                             shard_index=str(index)))
+    shards = [str(tmp_path / f"ref.shard-{i}-of-2.parquet") for i in range(2)]
+    res = CliRunner().invoke(cli_main, ["cache", "merge", *shards, "--output", str(tmp_path / "merged.parquet")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    merged = pl.read_parquet(tmp_path / "merged.parquet").sort("reply_id")
+    single = made["reply_df"].sort("reply_id")
+    assert merged["reply_id"].to_list() == single["reply_id"].to_list()
+    assert merged["reply_tokens"].to_list() == single["reply_tokens"].to_list()
+    assert float((merged["ref_logps"] - single["ref_logps"]).abs().max()) < 1e-3
+
+
+def test_a_cache_of_the_other_layout_is_refused_in_one_line(made, tmp_path):
+    for data, cache in (("sets", "pair_cache"), ("pairs", "reply_cache")):
+        res = CliRunner().invoke(cli_main, ["train", "--model", str(made["model"]), "--data", str(made[data]),
+                                            "--ref-cache", str(made[cache]), "--output", str(tmp_path / data)])
+        assert res.exit_code == 2, res.output
+        lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "rerun `dpo precompute-ref` over this data" in lines[0], res.output
+
+
+# ---------------------------------------------------------------------------------------------------- stage two
+def _cfg(made, data: str, cache: str, out: Path, **kw) -> TrainConfig:
+    base = dict(model=str(made["model"]), data=(str(made[data]),), ref_cache=str(made[cache]), output=str(out),
+                max_steps=2, batch_size=2, lora_r=4, lora_alpha=8, learning_rate=1e-3, load_in_4bit=False,
+                gradient_checkpointing=False)
+    return TrainConfig.flat(**{**base, **kw})
+
+
+def _policy64(made):
+    from stages.model.models import LoraSettings, ModelSpec, load_policy
+
+    model = load_policy(ModelSpec(str(made["model"]), "fp32", False, None, False), LoraSettings(4, 8, 0.0,
+                        ("all-linear",)), torch.device("cpu"), False)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # a LoRA away from zero, so the gradients reach every weight
+            torch.nn.init.normal_(p, std=0.02)
+    return model.double().eval()
+
+
+def _grads(model, result) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    result.objective.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+# The model runs in float64 but the head computes its logits in float32 (logprobs._chunk_logps: as in training), so
+# the two layouts' gradients differ by fp32 rounding in the head: relative ~ ULPS * EPS32 per token, summed.
+GRAD_RTOL = ULPS * EPS32  # measured: 0.6-0.7 EPS32
+SLOPE = 10  # |d loss / d log-prob| of every loss below at beta 0.1 (ipo: 2|h - 1/(2 beta)| / n <= 10)
+
+LOSSES = [dict(), dict(loss="ipo"), dict(loss="aot"), dict(loss="sigmoid*0.8+bco_pair*0.2+sft"),
+          dict(use_weighting=True), dict(ld_alpha=0.5), dict(sft_weight=0.5)]
+
+
+@pytest.mark.parametrize("kw", LOSSES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "sigmoid")
+def test_one_forward_per_prompt_equals_the_expanded_pairs(made, tmp_path, kw):
+    """Loss per pair and LoRA gradients of one micro-batch of reply sets equal those of the pair rows of the same
+    pairs with the same reference values. Float64 model: the two layouts differ only by rounding (~1e-12)."""
+    cfg_sets = _cfg(made, "sets", "reply_cache", tmp_path / "a", **kw)
+    sets = prepare(cfg_sets.data, cfg_sets.model, cfg_sets.cache, cfg_sets.lengths, cfg_sets.loss.ld_alpha).train
+    items = [Item(_pair_encoded(s, c, r), *s.pair_ref[k]) for s in sets for k, (c, r) in enumerate(s.pairs)]
+    model = _policy64(made)
+    loss = Trainer.build(model, cfg_sets, 1).loss
+    pad = 2
+    one = policy_forward(model, sets, pad, cfg_sets, loss)
+    g_one = _grads(model, one)
+    two = policy_forward(model, items, pad, cfg_sets, loss)
+    g_two = _grads(model, two)
+    assert one.losses.shape == two.losses.shape == (len(items),)
+    scale = logit_scale(model.float(), [list(s.enc.prompt_ids) + list(r) for s in sets for r in s.enc.replies])
+    tol = SLOPE * sum_tol(2 * MAXLEN, scale)  # every reply sum within sum_tol; each loss moves by <= SLOPE x that
+    assert float((one.losses - two.losses).detach().abs().max()) <= tol
+    assert abs(float((one.objective - two.objective).detach())) <= tol
+    assert float((g_one - g_two).norm()) <= GRAD_RTOL * float(g_two.norm())
+
+
+def _pair_encoded(s, c: int, r: int):
+    from stages.data.encode import Encoded
+
+    return Encoded("x", s.enc.prompt_ids, s.enc.replies[c], s.enc.replies[r])
+
+
+def test_plackett_luce_equals_sigmoid_on_two_reply_prompts(made, tmp_path):
+    pairs = prepare(*_groups(_cfg(made, "pairs", "pair_cache", tmp_path / "p"))).train[:4]
+    model = _policy64(made)
+    results = []
+    for name in ("sigmoid", "plackett_luce"):
+        cfg = _cfg(made, "pairs", "pair_cache", tmp_path / name, loss=name)
+        result = policy_forward(model, pairs, 2, cfg, Trainer.build(model, cfg, 1).loss)
+        results.append((result.losses.detach(), _grads(model, result)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+
+
+def _groups(cfg):
+    return cfg.data, cfg.model, cfg.cache, cfg.lengths, cfg.loss.ld_alpha
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "plackett_luce"])
+def test_a_short_run_logs_pairs_and_prompts_per_step(made, tmp_path, loss):
+    summary = train.run(_cfg(made, "sets", "reply_cache", tmp_path / loss, loss=loss, logging_steps=1))
+    records = [json.loads(x) for x in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and summary["steps"] == 2
+    for r in steps:
+        assert r["prompts_per_step"] == 2 and r["pairs_per_step"] >= 2
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen"} <= set(r)
