@@ -4,6 +4,7 @@ with the tiny random model in the default suite, with the real SmolLM2 in the sl
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -152,7 +153,7 @@ def run_tour(root: Path, monkeypatch) -> list[str]:
 
 
 TOUR = ["precompute-ref", "cache info", "cache verify", "cache export-trl", "train", "sample", "compare", "sweep",
-        "compare", "config from-trl"]
+        "compare", "precompute-ref", "train", "train", "config from-trl"]
 
 
 def check_tour_outputs(root: Path, ran: list[str]) -> None:
@@ -161,6 +162,10 @@ def check_tour_outputs(root: Path, ran: list[str]) -> None:
     assert list((root / "runs" / "beta0.1" / "tensorboard").glob("events.out.tfevents.*"))  # --report-to
     assert len((root / "runs" / "beta0.1" / "samples.jsonl").read_text().splitlines()) == 4
     assert (root / "runs" / "sweep" / "compare.png").is_file()
+    for run in ("replies", "replies-pl"):  # many replies per prompt: both pair rules and the listwise loss trained
+        records = [json.loads(x) for x in (root / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("prompts_per_step") == 2 for r in records), run
+        assert (root / "runs" / run / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.fixture(scope="module")

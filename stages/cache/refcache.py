@@ -353,7 +353,8 @@ def summary_lines(meta: dict) -> list[str]:
         f"{cut.get('replies_cut', '?')} replies cut (at most {cut.get('max_reply_tokens_cut', '?')} tokens), "
         f"{cut.get('skipped', '?')} skipped")
     adapter = meta.get("adapter")
-    return [f"  data: {data.get('rows_read', '?')} rows read from {files} file(s), {dropped}",
+    replies = replycache.info_lines(meta) if layout_of(meta) == replycache.LAYOUT else []  # layout, pairs
+    return [f"  data: {data.get('rows_read', '?')} rows read from {files} file(s), {dropped}", *replies,
             f"  model: {meta['model'].get('path', '?')} (dtype {meta.get('dtype', '?')}, quantization "
             f"{meta.get('quantization', '?')})",
             f"  adapter: {adapter.get('path', '?') if isinstance(adapter, dict) else 'none'}",
@@ -367,17 +368,20 @@ def summary_lines(meta: dict) -> list[str]:
 
 def info_text(path: str | Path, as_json: bool = False) -> str:
     """`dpo cache info`: a short summary (summary_lines, the log-prob and token statistics), or with `as_json` one
-    JSON object {path, rows, stats, metadata} holding the whole metadata."""
+    JSON object {path, rows, stats, metadata} holding the whole metadata. A reply cache's rows are replies (its
+    stats: replycache.info_stats, with the number of prompts)."""
     df, meta = read_cache(path)
+    replies = layout_of(meta) == replycache.LAYOUT
     stats = {c: {"mean": df[c].mean(), "min": df[c].min(), "max": df[c].max()}
-             for c in ("ref_chosen_logps", "ref_rejected_logps")}
+             for c in ("ref_chosen_logps", "ref_rejected_logps")} if not replies else replycache.info_stats(df)
     stats |= {c: {"mean": df[c].mean(), "total": int(df[c].sum())} for c in ("prompt_tokens", "chosen_tokens",
-                                                                              "rejected_tokens")}
+                                                                              "rejected_tokens")} if not replies else {}
     if as_json:
         return json.dumps({"path": str(path), "rows": df.height, "stats": stats, "metadata": meta}, indent=2,
                           sort_keys=True)
-    lines = [f"cache {path}", f"  rows: {df.height}"] + summary_lines(meta)
-    shown = {c: v for c, v in stats.items() if v["mean"] is not None}  # no rows: no means
+    rows = f"{df.height} replies of {stats['prompts']['total']} prompts" if replies else df.height
+    lines = [f"cache {path}", f"  rows: {rows}"] + summary_lines(meta)
+    shown = {c: v for c, v in stats.items() if v.get("mean") is not None}  # no rows: no means; prompts: a count
     lines += [f"  {c}: mean {v['mean']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}" for c, v in shown.items()
               if "min" in v]
     lines += [f"  {c}: mean {v['mean']:.1f}  total {v['total']}" for c, v in shown.items() if "total" in v]

@@ -94,3 +94,61 @@ def info_stats(df: pl.DataFrame) -> dict:
     stats |= {c: {"mean": df[c].mean(), "total": int(df[c].sum())} for c in ("prompt_tokens", "reply_tokens")}
     stats["prompts"] = {"total": df["prompt_id"].n_unique()}
     return stats
+
+
+# ------------------------------------------------------------------------- the tools (info, verify, export-trl)
+def layout_problem(layout: str, reply_data: bool) -> str | None:
+    """A cache of the other layout than the data (`layout`: refcache.layout_of's), in one line; None when they
+    match: pair rows need a pair cache, data with several replies per prompt a reply cache."""
+    if (layout == LAYOUT) == reply_data:
+        return None
+    shape = "several replies per prompt" if reply_data else "pair rows"
+    return f"a cache of {layout}, but the data has {shape}; rerun `dpo precompute-ref` over this data"
+
+
+def info_lines(meta: dict) -> list[str]:
+    """`dpo cache info`'s lines only a reply cache has: its layout and the pairs the run's rule derived."""
+    data = meta.get("data") or {}
+    return ["  layout: replies (one row per prompt and reply; every --pairs rule reads them)",
+            f"  pairs: {data.get('pairs', '?')} (at precompute)"]
+
+
+def coverage_problems(df: pl.DataFrame, sets) -> list[str]:
+    """Every reply of `sets` (stages.data.replyset.ReplySet) needs a cached entry (table_problem: finite)."""
+    want = [(k, s) for s in sets for k in s.reply_ids]
+    have = set(df.filter(pl.col(KEY).is_in([k for k, _ in want]))[KEY].to_list())
+    missing = [(k, s) for k, s in want if k not in have]
+    if not missing:
+        return []
+    key, s = missing[0]
+    return [f"{len(missing)} of {len(want)} replies are not in the cache (e.g. {s.source} row {s.row}, reply "
+            f"{s.reply_ids.index(key) + 1}, id {key})"]
+
+
+def token_count_problems(df: pl.DataFrame, encoded) -> list[str]:
+    """Per reply: this run's prompt/reply token counts (`encoded`: replyset.EncodedSet items) must equal the cached
+    ones (replies not in the cache are coverage_problems')."""
+    mine = pl.DataFrame({KEY: [k for e in encoded for k in e.reply_ids],
+                         "p": [len(e.prompt_ids) for e in encoded for _ in e.replies],
+                         "n": [len(r) for e in encoded for r in e.replies]},
+                        schema={KEY: pl.String, "p": pl.Int64, "n": pl.Int64})
+    j = mine.join(df.select(KEY, "prompt_tokens", "reply_tokens"), on=KEY)
+    bad = j.filter((pl.col("p") != pl.col("prompt_tokens")) | (pl.col("n") != pl.col("reply_tokens")))
+    if not bad.height:
+        return []
+    row = bad.row(0, named=True)
+    return [f"{bad.height} replies tokenize to other lengths than cached (e.g. {row[KEY]}: prompt/reply "
+            f"{row['p']}/{row['n']} now, {row['prompt_tokens']}/{row['reply_tokens']} cached)"]
+
+
+def pair_values(df: pl.DataFrame, examples) -> tuple[list[tuple[float, float] | None], list[str], set[str]]:
+    """For each pair (rows.Example derived from a reply set): (ref log-prob of its chosen reply, of its rejected
+    reply) from the cache, or None when either is missing; the missing reply ids (data order); the reply ids used."""
+    from stages.data.replyset import reply_id
+
+    keys = [(reply_id(e.prompt, e.chosen), reply_id(e.prompt, e.rejected)) for e in examples]
+    wanted = list(dict.fromkeys(k for pair in keys for k in pair))
+    have = df.filter(pl.col(KEY).is_in(wanted)).select(KEY, "ref_logps")
+    ref = dict(zip(have[KEY].to_list(), have["ref_logps"].to_list()))
+    values = [(ref[c], ref[r]) if c in ref and r in ref else None for c, r in keys]
+    return values, [k for k in wanted if k not in ref], set(ref)

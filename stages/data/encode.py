@@ -144,6 +144,7 @@ class TruncationReport:
     max_prompt_tokens_cut: int = 0
     max_reply_tokens_cut: int = 0
     skipped: int = 0                # rows that cannot fit (prompt without its last user turn, or no room for replies)
+    replies: int = 0                # replies tokenized over the rows kept (pairs: 2 a row; reply sets: K); add() counts
 
     def as_meta(self) -> dict:
         """Stage one's meta["truncation"]."""
@@ -164,10 +165,12 @@ class TruncationReport:
             return f"{n} of {of} {what}" + (f" (by at most {most} tokens)" if n else "")
 
         line = (f"cut {part(self.prompts_cut, kept, 'prompts', self.max_prompt_tokens_cut)} and "
-                f"{part(self.replies_cut, 2 * kept, 'replies', self.max_reply_tokens_cut)}")
+                f"{part(self.replies_cut, self.replies, 'replies', self.max_reply_tokens_cut)}")
         return line + (f"; skipped {self.skipped} rows that cannot fit" if self.skipped else "")
 
-    def add(self, prompt_cut: int, replies_cut: tuple[int, int]) -> None:
+    def add(self, prompt_cut: int, replies_cut: tuple[int, ...]) -> None:
+        """One kept row: its prompt's cut and each reply's cut (pairs: chosen, rejected; reply sets: K)."""
+        self.replies += len(replies_cut)
         self.prompts_cut += prompt_cut > 0
         self.max_prompt_tokens_cut = max(self.max_prompt_tokens_cut, prompt_cut)
         self.replies_cut += sum(n > 0 for n in replies_cut)

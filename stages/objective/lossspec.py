@@ -21,6 +21,9 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # loss type
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only these are built on the chosen-rejected score difference h, so only they take another f-divergence (TRL too)
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# Listwise types (issue 23): a loss of a prompt's whole ranking of replies, not of pairs (stages/objective/ranking.py);
+# accepted by the spec besides LOSS_TYPES, alone only (check_loss)
+LISTWISE_LOSSES = ("plackett_luce",)
 
 LossSpec_ = tuple[tuple[str, float], ...]
 
@@ -39,7 +42,7 @@ _TERM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\*\s*([0-9]*\.?[0-9]+(?:[e
 
 
 # Other spellings accepted for a loss type (configs store the canonical name): DPO's loss is TRL's "sigmoid"
-LOSS_ALIASES = {"dpo": "sigmoid"}
+LOSS_ALIASES = {"dpo": "sigmoid", "pl": "plackett_luce"}
 
 
 def _loss_name(name: str) -> str:
@@ -49,11 +52,11 @@ def _loss_name(name: str) -> str:
 
 
 def _unknown(name: str, value) -> LossSettingsError:
-    near = difflib.get_close_matches(name.lower(), LOSS_TYPES, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(name.lower(), LOSS_TYPES + LISTWISE_LOSSES, n=1, cutoff=0.5)
     where = f"--loss {name!r}: unknown loss type" if value == name else f"--loss: unknown loss type {name!r}"
     if near:
         return LossSettingsError(f"{where}; did you mean {near[0]!r}? (all types: dpo train --help)")
-    return LossSettingsError(f"{where}; known: {', '.join(LOSS_TYPES)}")
+    return LossSettingsError(f"{where}; known: {', '.join(LOSS_TYPES + LISTWISE_LOSSES)}")
 
 
 def _term_weight(name: str, weight, value) -> float:
@@ -69,8 +72,9 @@ def _term_weight(name: str, weight, value) -> float:
 def parse_loss_spec(value) -> LossSpec_:
     """"sigmoid*0.8+bco_pair*0.2+sft" | {sigmoid: 0.8, ...} | ((name, weight), ...) -> ((name, weight), ...).
 
-    Names must be LOSS_TYPES, in any case, or an alias of one ("dpo" is "sigmoid"); the result holds the canonical
-    lower-case name. A typo names the nearest type; each type at most once; weights positive (default 1)."""
+    Names must be LOSS_TYPES or LISTWISE_LOSSES, in any case, or an alias of one ("dpo" is "sigmoid", "pl" is
+    "plackett_luce"); the result holds the canonical lower-case name. A typo names the nearest type; each type at
+    most once; weights positive (default 1)."""
     if isinstance(value, Mapping):
         pairs = [(str(k), v) for k, v in value.items()]
     elif isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
@@ -95,7 +99,7 @@ def parse_loss_spec(value) -> LossSpec_:
     out = []
     for written, weight in pairs:
         name = _loss_name(written)
-        if name not in LOSS_TYPES:
+        if name not in LOSS_TYPES and name not in LISTWISE_LOSSES:
             raise _unknown(written, value)
         if name in (n for n, _ in out):
             twice = f"{name!r} appears twice" if written == name else f"{written!r} is {name!r}, which appears twice"
@@ -118,6 +122,12 @@ def canonical_loss(value) -> str:
     return format_loss_spec(value)
 
 
+def is_listwise(spec) -> bool:
+    """Whether a spec names a listwise type (LISTWISE_LOSSES: built by ranking.build_listwise, not loss.build_loss);
+    `check_loss` makes such a type the spec's only one."""
+    return any(name in LISTWISE_LOSSES for name, _ in parse_loss_spec(spec))
+
+
 def loss_slug(spec) -> str:
     """Readable, filesystem-safe name of a mixture for a folder: "0.8sigmoid+0.2bco_pair+sft" (only
     [A-Za-z0-9_.+-]); a single loss of weight 1 is its name."""
@@ -131,6 +141,7 @@ def check_loss(s) -> None:
     ld_alpha): refuses what would fail later or silently differ. The group's `check` and `dpo_loss` call it."""
     names = [n for n, _ in parse_loss_spec(s.loss)]
     _check_numbers(s)
+    _check_listwise(s, names)
     if s.label_smoothing > 0 and not set(names) & set(SMOOTHED):
         raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not "
                                 f"{s.loss!r}; set it to 0")
@@ -145,6 +156,29 @@ def check_loss(s) -> None:
     if s.use_weighting and set(names) & {"aot", "aot_unpaired"}:
         raise LossSettingsError("--use-weighting cannot weight aot/aot_unpaired: they sort the batch, so per-pair "
                                 "weights would land on other pairs; drop one of the two")
+
+
+def _check_listwise(s, names: list[str]) -> None:
+    """A listwise type ranks all of a prompt's replies: no pair, so none of the per-pair options applies to it."""
+    listwise = [n for n in names if n in LISTWISE_LOSSES]
+    if not listwise:
+        return
+    name = listwise[0]
+    if len(names) > 1:
+        raise LossSettingsError(f"--loss {s.loss!r}: {name} uses the whole ranking of a prompt's replies, so it "
+                                f"cannot be mixed with pair losses; give it alone")
+    if s.use_weighting:
+        raise LossSettingsError(f"--use-weighting (WPO) weights pairs; {name} has none, so drop one of the two")
+    if s.ld_alpha is not None:
+        raise LossSettingsError(f"--ld-alpha needs a pair's shared length; {name} has no pairs, so leave it unset")
+    if s.sft_weight > 0:
+        raise LossSettingsError(f"--sft-weight reads each pair's chosen reply; {name} has no pairs, so set it to 0")
+    if s.label_smoothing > 0:
+        raise LossSettingsError(f"--label-smoothing applies only to loss types {', '.join(SMOOTHED)}, not {name!r}; "
+                                f"set it to 0")
+    if s.f_divergence != "reverse_kl":
+        raise LossSettingsError(f"--f-divergence {s.f_divergence}: {name} takes only reverse_kl (plain log-ratios); "
+                                f"use reverse_kl with it")
 
 
 def _check_numbers(s) -> None:

@@ -2,6 +2,8 @@
 
   read the cache -> read + validate the data rows (same ids as stage one) -> join by example id (every row must be
   cached, else nothing is written) -> one row per example in TRL's format -> Parquet or JSON lines, atomically.
+Data with several replies per prompt (and its reply cache): one row per pair the rule (--pairs) derives, each value
+its reply's (stages/cache/replycache.py), the same rows and values the pairs would give as pair rows.
 
 Row format (what TRL's DPOTrainer takes): `prompt`, `chosen`, `rejected` as plain strings for text rows, or as lists
 of `{"role", "content"}` messages for conversational rows (the prompt and completions exactly as stage one scored
@@ -36,8 +38,8 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.base.errors import UserError
-from stages.cache import refcache
-from stages.data.rows import Example, load_examples
+from stages.cache import refcache, replycache
+from stages.data.rows import Example
 from stages.settings.commands import TrlExport
 from stages.settings.groups import DataSpec, Lengths, ModelSettings
 
@@ -52,10 +54,11 @@ class ExportReport:
     is_chat: bool
     unused_cache_rows: int          # cached examples not in these data (harmless: other files, other splits)
     notes: list[str] = field(default_factory=list)
+    unused_what: str = "examples are not in these data"  # reply caches: replies in no exported pair
 
     def summary(self) -> str:
         kind = "conversational" if self.is_chat else "text"
-        extra = f"; {self.unused_cache_rows} cached examples are not in these data" if self.unused_cache_rows else ""
+        extra = f"; {self.unused_cache_rows} cached {self.unused_what}" if self.unused_cache_rows else ""
         return f"wrote {self.rows} {kind} rows with ref_chosen_logps/ref_rejected_logps to {self.out}{extra}"
 
 
@@ -78,14 +81,27 @@ def trl_row(ex: Example, ref_chosen: float, ref_rejected: float) -> dict:
             "example_id": ex.example_id}
 
 
-def _missing_error(cache_path, missing: list[Example], total: int, meta: dict) -> UserError:
-    first = missing[0]
+def _too_long_hint(meta: dict) -> str:
     too_long = meta.get("data", {}).get("too_long", 0)
     tok = meta.get("tokenization", {})
-    hint = (f"; the cache skipped {too_long} rows that could not fit --max-length {tok.get('max_length')} / "
+    return (f"; the cache skipped {too_long} rows that could not fit --max-length {tok.get('max_length')} / "
             f"--max-prompt-length {tok.get('max_prompt_length')}: drop them from the data" if too_long else "")
+
+
+def _missing_error(cache_path, missing: list[Example], total: int, meta: dict) -> UserError:
+    first = missing[0]
     return UserError(f"{cache_path}: {len(missing)} of {total} rows are not in the cache (first: {first.source} row "
-                     f"{first.row}, id {first.example_id}); run `dpo precompute-ref` over these files first{hint}")
+                     f"{first.row}, id {first.example_id}); run `dpo precompute-ref` over these files "
+                     f"first{_too_long_hint(meta)}")
+
+
+def _one_kind(examples: Sequence[Example]) -> None:
+    """One TRL dataset holds text rows or conversational rows, not both."""
+    if any(e.is_chat for e in examples) and not all(e.is_chat for e in examples):
+        chat = next(e for e in examples if e.is_chat)
+        text = next(e for e in examples if not e.is_chat)
+        raise UserError(f"the data mix text rows ({text.source} row {text.row}) and conversational rows ({chat.source} "
+                        f"row {chat.row}); one TRL dataset holds one kind: export them to separate files")
 
 
 def join_rows(cache_path: str, df, meta: dict, examples: Sequence[Example]) -> list[dict]:
@@ -95,12 +111,21 @@ def join_rows(cache_path: str, df, meta: dict, examples: Sequence[Example]) -> l
     missing = [e for e in examples if e.example_id not in ref]
     if missing:
         raise _missing_error(cache_path, missing, len(examples), meta)
-    if any(e.is_chat for e in examples) and not all(e.is_chat for e in examples):
-        chat = next(e for e in examples if e.is_chat)
-        text = next(e for e in examples if not e.is_chat)
-        raise UserError(f"the data mix text rows ({text.source} row {text.row}) and conversational rows ({chat.source} "
-                        f"row {chat.row}); one TRL dataset holds one kind: export them to separate files")
+    _one_kind(examples)
     return [trl_row(e, *ref[e.example_id]) for e in examples]
+
+
+def join_reply_rows(cache_path: str, df, meta: dict, examples: Sequence[Example]) -> tuple[list[dict], set[str]]:
+    """The pairs derived from reply sets as TRL rows in data order, each value its reply's in the reply cache, and
+    the reply ids used; UserError if a reply is not cached or the rows mix text and conversations."""
+    values, missing, used = replycache.pair_values(df, examples)
+    if missing:
+        first = next(e for e, v in zip(examples, values) if v is None)
+        raise UserError(f"{cache_path}: {len(missing)} of {len(missing) + len(used)} replies are not in the cache "
+                        f"(first: {first.source} row {first.row}, reply id {missing[0]}); run `dpo precompute-ref` "
+                        f"over these files first{_too_long_hint(meta)}")
+    _one_kind(examples)
+    return [trl_row(e, *v) for e, v in zip(examples, values)], used
 
 
 def convention_notes(meta: dict, df_prompt_tokens: list[int], is_chat: bool) -> list[str]:
@@ -204,15 +229,33 @@ def chat_tail_logps(meta: dict, examples, model: str | None, batch_size: int = 8
     return out, sum(len(a) + len(b) for a, b in tails)
 
 
+def _join(cache_path: str, df, meta: dict, loaded) -> tuple[list[dict], list[int], int, str]:
+    """(TRL rows, the prompt lengths of the cache rows used, how many cache rows went unused, what those are)."""
+    wrong = replycache.layout_problem(refcache.layout_of(meta), loaded.sets is not None)
+    if wrong:
+        raise UserError(f"{cache_path}: {wrong}")
+    if loaded.sets is None:
+        rows = join_rows(cache_path, df, meta, loaded.examples)
+        wanted = {r["example_id"] for r in rows}
+        prompt_tokens = [n for i, n in zip(df["example_id"].to_list(), df["prompt_tokens"].to_list()) if i in wanted]
+        return rows, prompt_tokens, df.height - len(rows), ExportReport.unused_what
+    rows, used = join_reply_rows(cache_path, df, meta, loaded.examples)
+    by_prompt = df.filter(df[replycache.KEY].is_in(list(used))).unique("prompt_id")  # each prompt once
+    return rows, by_prompt["prompt_tokens"].to_list(), df.height - len(used), "replies are in no exported pair"
+
+
 def export_trl(cache_path: str, data: DataSpec, export: TrlExport) -> ExportReport:
-    """`data`'s rows with the cache's values, written to `export.output` in TRL's formats."""
+    """`data`'s rows (pair rows, or the pairs derived from reply sets) with the cache's values, written to
+    `export.output` in TRL's formats."""
     out_path, trl_chat_convention = Path(export.output), export.trl_chat_convention
     _out_format(out_path)  # a bad name fails before anything is read
-    examples, report = load_examples(data.data, data.fields(), data.strict)
+    loaded = data.load()
+    examples, report = loaded.examples, loaded.report
     if not examples:
-        raise UserError(f"{', '.join(map(str, data.data))}: no usable rows ({report.summary()})")
+        found = report.summary() + (f"; pairs: {loaded.pair_report.summary()}" if loaded.pair_report else "")
+        raise UserError(f"{', '.join(map(str, data.data))}: no usable rows ({found})")
     df, meta = refcache.read_cache(cache_path)
-    rows = join_rows(cache_path, df, meta, examples)
+    rows, prompt_tokens, unused, unused_what = _join(cache_path, df, meta, loaded)
     is_chat = examples[0].is_chat
     added = None
     if trl_chat_convention and is_chat:  # + the template's text after the end-of-turn token, as TRL scores it
@@ -221,15 +264,13 @@ def export_trl(cache_path: str, data: DataSpec, export: TrlExport) -> ExportRepo
             r["ref_chosen_logps"] += tails[r["example_id"]][0]
             r["ref_rejected_logps"] += tails[r["example_id"]][1]
     write_rows(rows, out_path)
-    wanted = {r["example_id"] for r in rows}
-    prompt_tokens = [n for i, n in zip(df["example_id"].to_list(), df["prompt_tokens"].to_list()) if i in wanted]
-    notes = [f"data: {report.summary()}"] + convention_notes(meta, prompt_tokens, is_chat and added is None)
+    notes = loaded.lines() + convention_notes(meta, prompt_tokens, is_chat and added is None)  # data (and pairs)
     if added is not None:
         notes.append(f"note: --trl-chat-convention: added the reference log-prob of {added} tokens the chat template "
                      "writes after the end-of-turn token (TRL 1.16's convention); values now equal TRL's precompute")
     elif trl_chat_convention:
         notes.append("note: --trl-chat-convention changes nothing on text rows (TRL scores the same tokens as we do)")
-    return ExportReport(out_path, len(rows), is_chat, df.height - len(rows), notes)
+    return ExportReport(out_path, len(rows), is_chat, unused, notes, unused_what)
 
 
 @functools.cache

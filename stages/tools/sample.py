@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from stages.data.encode import Encoded, cut_chat_prompt, tokenize_example
-from stages.data.rows import load_examples
 from stages.model.logprobs import collate_pairs, sequence_logps
 from stages.model.models import load_model, load_tokenizer
 from stages.settings.commands import SampleConfig
@@ -61,10 +60,11 @@ def resolve_beta(cfg: SampleConfig) -> float:
 def pick_prompts(cfg: SampleConfig, tokenizer) -> list[tuple[object, list[int]]]:
     """The first N examples with distinct prompts, in data order, as (example, prompt ids cut as training cuts them:
     text keeps its end, a conversation its system message and newest turns); prompts that cannot keep their last
-    user turn are passed over. Prints what was cut."""
+    user turn are passed over. Prints what was cut. Data with several replies per prompt: the pairs the rule
+    derives, so each prompt comes once (as its first pair), however many pairs it is in."""
     from stages.base.progress import say
 
-    examples, _ = load_examples(cfg.data.data, cfg.data.fields(), split=cfg.data.data_split)
+    examples = cfg.data.load().examples  # pair rows, or the pairs derived from reply sets
     picked, seen, limit, cut, skipped = [], set(), cfg.sampling.max_prompt_length, 0, 0
     for ex in examples:
         key = json.dumps(ex.prompt, sort_keys=True)

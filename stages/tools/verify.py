@@ -1,13 +1,16 @@
-"""`dpo cache verify`: does a cache cover these data, made with this tokenizer and these weights?"""
+"""`dpo cache verify`: does a cache cover these data, made with this tokenizer and these weights?
+
+Pair rows need a pair cache holding every example; data with several replies per prompt a reply cache holding every
+reply of every set (stages/cache/replycache.py). A cache of the other layout is one problem line."""
 
 from __future__ import annotations
 
 import sys
 
-from stages.cache import refcache
+from stages.cache import refcache, replycache
 from stages.cache.fingerprint import folder_fingerprint
 from stages.data.encode import encode_with_report, tokenizer_fingerprint
-from stages.data.rows import load_examples
+from stages.data.encodeset import encode_sets
 from stages.model.models import check_model_dir, load_tokenizer
 from stages.settings.groups import DataSpec, Lengths
 
@@ -16,8 +19,14 @@ def verify_cache(path: str, data: DataSpec, model: str | None, lengths: Lengths)
     """What is wrong with the cache at `path` for `data` (and `model`, tokenized with `lengths`: unset ones are
     the cache's); empty when it covers them."""
     df, meta = refcache.read_cache(path)
-    examples, _ = load_examples(data.data, data.fields())
-    problems = refcache.coverage_problems(df, [e.example_id for e in examples])
+    loaded = data.load()  # pair rows, or reply sets (and the pairs their rule derives)
+    wrong = replycache.layout_problem(refcache.layout_of(meta), loaded.sets is not None)
+    if wrong:
+        return [wrong]
+    if loaded.sets is None:
+        problems = refcache.coverage_problems(df, [e.example_id for e in loaded.examples])
+    else:
+        problems = replycache.coverage_problems(df, loaded.sets)
     if model is None:
         return problems
     check_model_dir(model)
@@ -28,7 +37,12 @@ def verify_cache(path: str, data: DataSpec, model: str | None, lengths: Lengths)
     if weights != meta["manifest"]["model"]:
         problems.append(f"model weights: cache made from {meta['model']['path']} ({meta['manifest']['model']}), "
                         f"{model} has fingerprint {weights}")
-    encoded, cuts = encode_with_report(tokenizer, examples, settings)
+    if loaded.sets is None:
+        encoded, cuts = encode_with_report(tokenizer, loaded.examples, settings)
+        counts = refcache.token_count_problems(df, encoded)
+    else:
+        encoded_sets, cuts = encode_sets(tokenizer, loaded.sets, settings)
+        counts = replycache.token_count_problems(df, encoded_sets)
     if cuts.anything:  # not a problem (the cache cut them the same way): said on stderr, the verdict is stdout's
         print(f"tokenize: {cuts.summary()}", file=sys.stderr)
-    return problems + refcache.token_count_problems(df, encoded)
+    return problems + counts
