@@ -28,7 +28,7 @@ from stages.stage2 import train
 from stages.stage2.forward import policy_forward
 from stages.stage2.prepare import Item, prepare
 from stages.stage2.train import TrainConfig, Trainer
-from tests.bounds import EPS32, ULPS, logit_scale, sum_tol
+from tests.bounds import EPS32, ULPS, logit_scale, logit_scale_of_files, sum_tol
 from tests.hhrows import hh_rows, write_jsonl
 
 MAXLEN, MAXPROMPT = 96, 48
@@ -75,6 +75,8 @@ def made(hh_path, tiny_llama, tmp_path_factory) -> dict:
     files["reply_df"] = run_stage_one(tiny_llama, files["sets"], files["reply_cache"], store_token_logps=True)
     files["pair_df"] = run_stage_one(tiny_llama, files["pairs"], files["pair_cache"], store_token_logps=True)
     files["rows"], files["root"], files["model"] = sets, root, tiny_llama
+    # the logit scale over every (prompt, reply) sequence (the expanded pairs hold them all)
+    files["scale"] = logit_scale_of_files(tiny_llama, [files["pairs"]], MAXLEN, MAXPROMPT)
     return files
 
 
@@ -86,7 +88,7 @@ def test_stage_one_scores_each_reply_once_and_equals_the_expanded_pairs(made):
     n_replies = sum(len(set(map(json.dumps, s["completions"]))) for s in made["rows"])
     assert replies.height == n_replies and replies["reply_id"].n_unique() == n_replies
     by_reply = {r["reply_id"]: r for r in replies.iter_rows(named=True)}
-    scale = logit_scale(_model(made["model"]), [[1, 2, 3]])  # the tiny model's logit scale (random weights)
+    scale = made["scale"]
     pairs = made["pair_df"]
     assert pairs.height == len(expanded(made["rows"]))
     for row in expanded(made["rows"]):
@@ -96,14 +98,22 @@ def test_stage_one_scores_each_reply_once_and_equals_the_expanded_pairs(made):
         r = by_reply[reply_id(row["prompt"], row["rejected"])]
         assert (pair["chosen_tokens"][0], pair["rejected_tokens"][0]) == (c["reply_tokens"], r["reply_tokens"])
         assert pair["prompt_tokens"][0] == c["prompt_tokens"]
-        assert abs(pair["ref_chosen_logps"][0] - c["ref_logps"]) <= sum_tol(c["reply_tokens"], scale) * 4
-        assert abs(pair["ref_rejected_logps"][0] - r["ref_logps"]) <= sum_tol(r["reply_tokens"], scale) * 4
+        assert abs(pair["ref_chosen_logps"][0] - c["ref_logps"]) <= sum_tol(c["reply_tokens"], scale)
+        assert abs(pair["ref_rejected_logps"][0] - r["ref_logps"]) <= sum_tol(r["reply_tokens"], scale)
 
 
-def _model(path: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa").eval()
+@pytest.mark.parametrize("kw", [dict(max_tokens_per_batch=40), dict(max_row_tokens=60), dict(share_prompt=False)],
+                         ids=["batch-budget", "row-budget", "plain-layout"])
+def test_split_rows_and_the_plain_layout_give_the_same_values(made, tmp_path, kw):
+    """A prompt whose replies exceed the budget is scored in several rows, each with its own copy of the prompt;
+    the plain layout scores every (prompt, reply) as its own sequence: the same values, within the bound."""
+    other = run_stage_one(made["model"], made["sets"], tmp_path / "ref.parquet", **kw).sort("reply_id")
+    single = made["reply_df"].sort("reply_id")
+    assert other["reply_id"].to_list() == single["reply_id"].to_list()
+    assert other["reply_tokens"].to_list() == single["reply_tokens"].to_list()
+    scale = made["scale"]
+    diff = (other["ref_logps"] - single["ref_logps"]).abs()
+    assert (diff <= sum_tol(single["reply_tokens"], scale)).all()
 
 
 def test_a_new_reply_for_an_old_prompt_costs_that_reply_only(made, tmp_path):

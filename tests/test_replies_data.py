@@ -183,10 +183,17 @@ def test_ties_never_pair_and_a_gap_equal_up_to_rounding_counts():
     assert set_pairs((1,), PairRule()) == ([], 0, 0)
 
 
-@pytest.mark.parametrize("pairs, gap", [("some", 0), ("all", -1), ("all", float("nan")), ("all", "1")])
-def test_a_bad_rule_is_one_line(pairs, gap):
-    with pytest.raises(UserError, match="--pairs|--min-score-gap"):
-        PairRule(pairs, gap)
+@pytest.mark.parametrize("flags", [["--pairs", "some"], ["--min-score-gap", "-1"], ["--min-score-gap", "nan"],
+                                   ["--min-score-gap", "inf"]])
+def test_a_bad_rule_is_one_line(flags, tmp_path):
+    """The settings check the rule (stages/settings/groups.DataSpec) before anything is read."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    res = CliRunner().invoke(main, ["cache", "verify", str(tmp_path / "c.parquet"), "--data", "x.jsonl", *flags])
+    assert res.exit_code == 2 and ("--pairs" in res.output or "--min-score-gap" in res.output), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "c.parquet").exists()
 
 
 def test_the_pair_report_reads_as_one_line():

@@ -93,6 +93,13 @@ def chat_tails(tokenizer, ex: Example, enc: Encoded, max_length: int | None) -> 
 
 def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list[int]]:
     """Untruncated (prompt, chosen, rejected) ids."""
+    prompt, (chosen, rejected) = tokenize_replies(tokenizer, ex, (ex.chosen, ex.rejected))
+    return prompt, chosen, rejected
+
+
+def tokenize_replies(tokenizer, ex, replies) -> tuple[list[int], list[list[int]]]:
+    """Untruncated (prompt, [reply ids]) of `ex`'s prompt (an Example or a ReplySet: .prompt, .is_chat, .source,
+    .row) and each of `replies`: chat rows through the template, text as TRL (prompt with BOS, reply + EOS)."""
     if ex.is_chat:
         if tokenizer.chat_template is None:
             raise UserError(
@@ -100,13 +107,11 @@ def tokenize_example(tokenizer, ex: Example) -> tuple[list[int], list[int], list
                 "use an instruct model's tokenizer or convert the rows to prompt/chosen/rejected text"
             )
         prompt = _chat_ids(tokenizer, ex.prompt, generation_prompt=True)
-        return (prompt, _chat_completion(tokenizer, prompt, ex, ex.chosen),
-                _chat_completion(tokenizer, prompt, ex, ex.rejected))
+        return prompt, [_chat_completion(tokenizer, prompt, ex, r) for r in replies]
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token; set one in tokenizer_config.json")
-    return _bos(tokenizer) + _ids(tokenizer, ex.prompt), _with_eos(_ids(tokenizer, ex.chosen), eos), \
-        _with_eos(_ids(tokenizer, ex.rejected), eos)
+    return _bos(tokenizer) + _ids(tokenizer, ex.prompt), [_with_eos(_ids(tokenizer, r), eos) for r in replies]
 
 
 def _bos(tokenizer) -> list[int]:
@@ -240,27 +245,40 @@ def _skip(ex: Example, strict: bool, problem: str, fix: str) -> None:
         raise UserError(f"{ex.source}: row {ex.row}: {problem}; {fix}")
 
 
+def fit_prompt(tokenizer, ex, prompt: list[int], replies, settings: TokenizeSettings, report: TruncationReport,
+               strict: bool) -> tuple[list[int], list[list[int]] | None] | None:
+    """The prompt ids within max_prompt_length by the module's rule, and the replies' ids re-split against a chat
+    prompt that dropped turns (None when they stay as tokenized); None (counted; an error with `strict`) when a
+    conversation cannot keep any of its last user turn. `ex`: an Example or a ReplySet, `replies` its texts."""
+    limit = settings.max_prompt_length
+    if limit is None or len(prompt) <= limit:
+        return prompt, None
+    if not ex.is_chat:
+        return (prompt[-limit:] if limit > 0 else []), None
+    cut = cut_chat_prompt(tokenizer, ex, limit)
+    if cut is None:
+        report.skipped += 1
+        _skip(ex, strict, f"no room for the last user turn within --max-prompt-length {limit}",
+              "raise it or shorten the system message")
+        return None
+    if cut.messages == list(ex.prompt):
+        return cut.ids, None
+    return cut.ids, [_chat_completion(tokenizer, cut.rendered, ex, r, cut.messages) for r in replies]
+
+
 def encode_example(tokenizer, ex: Example, settings: TokenizeSettings, report: TruncationReport,
                    strict: bool = False) -> Encoded | None:
     """One row tokenized and cut (module docstring), counted in `report`; None when it cannot fit (an error when
     `strict`). A row whose prompt fits gets exactly the ids of the rule before chat prompts dropped turns."""
-    prompt, chosen, rejected = tokenize_example(tokenizer, ex)
+    full, (chosen, rejected) = tokenize_replies(tokenizer, ex, (ex.chosen, ex.rejected))
     report.rows += 1
-    full_prompt, limit = len(prompt), settings.max_prompt_length
-    if limit is not None and full_prompt > limit:
-        if not ex.is_chat:
-            prompt = prompt[-limit:] if limit > 0 else []
-        else:
-            cut = cut_chat_prompt(tokenizer, ex, limit)
-            if cut is None:
-                report.skipped += 1
-                _skip(ex, strict, f"no room for the last user turn within --max-prompt-length {limit}",
-                      "raise it or shorten the system message")
-                return None
-            if cut.messages != list(ex.prompt):  # other turns: split the replies off that rendering
-                chosen, rejected = (_chat_completion(tokenizer, cut.rendered, ex, c, cut.messages)
-                                    for c in (ex.chosen, ex.rejected))
-            prompt = cut.ids
+    full_prompt = len(full)
+    fitted = fit_prompt(tokenizer, ex, full, (ex.chosen, ex.rejected), settings, report, strict)
+    if fitted is None:
+        return None
+    prompt, resplit = fitted
+    if resplit is not None:  # a conversation that dropped turns: the replies split off that rendering
+        chosen, rejected = resplit
     result = truncate(prompt, chosen, rejected, TokenizeSettings(settings.max_length, None))
     if result is None:
         report.skipped += 1

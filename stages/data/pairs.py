@@ -20,24 +20,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stages.base.errors import UserError
-
 PAIR_RULES = ("all", "best-worst", "best-rest")
 
 
 @dataclass(frozen=True)
 class PairRule:
-    """``pairs``: one of PAIR_RULES; ``min_score_gap``: the least score(chosen) - score(rejected) a pair needs."""
+    """``pairs``: one of PAIR_RULES; ``min_score_gap``: the least score(chosen) - score(rejected) a pair needs (>= 0).
+    The settings (stages/settings/groups.DataSpec) check both before anything is read."""
 
     pairs: str = "all"
     min_score_gap: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.pairs not in PAIR_RULES:
-            raise UserError(f"--pairs {self.pairs!r} is not a pair rule; use one of {', '.join(PAIR_RULES)}")
-        gap = self.min_score_gap
-        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
-            raise UserError(f"--min-score-gap {gap!r} is not a score difference; give a number >= 0")
 
     def describe(self) -> str:
         """How reports name the rule: "--pairs all" (and the gap when there is one)."""

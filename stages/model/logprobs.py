@@ -48,16 +48,22 @@ class LogpOutput:
 
 def collate_pairs(encoded: list[Encoded], pad_id: int) -> PairBatch:
     seqs = [(e.prompt_ids, e.chosen_ids) for e in encoded] + [(e.prompt_ids, e.rejected_ids) for e in encoded]
+    return PairBatch(*pad_sequences(seqs, pad_id), list(encoded))
+
+
+def pad_sequences(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, completion ids) sequences, right-padded: ids, attention mask [N, T] long and the score mask
+    [N, T] bool (True on completion tokens)."""
     width = max(len(p) + len(c) for p, c in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     score = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, (p, c) in enumerate(seqs):
         n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        ids[i, :n] = torch.tensor(tuple(p) + tuple(c), dtype=torch.long)
         attn[i, :n] = 1
         score[i, len(p):n] = True
-    return PairBatch(ids, attn, score, list(encoded))
+    return ids, attn, score
 
 
 # ----------------------------------------------------------------------------------------------- the head tap

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from stages.data.replyset import Row
-from stages.model.logprobs import _per_sequence, supports_prompt_sharing, tapped_forward
+from stages.model.logprobs import _per_sequence, pad_sequences, supports_prompt_sharing, tapped_forward
 
 PAD_SEGMENT = -1  # segment of pad positions; 0 is the prompt, 1..k the row's replies
 
@@ -81,17 +81,7 @@ def _pack_shared(rows: list[Row], pad_id: int):
 def _collate_plain(rows: list[Row], pad_id: int):
     """One right-padded row per (prompt, reply), replies numbered as rows: ids, attention mask [R, T] long and the
     score mask [R, T] bool (True on reply tokens), as logprobs.collate_pairs lays out a pair's sequences."""
-    seqs = [(row.prompt_ids, reply) for row in rows for reply in row.replies]
-    width = max(len(p) + len(r) for p, r in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    score = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(seqs):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(tuple(p) + tuple(r), dtype=torch.long)
-        attn[i, :n] = 1
-        score[i, len(p):n] = True
-    return ids, attn, score
+    return pad_sequences([(row.prompt_ids, reply) for row in rows for reply in row.replies], pad_id)
 
 
 # ------------------------------------------------------------------------------------------------ public API

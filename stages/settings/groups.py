@@ -10,6 +10,7 @@ from typing import Literal
 
 from stages.base.constants import CHUNK_HELP, DEFAULT_SPLIT, launched_world_size
 from stages.base.errors import UserError
+from stages.data.pairs import PAIR_RULES
 from stages.objective.lossspec import (
     LOSS_TYPES,
     LossSpec,
@@ -23,7 +24,7 @@ from stages.settings.options import Group, opt
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
-PairRuleName = Literal["all", "best-worst", "best-rest"]
+PairRuleName = Literal[PAIR_RULES]  # the rule names, declared once with the rule (stages/data/pairs.py)
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 FSDP2_OPTIMIZERS = ("adamw",)  # tested under FSDP2 (more than one process); torch AdamW: LoRA-sized state, small
 DATA_HELP = ("Preference data (repeatable): .jsonl, .jsonl.gz, .json, .parquet, a save_to_disk folder, or a Hub "
