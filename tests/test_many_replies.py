@@ -247,3 +247,22 @@ def test_a_short_run_logs_pairs_and_prompts_per_step(made, tmp_path, loss):
     for r in steps:
         assert r["prompts_per_step"] == 2 and r["pairs_per_step"] >= 2
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen"} <= set(r)
+
+
+def test_a_step_is_the_mean_over_all_its_pairs_across_micro_batches(made, tmp_path):
+    """Gradient accumulation over micro-batches holding different numbers of pairs: the step's gradient is that of
+    the mean over all the step's pairs (train.step_objective), as on the expanded pair rows in one batch."""
+    from stages.stage2.train import step_objective
+
+    cfg = _cfg(made, "sets", "reply_cache", tmp_path / "a")
+    sets = prepare(*_groups(cfg)).train[:3]
+    model = _policy64(made)
+    loss = Trainer.build(model, cfg, 1).loss
+    whole = _grads(model, policy_forward(model, sets, 2, cfg, loss))
+    model.zero_grad(set_to_none=True)
+    step_pairs = sum(len(s.pairs) for s in sets)
+    assert len(sets[0].pairs) != len(sets[1].pairs) + len(sets[2].pairs)
+    for micro in (sets[:1], sets[1:]):
+        step_objective(policy_forward(model, micro, 2, cfg, loss), 2, step_pairs, 1, False).backward()
+    split = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    assert float((split - whole).norm()) <= GRAD_RTOL * float(whole.norm())

@@ -227,13 +227,14 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
     t.model.train()
     window = Window(at.window)  # continues across a resume
     # batch
-    for step, micro_batches in step_batches(prep.train, cfg, env, at):
+    listwise = isinstance(t.loss, ListwiseLoss)
+    for step, micro_batches, step_pairs in step_batches(prep.train, cfg, env, at):
         done = step + 1
         for items in micro_batches:
             # forward, loss
             result = policy_forward(t.model, items, pad_id, cfg, t.loss)
             # backward
-            (result.objective / accum).backward()
+            step_objective(result, accum, step_pairs, env.world_size, listwise).backward()
             window.add(result, items)
         window.steps += 1
         if step == 0 and at.drift_at_step_one:  # the step-0 row: the window (fresh at step 0) holds step 1's forwards
@@ -272,15 +273,29 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
     progress.close()
 
 
-def step_batches(train: list[Item | SetItem], cfg, env: DistEnv, at: Position) -> Iterator[tuple[int, list[list]]]:
-    """(step, this rank's micro-batches) for each step still to do. The batch order is built once per epoch (after
-    a resume: the epoch resumed); micro-batch m of the epoch's step k on rank r is batch (k·accum + m)·world + r."""
+def step_batches(train: list[Item | SetItem], cfg, env: DistEnv, at: Position) -> Iterator[tuple[int, list[list], int]]:
+    """(step, this rank's micro-batches, the pairs of the whole step on all ranks) for each step still to do. The
+    batch order is built once per epoch (after a resume: the epoch resumed); micro-batch m of the epoch's step k on
+    rank r is batch (k·accum + m)·world + r, so every rank knows every rank's batches (and the step's pairs)."""
     accum, order_epoch, batches = cfg.schedule.gradient_accumulation_steps, None, []
     for step in range(at.start_step, at.total_steps):
         epoch, in_epoch = divmod(step, at.steps_per_epoch)
         if epoch != order_epoch:
             order_epoch, batches = epoch, batches_for_epoch(train, cfg.schedule.batch_size, cfg.run.seed, epoch)
-        yield step, [batches[(in_epoch * accum + micro) * env.world_size + env.rank] for micro in range(accum)]
+        first = in_epoch * accum * env.world_size
+        pairs = sum(len(getattr(item, "pairs", (None,))) for b in batches[first:first + accum * env.world_size]
+                    for item in b)
+        yield step, [batches[(in_epoch * accum + micro) * env.world_size + env.rank] for micro in range(accum)], pairs
+
+
+def step_objective(result: PolicyPass, accum: int, step_pairs: int, world_size: int, listwise: bool) -> torch.Tensor:
+    """What backward takes for one micro-batch, so that a step is the mean over ALL its pairs (FSDP2 averages the
+    gradients over ranks): pair rows and listwise losses hold as many pairs (prompts) in every micro-batch, so their
+    micro-batch mean / accum; reply sets hold a varying number of pairs, so their pairs' sum x world / the step's
+    pairs (the same value when every micro-batch holds as many pairs)."""
+    if not result.prompts or listwise:
+        return result.objective / accum
+    return result.losses.sum() * (world_size / step_pairs)
 
 
 def log_eval(t: Trainer, prep: Prepared, step: int, cfg, env, writer: MetricsWriter, label: str = "eval") -> None:
