@@ -266,3 +266,15 @@ def test_a_step_is_the_mean_over_all_its_pairs_across_micro_batches(made, tmp_pa
         step_objective(policy_forward(model, micro, 2, cfg, loss), 2, step_pairs, 1, False).backward()
     split = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
     assert float((split - whole).norm()) <= GRAD_RTOL * float(whole.norm())
+
+
+def test_a_sweep_over_reply_sets_reads_the_cache_once_and_trains_each_beta(made, tmp_path):
+    res = CliRunner().invoke(cli_main, ["sweep", "--model", str(made["model"]), "--data", str(made["sets"]),
+                                        "--ref-cache", str(made["reply_cache"]), "--output", str(tmp_path / "sweep"),
+                                        "--beta", "0.1", "--beta", "0.5", "--max-steps", "1", "--batch-size", "2",
+                                        "--no-load-in-4bit", "--no-gradient-checkpointing", "--pairs", "best-worst"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("train pairs: 6 prompts, 21 replies -> 6 pairs (--pairs best-worst)") == 1, res.output
+    for beta in ("0.1", "0.5"):
+        assert (tmp_path / "sweep" / f"beta-{beta}-sigmoid" / "adapter" / "adapter_config.json").is_file()

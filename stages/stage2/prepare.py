@@ -155,11 +155,9 @@ def prepare(data: DataSpec, model: ModelSettings, cache: CacheInput, lengths: Le
 
 def _same_layout(loaded, meta: dict, path: str, what: str) -> None:
     """Pair rows need a pair cache, reply sets a reply cache (one line otherwise)."""
-    layout = refcache.layout_of(meta)
-    if (loaded.sets is None) != (layout == refcache.PAIRS):
-        shape = "pair rows" if loaded.sets is None else "several replies per prompt"
-        raise UserError(f"{path}: a cache of {layout}, but the {what} data has {shape}; rerun `dpo precompute-ref` "
-                        "over this data")
+    problem = replycache.layout_problem(refcache.layout_of(meta), loaded.sets is not None)
+    if problem:
+        raise UserError(f"{path}: {what} data: {problem}")
 
 
 def _join_sets(tokenizer, loaded, settings: TokenizeSettings, strict: bool, df: pl.DataFrame, path: str, what: str,

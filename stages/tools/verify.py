@@ -20,6 +20,8 @@ def verify_cache(path: str, data: DataSpec, model: str | None, lengths: Lengths)
     the cache's); empty when it covers them."""
     df, meta = refcache.read_cache(path)
     loaded = data.load()  # pair rows, or reply sets (and the pairs their rule derives)
+    if loaded.sets is not None:  # what the rule derived: said on stderr, the verdict is stdout's
+        print("\n".join(loaded.lines()), file=sys.stderr)
     wrong = replycache.layout_problem(refcache.layout_of(meta), loaded.sets is not None)
     if wrong:
         return [wrong]
