@@ -278,3 +278,35 @@ def test_a_sweep_over_reply_sets_reads_the_cache_once_and_trains_each_beta(made,
     assert res.output.count("train pairs: 6 prompts, 21 replies -> 6 pairs (--pairs best-worst)") == 1, res.output
     for beta in ("0.1", "0.5"):
         assert (tmp_path / "sweep" / f"beta-{beta}-sigmoid" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_on_the_smollm2_slice_replies_equal_the_expanded_pairs(hh_path, smollm2_slice, tmp_path):
+    """The values on a real model (SmolLM2's first 2 layers, real embeddings and tokenizer): each expanded pair's
+    cached sums equal its two replies' (tests/bounds.py), and one stage-two micro-batch gives the same per-pair
+    losses as the expanded pair rows."""
+    from stages.data.replyset import reply_id
+
+    sets = reply_sets(hh_path, tmp_path, n=4)
+    files = {"sets": write_jsonl(tmp_path / "sets.jsonl", sets), "pairs": write_jsonl(tmp_path / "pairs.jsonl",
+                                                                                     expanded(sets)),
+             "reply_cache": tmp_path / "r.parquet", "pair_cache": tmp_path / "p.parquet", "model": smollm2_slice}
+    replies = run_stage_one(smollm2_slice, files["sets"], files["reply_cache"])
+    pairs = run_stage_one(smollm2_slice, files["pairs"], files["pair_cache"])
+    scale = logit_scale_of_files(smollm2_slice, [files["pairs"]], MAXLEN, MAXPROMPT)
+    by_reply = {r["reply_id"]: r for r in replies.iter_rows(named=True)}
+    for row in expanded(sets):
+        pair = pairs.filter(pl.col("example_id") == content_id(row["prompt"], row["chosen"], row["rejected"])).row(
+            0, named=True)
+        for side in ("chosen", "rejected"):
+            reply = by_reply[reply_id(row["prompt"], row[side])]
+            assert pair[f"{side}_tokens"] == reply["reply_tokens"]
+            assert abs(pair[f"ref_{side}_logps"] - reply["ref_logps"]) <= sum_tol(reply["reply_tokens"], scale)
+    cfg = _cfg(files, "sets", "reply_cache", tmp_path / "run")
+    items = prepare(*_groups(cfg)).train[:2]
+    pair_items = [Item(_pair_encoded(s, c, r), *s.pair_ref[k]) for s in items for k, (c, r) in enumerate(s.pairs)]
+    model = _policy64(files)
+    loss = Trainer.build(model, cfg, 1).loss
+    one, two = (policy_forward(model, x, 2, cfg, loss) for x in (items, pair_items))
+    tol = SLOPE * sum_tol(2 * MAXLEN, scale)
+    assert float((one.losses - two.losses).detach().abs().max()) <= tol
