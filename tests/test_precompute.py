@@ -32,7 +32,7 @@ from stages.data.encode import TokenizeSettings, encode_examples
 from stages.data.rows import ids_digest, load_examples
 from stages.model import logprobs
 from stages.model.logprobs import collate_pairs, sequence_logps
-from stages.stage1 import precompute
+from stages.stage1 import precompute, units
 from stages.stage1.precompute import PrecomputeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,7 +421,7 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
     monkeypatch.undo()
     assert parts.is_dir() and len(list(parts.glob("part-*.parquet"))) == 5 and not out.exists()
     calls = []
-    monkeypatch.setattr(precompute, "pair_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(units, "pair_logps", lambda *a, **k: calls.append(1))
     again = run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)
     assert calls == [] and again.equals(full)
 

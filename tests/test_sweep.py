@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from stages.base.errors import UserError
 from stages.cache import refcache
 from stages.cli import main as cli_main
+from stages.data import replies
 from stages.model.models import LOAD_COUNT
 from stages.settings import yamlconfig as config
 from stages.stage1 import precompute
@@ -81,10 +82,10 @@ def no_stage_one(*args, **kwargs):
 def swept(cache: dict, tmp_path_factory) -> dict:
     """One 3-β sweep in this process, with counters on the cache read, data reads and model loads."""
     mp = pytest.MonkeyPatch()
-    counters = {"read_cache": Counter(refcache.read_cache), "load_examples": Counter(prepare.load_examples),
+    counters = {"read_cache": Counter(refcache.read_cache), "load_examples": Counter(replies.load_data),
                 "prepare": Counter(prepare.prepare)}
     mp.setattr(refcache, "read_cache", counters["read_cache"])
-    mp.setattr(prepare, "load_examples", counters["load_examples"])
+    mp.setattr(replies, "load_data", counters["load_examples"])  # every command's data read (DataSpec.load)
     mp.setattr(prepare, "prepare", counters["prepare"])
     for name in ("run", "score_batches", "open_cache_everywhere", "reference_pass"):
         mp.setattr(precompute, name, no_stage_one)
