@@ -252,20 +252,43 @@ def test_a_short_run_logs_pairs_and_prompts_per_step(made, tmp_path, loss):
 def test_a_step_is_the_mean_over_all_its_pairs_across_micro_batches(made, tmp_path):
     """Gradient accumulation over micro-batches holding different numbers of pairs: the step's gradient is that of
     the mean over all the step's pairs (train.step_objective), as on the expanded pair rows in one batch."""
-    from stages.stage2.train import step_objective
+    from stages.stage2.train import StepCount, step_objective
+
+    for data, cache, loss_name in (("sets", "reply_cache", "sigmoid"), ("sets", "reply_cache", "plackett_luce"),
+                                   ("pairs", "pair_cache", "sigmoid")):
+        cfg = _cfg(made, data, cache, tmp_path / "a", loss=loss_name)
+        items = prepare(*_groups(cfg)).train[:3]
+        model = _policy64(made)
+        loss = Trainer.build(model, cfg, 1).loss
+        whole = _grads(model, policy_forward(model, items, 2, cfg, loss))
+        model.zero_grad(set_to_none=True)
+        count = StepCount(sum(len(getattr(i, "pairs", (None,))) for i in items), len(items))
+        for micro in (items[:1], items[1:]):  # uneven: 1 example (prompt) and 2, holding different numbers of pairs
+            result = policy_forward(model, micro, 2, cfg, loss)
+            step_objective(result, 2, count, 1, loss_name != "sigmoid", even=False).backward()
+        split = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+        assert float((split - whole).norm()) <= GRAD_RTOL * float(whole.norm()), (data, loss_name)
+
+
+def test_micro_batches_filled_by_tokens(made, tmp_path):
+    """--max-tokens-per-batch: whole prompts, longest first, at most --batch-size and the budget each (one prompt
+    over it alone), the same micro-batches every epoch in another order; a run trains on them."""
+    from stages.stage2.trainutil import batch_cost, batches_for_epoch, token_batches
 
     cfg = _cfg(made, "sets", "reply_cache", tmp_path / "a")
-    sets = prepare(*_groups(cfg)).train[:3]
-    model = _policy64(made)
-    loss = Trainer.build(model, cfg, 1).loss
-    whole = _grads(model, policy_forward(model, sets, 2, cfg, loss))
-    model.zero_grad(set_to_none=True)
-    step_pairs = sum(len(s.pairs) for s in sets)
-    assert len(sets[0].pairs) != len(sets[1].pairs) + len(sets[2].pairs)
-    for micro in (sets[:1], sets[1:]):
-        step_objective(policy_forward(model, micro, 2, cfg, loss), 2, step_pairs, 1, False).backward()
-    split = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-    assert float((split - whole).norm()) <= GRAD_RTOL * float(whole.norm())
+    sets = prepare(*_groups(cfg)).train
+    budget = 2 * max(s.tokens for s in sets) - 1  # the longest prompt cannot share its micro-batch
+    batches = token_batches(sets, 3, budget)
+    assert sorted(id(s) for b in batches for s in b) == sorted(map(id, sets))
+    assert all(len(b) <= 3 and (batch_cost(b) <= budget or len(b) == 1) for b in batches)
+    assert len(batches[0]) == 1 and len(batches) < len(sets)
+    epochs = [batches_for_epoch(sets, 3, 7, e, budget=budget) for e in range(3)]
+    contents = [sorted(tuple(sorted(id(s) for s in b)) for b in e) for e in epochs]
+    assert contents[0] == contents[1] == contents[2] and any(e != epochs[0] for e in epochs[1:])
+    out = tmp_path / "run"
+    summary = train.run(_cfg(made, "sets", "reply_cache", out, batch_size=3, max_tokens_per_batch=budget,
+                             max_steps=-1, epochs=1.0))
+    assert summary["steps"] == len(batches)
 
 
 def test_a_sweep_over_reply_sets_reads_the_cache_once_and_trains_each_beta(made, tmp_path):

@@ -275,9 +275,12 @@ def _cuda_available() -> bool:
 class Schedule(Group):
     """How long, in what batches, and when to log, evaluate and save."""
 
-    batch_size: int = opt(4, "Pairs per micro-batch per process.")
-    eval_batch_size: int = opt(8, "Pairs per eval forward per process.")
+    batch_size: int = opt(4, "Pairs (prompts, with several replies per prompt) per micro-batch per process.")
+    eval_batch_size: int = opt(8, "Pairs (prompts) per eval forward per process.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    max_tokens_per_batch: int | None = opt(None, "Fill micro-batches by tokens: whole pairs (prompts) up to this many "
+                                                 "padded tokens and --batch-size; built once by length, shuffled each "
+                                                 "epoch.")
     max_steps: int = opt(-1, "Optimizer steps (overrides --epochs when > 0).")
     epochs: float = opt(1.0, "Passes over the training data (when --max-steps is not set).")
     logging_steps: int = opt(1, "Log every N steps.", resume=True)
@@ -290,7 +293,7 @@ class Schedule(Group):
             raise UserError("set --max-steps N or --epochs E (> 0)")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise UserError("--batch-size and --gradient-accumulation-steps must be >= 1")
-        for name in ("eval_batch_size", "logging_steps"):
+        for name in ("eval_batch_size", "logging_steps", "max_tokens_per_batch"):
             at_least(name, getattr(self, name), 1)
         for name in ("eval_steps", "save_steps", "save_total_limit"):
             at_least(name, getattr(self, name), 0)

@@ -41,6 +41,7 @@ from stages.stage2.trainutil import (
     build_optimizer,
     build_scheduler,
     seed_everything,
+    token_batches,
 )
 
 DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
@@ -71,7 +72,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     for note in prep.notes:
         say(env, note)
     seed_everything(cfg.run.seed)
-    total_steps, steps_per_epoch = plan_steps(cfg.schedule, len(prep.train), env)
+    total_steps, steps_per_epoch = plan_steps(cfg.schedule, prep.train, env)
     spec = policy_spec(cfg.model, prep.cache_meta, env, prep.reference_differs)
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "train"
     model = load_policy(spec, cfg.lora.lora(), env.device, cfg.lora.gradient_checkpointing, env=env,
@@ -115,13 +116,19 @@ def policy_spec(model: ModelSettings, meta: dict, env: DistEnv, differs: tuple[s
     return model.spec(**spec)
 
 
-def plan_steps(schedule: Schedule, n_train: int, env: DistEnv) -> tuple[int, int]:
-    """Optimizer steps: each takes batch_size x accumulation x world_size examples."""
-    per_step = schedule.batch_size * schedule.gradient_accumulation_steps * env.world_size
-    steps_per_epoch = n_train // per_step
+def plan_steps(schedule: Schedule, train: list, env: DistEnv) -> tuple[int, int]:
+    """Optimizer steps: each takes accumulation x world_size micro-batches of batch_size examples (with
+    --max-tokens-per-batch: of trainutil.token_batches, the same every epoch)."""
+    per_step = schedule.gradient_accumulation_steps * env.world_size
+    if schedule.max_tokens_per_batch is None:
+        steps_per_epoch = len(train) // (per_step * schedule.batch_size)
+        need = f"{per_step * schedule.batch_size} = batch size x accumulation x processes"
+    else:
+        steps_per_epoch = len(token_batches(train, schedule.batch_size, schedule.max_tokens_per_batch)) // per_step
+        need = f"{per_step} micro-batches = accumulation x processes, each up to --max-tokens-per-batch"
     if steps_per_epoch == 0:
-        raise UserError(f"{n_train} training examples are fewer than one optimizer step needs ({per_step} = "
-                        "batch size x accumulation x processes); lower --batch-size")
+        raise UserError(f"{len(train)} training examples are fewer than one optimizer step needs ({need}); lower "
+                        "--batch-size")
     total = schedule.max_steps if schedule.max_steps > 0 else max(1, math.ceil(schedule.epochs * steps_per_epoch))
     return total, steps_per_epoch
 
@@ -184,7 +191,8 @@ class Window:
 def drift_check(t: Trainer, prep: Prepared, cfg, env, writer) -> None:
     """An extra no-grad eval-mode pass on the first batch, only when the policy starts from a trained adapter (its
     LoRA dropout would add noise to the first step's own forward); a fresh LoRA reads the drift from step 1."""
-    items = batches_for_epoch(prep.train, cfg.schedule.batch_size, cfg.run.seed, 0)[env.rank]
+    items = batches_for_epoch(prep.train, cfg.schedule.batch_size, cfg.run.seed, 0,
+                              budget=cfg.schedule.max_tokens_per_batch)[env.rank]
     t.model.eval()
     with torch.no_grad():
         result = policy_forward(t.model, items, prep.tokenizer.pad_token_id, cfg, t.loss)
@@ -228,13 +236,14 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
     window = Window(at.window)  # continues across a resume
     # batch
     listwise = isinstance(t.loss, ListwiseLoss)
-    for step, micro_batches, step_pairs in step_batches(prep.train, cfg, env, at):
+    even = cfg.schedule.max_tokens_per_batch is None and not isinstance(prep.train[0], SetItem)
+    for step, micro_batches, count in step_batches(prep.train, cfg, env, at):
         done = step + 1
         for items in micro_batches:
             # forward, loss
             result = policy_forward(t.model, items, pad_id, cfg, t.loss)
             # backward
-            step_objective(result, accum, step_pairs, env.world_size, listwise).backward()
+            step_objective(result, accum, count, env.world_size, listwise, even).backward()
             window.add(result, items)
         window.steps += 1
         if step == 0 and at.drift_at_step_one:  # the step-0 row: the window (fresh at step 0) holds step 1's forwards
@@ -273,7 +282,8 @@ def train_loop(t: Trainer, at: Position, prep: Prepared, cfg: TrainConfig, env: 
     progress.close()
 
 
-def step_batches(train: list[Item | SetItem], cfg, env: DistEnv, at: Position) -> Iterator[tuple[int, list[list], int]]:
+def step_batches(train: list[Item | SetItem], cfg, env: DistEnv,
+                 at: Position) -> Iterator[tuple[int, list[list], StepCount]]:
     """(step, this rank's micro-batches, the pairs of the whole step on all ranks) for each step still to do. The
     batch order is built once per epoch (after a resume: the epoch resumed); micro-batch m of the epoch's step k on
     rank r is batch (k·accum + m)·world + r, so every rank knows every rank's batches (and the step's pairs)."""
@@ -281,21 +291,35 @@ def step_batches(train: list[Item | SetItem], cfg, env: DistEnv, at: Position) -
     for step in range(at.start_step, at.total_steps):
         epoch, in_epoch = divmod(step, at.steps_per_epoch)
         if epoch != order_epoch:
-            order_epoch, batches = epoch, batches_for_epoch(train, cfg.schedule.batch_size, cfg.run.seed, epoch)
+            order_epoch, batches = epoch, batches_for_epoch(train, cfg.schedule.batch_size, cfg.run.seed, epoch,
+                                                            budget=cfg.schedule.max_tokens_per_batch)
         first = in_epoch * accum * env.world_size
-        pairs = sum(len(getattr(item, "pairs", (None,))) for b in batches[first:first + accum * env.world_size]
-                    for item in b)
-        yield step, [batches[(in_epoch * accum + micro) * env.world_size + env.rank] for micro in range(accum)], pairs
+        step_items = [item for b in batches[first:first + accum * env.world_size] for item in b]
+        count = StepCount(sum(len(getattr(item, "pairs", (None,))) for item in step_items), len(step_items))
+        yield step, [batches[(in_epoch * accum + micro) * env.world_size + env.rank] for micro in range(accum)], count
 
 
-def step_objective(result: PolicyPass, accum: int, step_pairs: int, world_size: int, listwise: bool) -> torch.Tensor:
-    """What backward takes for one micro-batch, so that a step is the mean over ALL its pairs (FSDP2 averages the
-    gradients over ranks): pair rows and listwise losses hold as many pairs (prompts) in every micro-batch, so their
-    micro-batch mean / accum; reply sets hold a varying number of pairs, so their pairs' sum x world / the step's
-    pairs (the same value when every micro-batch holds as many pairs)."""
-    if not result.prompts or listwise:
+@dataclasses.dataclass(frozen=True)
+class StepCount:
+    """The pairs and the examples (pair rows, or prompts) of one optimizer step, over all its micro-batches on all
+    ranks (every rank knows them: the batch order is the same everywhere)."""
+
+    pairs: int
+    examples: int
+
+
+def step_objective(result: PolicyPass, accum: int, count: StepCount, world_size: int, listwise: bool,
+                   even: bool) -> torch.Tensor:
+    """What backward takes for one micro-batch, so that a step is the mean over ALL its pairs (its prompts, for a
+    listwise loss) across micro-batches and ranks (FSDP2 averages the gradients over ranks). `even`: every
+    micro-batch holds --batch-size pair rows, so the micro-batch mean / accum (as always); otherwise (reply sets,
+    micro-batches filled by tokens) the micro-batch's sum x world / the step's count (the same value when the
+    micro-batches are even)."""
+    if even:
         return result.objective / accum
-    return result.losses.sum() * (world_size / step_pairs)
+    if listwise:  # the objective is the mean over the micro-batch's prompts (pair rows: each pair its own prompt)
+        return result.objective * ((result.prompts or result.losses.shape[0]) * world_size / count.examples)
+    return result.losses.sum() * (world_size / count.pairs)
 
 
 def log_eval(t: Trainer, prep: Prepared, step: int, cfg, env, writer: MetricsWriter, label: str = "eval") -> None:

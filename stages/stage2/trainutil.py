@@ -18,9 +18,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int) -> list[list]:
+def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int, budget: int | None = None) -> list[list]:
     """Micro-batches of exactly `batch_size` examples, the same on every rank and for every world size:
-    shuffle (seeded by seed and epoch), sort each megabatch by length (little padding), drop the remainder."""
+    shuffle (seeded by seed and epoch), sort each megabatch by length (little padding), drop the remainder.
+    With a token `budget`: the micro-batches of `token_batches` (built once, the same every epoch) in an order
+    shuffled by seed and epoch."""
+    if budget is not None:
+        batches = token_batches(items, batch_size, budget)
+        order = list(range(len(batches)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        return [batches[i] for i in order]
     order = list(range(len(items)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     usable = len(order) - len(order) % batch_size
@@ -29,6 +36,26 @@ def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int) -> li
     for start in range(0, usable, span):
         group = sorted(order[start:min(start + span, usable)], key=lambda i: -items[i].length)
         batches += [[items[i] for i in group[k:k + batch_size]] for k in range(0, len(group), batch_size)]
+    return batches
+
+
+def batch_cost(batch: list) -> int:
+    """Padded tokens of a micro-batch: its examples times the longest one's forward (`tokens`: two padded rows of a
+    pair, one [prompt | replies] row of a prompt)."""
+    return len(batch) * max(item.tokens for item in batch)
+
+
+def token_batches(items: list, batch_size: int, budget: int) -> list[list]:
+    """Whole examples (pairs, or prompts with all their replies), longest first, greedily into micro-batches of at
+    most `batch_size` examples and `budget` padded tokens (`batch_cost`); an example over the budget alone is a
+    micro-batch of its own. Deterministic (the same on every rank and every epoch)."""
+    order = sorted(range(len(items)), key=lambda i: (-items[i].tokens, i))
+    batches: list[list] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and batch_cost(batches[-1] + [items[i]]) <= budget:
+            batches[-1].append(items[i])
+        else:
+            batches.append([items[i]])
     return batches
 
 
