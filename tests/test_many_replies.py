@@ -29,7 +29,7 @@ from stages.stage2.forward import policy_forward
 from stages.stage2.prepare import Item, prepare
 from stages.stage2.train import TrainConfig, Trainer
 from tests.bounds import EPS32, ULPS, logit_scale, logit_scale_of_files, sum_tol
-from tests.hhrows import hh_rows, write_jsonl
+from tests.hhrows import expanded_pairs, hh_rows, write_jsonl
 
 MAXLEN, MAXPROMPT = 96, 48
 SCORES = ([4, 1, 3, 2], [3, 1, 2], [2, 1], [5, 5, 1, 2], [1, 4, 2, 3], [2, 3, 1, 4])
@@ -46,17 +46,7 @@ def reply_sets(hh_path: Path, root: Path, n: int = 6) -> list[dict]:
     return out
 
 
-def expanded(sets: list[dict]) -> list[dict]:
-    """Every pair of the `all` rule as a pair row (ties never pair), in set order then (i < j) order."""
-    out = []
-    for s in sets:
-        r, sc = s["completions"], s["scores"]
-        for i in range(len(r)):
-            for j in range(i + 1, len(r)):
-                if sc[i] != sc[j]:
-                    c, w = (i, j) if sc[i] > sc[j] else (j, i)
-                    out.append({"prompt": s["prompt"], "chosen": r[c], "rejected": r[w]})
-    return out
+expanded = expanded_pairs  # tests/hhrows.py
 
 
 def run_stage_one(model: Path, data: Path, out: Path, **kw) -> pl.DataFrame:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from stages.cli import main as cli_main
 from stages.data.replyset import reply_id
+from tests.hhrows import expanded_pairs
 
 LENGTHS = ("--max-length", "64", "--max-prompt-length", "32")
 SETS = [  # generic shape; set 3 has a tie (never a pair)
@@ -43,17 +44,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def expanded(sets: list[dict]) -> list[dict]:
-    """Every pair of the `all` rule as a pair row (ties never pair; a rank r is the score -r)."""
-    out = []
-    for s in sets:
-        r, sc = s["completions"], s.get("scores") or [-x for x in s["ranks"]]
-        for i in range(len(r)):
-            for j in range(i + 1, len(r)):
-                if sc[i] != sc[j]:
-                    c, w = (i, j) if sc[i] > sc[j] else (j, i)
-                    out.append({"prompt": s["prompt"], "chosen": r[c], "rejected": r[w]})
-    return out
+expanded = expanded_pairs  # tests/hhrows.py
 
 
 def precompute(model: Path, data: Path, out: Path) -> Path:
