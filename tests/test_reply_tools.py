@@ -98,11 +98,12 @@ def test_info_names_replies_prompts_and_pairs(made):
 def test_verify_reply_data(made):
     for extra in ((), ("--model", str(made["model"]))):
         res = invoke("cache", "verify", str(made["sets_cache"]), "--data", str(made["sets"]), *extra)
-        assert res.exit_code == 0 and res.output.startswith("ok: "), res.output
+        assert res.exit_code == 0 and res.stdout.startswith("ok: "), res.output
+        assert "pairs: 5 prompts" in res.stderr, res.stderr  # what the rule derived, beside the verdict
     res = invoke("cache", "verify", str(made["sets_cache"]), "--data", str(made["more"]))  # one reply not cached
     assert res.exit_code == 1, res.output
     key = reply_id("Name a colour.", "Purple.")
-    assert res.output.splitlines() == [f"MISMATCH 1 of 18 replies are not in the cache (e.g. {made['more']} row 2, "
+    assert res.stdout.splitlines() == [f"MISMATCH 1 of 18 replies are not in the cache (e.g. {made['more']} row 2, "
                                        f"reply 5, id {key})"]
     res = invoke("cache", "verify", str(made["sets_cache"]), "--data", str(made["sets"]), "--model",
                  str(made["model"]), "--max-prompt-length", "4")  # other lengths: named, with the token counts
@@ -114,7 +115,7 @@ def test_verify_a_cache_of_the_other_layout(made):
     for data, cache, shape in (("pairs", "sets_cache", "pair rows"), ("sets", "pairs_cache", "several replies")):
         res = invoke("cache", "verify", str(made[cache]), "--data", str(made[data]))
         assert res.exit_code == 1, res.output
-        (line,) = res.output.splitlines()
+        (line,) = res.stdout.splitlines()
         assert line.startswith("MISMATCH a cache of ") and shape in line, line
         assert line.endswith("rerun `dpo precompute-ref` over this data"), line
 
