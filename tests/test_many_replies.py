@@ -134,6 +134,8 @@ def test_shard_jobs_merge_to_the_single_cache(made, tmp_path):
     res = CliRunner().invoke(cli_main, ["cache", "merge", *shards, "--output", str(tmp_path / "merged.parquet")],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    info = CliRunner().invoke(cli_main, ["cache", "info", str(tmp_path / "merged.parquet")], catch_exceptions=False)
+    assert "merged from 2 shards (replies per shard: " in info.output, info.output
     merged = pl.read_parquet(tmp_path / "merged.parquet").sort("reply_id")
     single = made["reply_df"].sort("reply_id")
     assert merged["reply_id"].to_list() == single["reply_id"].to_list()

@@ -327,13 +327,14 @@ def token_count_problems(df: pl.DataFrame, encoded) -> list[str]:
 def origin_line(meta: dict) -> str | None:
     """One line for `dpo cache info`: where a shard or a merged cache came from (the `shard` and `merged_from`
     metadata that stages.cache.shards writes), or None for a cache of one job."""
+    noun = "replies" if layout_of(meta) == replycache.LAYOUT else "examples"  # what a shard's rows are
     if "merged_from" in meta:
         shards = meta["merged_from"]["shards"]
         sizes = ", ".join(str(s["examples"]) for s in shards)
-        return f"  merged from {len(shards)} shards (examples per shard: {sizes})"
+        return f"  merged from {len(shards)} shards ({noun} per shard: {sizes})"
     if "shard" in meta:
         s = meta["shard"]
-        return (f"  shard {s['index']} of {s['num_shards']}: {s['examples']} of {s['all_examples']} examples; "
+        return (f"  shard {s['index']} of {s['num_shards']}: {s['examples']} of {s['all_examples']} {noun}; "
                 f"merge all {s['num_shards']} with `dpo cache merge`")
     return None
 
