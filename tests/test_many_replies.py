@@ -325,3 +325,59 @@ def test_on_the_smollm2_slice_replies_equal_the_expanded_pairs(hh_path, smollm2_
     one, two = (policy_forward(model, x, 2, cfg, loss) for x in (items, pair_items))
     tol = SLOPE * sum_tol(2 * MAXLEN, scale)
     assert float((one.losses - two.losses).detach().abs().max()) <= tol
+
+
+# ---------------------------------------------------------------------------------------- packed rows, segments
+LAYOUTS = [dict(pack=True), dict(attention="segments"), dict(pack=True, attention="segments"),
+           dict(pack=True, attention="segments", share_prompt=False)]
+
+
+def _layout_id(kw: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("kw", LAYOUTS, ids=_layout_id)
+def test_stage_one_packed_and_segment_attention_give_the_same_cache(made, tmp_path, kw):
+    """--pack (several prompts in one sequence) and --attention segments (no [T, T] mask) change neither the values
+    nor the token counts, for reply sets and pair rows; a packed batch has no padding."""
+    for data, ref, key, value in (("sets", "reply_df", "reply_id", "ref_logps"),
+                                  ("pairs", "pair_df", "example_id", "ref_chosen_logps")):
+        other = run_stage_one(made["model"], made[data], tmp_path / f"{data}.parquet", store_token_logps=True,
+                              max_tokens_per_batch=256, **kw).sort(key)
+        base = made[ref].sort(key)
+        assert other[key].to_list() == base[key].to_list()
+        counts = "reply_tokens" if data == "sets" else "chosen_tokens"
+        assert other[counts].to_list() == base[counts].to_list()
+        assert ((other[value] - base[value]).abs() <= sum_tol(base[counts], made["scale"])).all(), (data, kw)
+
+
+@pytest.mark.parametrize("kw", LAYOUTS[:3], ids=_layout_id)
+def test_stage_two_packed_and_segment_attention_give_the_same_losses_and_gradients(made, tmp_path, kw):
+    for data, cache in (("sets", "reply_cache"), ("pairs", "pair_cache")):
+        base_cfg = _cfg(made, data, cache, tmp_path / "a", ld_alpha=0.5, use_weighting=True)
+        cfg = _cfg(made, data, cache, tmp_path / "b", ld_alpha=0.5, use_weighting=True, **kw)
+        items = prepare(*_groups(base_cfg)).train[:4]
+        model = _policy64(made)
+        loss = Trainer.build(model, base_cfg, 1).loss
+        one = policy_forward(model, items, 2, base_cfg, loss)
+        g_one = _grads(model, one)
+        two = policy_forward(model, items, 2, cfg, loss)
+        g_two = _grads(model, two)
+        tol = SLOPE * sum_tol(2 * MAXLEN, made["scale"])
+        assert float((one.losses - two.losses).detach().abs().max()) <= tol, data
+        assert float((g_one - g_two).norm()) <= GRAD_RTOL * float(g_one.norm()), data
+
+
+def test_a_packed_segment_attention_run_with_checkpointing_trains_as_the_default(made, tmp_path):
+    """The whole stage two with --pack --attention segments under activation checkpointing (the layers recomputed
+    in backward): the first step's gradient norm equals the default layout's (rounding only)."""
+    from tests.bounds import grad_norm_tol
+
+    norms = []
+    for name, kw in (("dense", {}), ("segments", dict(pack=True, attention="segments"))):
+        train.run(_cfg(made, "sets", "reply_cache", tmp_path / name, gradient_checkpointing=True, max_steps=1,
+                       lora_dropout=0.0, **kw))  # no dropout: its random masks depend on the tensor shapes
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        norms.append(next(r["grad_norm"] for r in records if "grad_norm" in r))
+    n_params = 8192  # LoRA r4 on the tiny model (the test of the expanded pairs counts them)
+    assert abs(norms[0] - norms[1]) <= grad_norm_tol(norms[0], n_params), norms

@@ -34,6 +34,7 @@ from stages.model.models import (
     quantization_name,
     resolve_dtype,
 )
+from stages.model.rowlayout import prepare_model
 from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.settings import yamlconfig as config
 from stages.settings.commands import PrecomputeConfig
@@ -114,12 +115,14 @@ def reference_pass(cfg, out: Path, units, todo: list, pad_id: int, meta: dict, e
     if env.is_main:
         refcache.open_parts(out, meta["manifest"], False)
     barrier(env)
+    # --pack: a batch is one sequence of its units back to back (its real tokens are its cost: no padding)
     batches = plan_batches(todo, cfg.scoring.max_tokens_per_batch, cfg.compute.share_prompt,
-                           cfg.scoring.sort_by_length, units.cost)
+                           cfg.scoring.sort_by_length, units.real if cfg.compute.pack else units.cost)
     spec = cfg.model.spec()
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "score"
     model = load_model(spec, env.device, env=env, replicas=cfg.compute.replicas)  # each rank reads only its shard
     model.eval()
+    prepare_model(model, cfg.compute.attention)  # --attention segments: the model's attention switched
     share = cfg.compute.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
     memory.end("load")
@@ -209,6 +212,7 @@ def score_batches(model, pad_id, units, batches, parts, share, cfg, env, stop) -
     rows: list[dict] = []
     part_index, last_part = refcache.next_part_index(parts, env.rank), time.monotonic()
     store, layout = cfg.scoring.store_token_logps, units.layout
+    budget = cfg.scoring.max_tokens_per_batch if cfg.compute.pack else None
     progress = Progress(env, total=sum(map(units.count, batches)), unit="ex" if layout == refcache.PAIRS else "reply",
                         desc="reference")
     dummy = mine[-1][:1] if mine else [units.dummy(pad_id)]  # the shortest unit: the cheapest forward
@@ -217,7 +221,8 @@ def score_batches(model, pad_id, units, batches, parts, share, cfg, env, stop) -
     with torch.no_grad():
         for step in range(steps):
             batch = mine[step] if step < len(mine) else dummy  # a rank with nothing left still joins the collectives
-            out = units.forward(model, batch, pad_id, cfg.compute.chunk_size, share, store)
+            out = units.forward(model, batch, pad_id, cfg.compute.chunk_size, share, store, budget,
+                                cfg.compute.attention)
             done_now = batches[step * world:(step + 1) * world]  # what all ranks finished in this step
             progress.update(sum(map(units.count, done_now)), tokens=sum(units.real(b, share) for b in done_now))
             if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded
@@ -225,8 +230,8 @@ def score_batches(model, pad_id, units, batches, parts, share, cfg, env, stop) -
                     break
                 continue
             rows += units.rows(batch, out, store)
-            stats += torch.tensor([units.count(batch), units.real(batch, share), units.cost(batch, share)],
-                                  dtype=torch.float64)
+            padded = units.real(batch, share) if budget else units.cost(batch, share)  # packed: no padding
+            stats += torch.tensor([units.count(batch), units.real(batch, share), padded], dtype=torch.float64)
             part_due = time.monotonic() - last_part >= cfg.scoring.part_seconds
             if (step + 1) % cfg.scoring.batches_per_part == 0 or part_due:
                 refcache.write_part(parts, env.rank, part_index, rows, store, layout)

@@ -14,7 +14,7 @@ from stages.cache.refcache import PAIRS
 from stages.data.encode import Encoded
 from stages.data.replyset import EncodedSet, Row, split_rows
 from stages.model.logprobs import pair_logps
-from stages.model.replylogps import rows_logps
+from stages.model.rowlayout import pair_output, pair_rows, reply_logps
 
 
 class PairUnits:
@@ -52,8 +52,13 @@ class PairUnits:
         return Encoded("dummy", (pad_id,), (pad_id,), (pad_id,))
 
     @staticmethod
-    def forward(model, batch, pad_id: int, chunk_size, share: bool, token_logps: bool):
-        return pair_logps(model, batch, pad_id, chunk_size, share=share, token_logps=token_logps)
+    def forward(model, batch, pad_id: int, chunk_size, share: bool, token_logps: bool, budget=None,
+                attention: str = "dense"):
+        """One forward; `budget` (--pack: the batch is one packed sequence) or segments attention: rows of two."""
+        if budget is None and attention == "dense":
+            return pair_logps(model, batch, pad_id, chunk_size, share=share, token_logps=token_logps)
+        out = reply_logps(model, pair_rows(batch), pad_id, chunk_size, share, budget, attention, token_logps)
+        return pair_output(out)
 
     @staticmethod
     def rows(batch: list[Encoded], out, store_token_logps: bool) -> list[dict]:
@@ -117,8 +122,9 @@ class ReplyUnits:
         return Row((pad_id,), ((pad_id,),), ("dummy",))
 
     @staticmethod
-    def forward(model, batch, pad_id: int, chunk_size, share: bool, token_logps: bool):
-        return rows_logps(model, batch, pad_id, chunk_size, share=share, token_logps=token_logps)
+    def forward(model, batch, pad_id: int, chunk_size, share: bool, token_logps: bool, budget=None,
+                attention: str = "dense"):
+        return reply_logps(model, batch, pad_id, chunk_size, share, budget, attention, token_logps)
 
     @staticmethod
     def rows(batch: list[Row], out, store_token_logps: bool) -> list[dict]:

@@ -17,7 +17,8 @@ import torch
 
 from stages.data.replyset import split_rows
 from stages.model.logprobs import LogpOutput, pair_logps
-from stages.model.replylogps import ld_pair_sums, rows_logps
+from stages.model.replylogps import ld_pair_sums
+from stages.model.rowlayout import pair_output, pair_rows, reply_logps
 from stages.objective.loss import LossOutput
 from stages.objective.ranking import ListwiseLoss
 
@@ -46,8 +47,15 @@ def policy_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
     if items and hasattr(items[0], "pairs"):
         return set_forward(model, items, pad_id, cfg, loss)
-    lp = pair_logps(model, [i.enc for i in items], pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt,
-                    ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.use_weighting)
+    budget, attention = _layout(cfg)
+    if budget is None and attention == "dense":
+        lp = pair_logps(model, [i.enc for i in items], pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt,
+                        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.use_weighting)
+    else:  # --pack / --attention segments: the pairs as rows of two replies
+        out = reply_logps(model, pair_rows([i.enc for i in items]), pad_id, cfg.compute.chunk_size,
+                          cfg.compute.share_prompt, budget, attention, wpo=cfg.loss.use_weighting,
+                          cumulative=cfg.loss.ld_alpha is not None)
+        lp = pair_output(out, cfg.loss.ld_alpha)
     plain_chosen = lp.chosen_logps
     if cfg.loss.ld_alpha is not None:
         lp = dataclasses.replace(lp, chosen_logps=lp.chosen_ld_logps, rejected_logps=lp.rejected_ld_logps)
@@ -58,11 +66,10 @@ def policy_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
 
 def set_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     """Reply sets (prepare.SetItem): one forward for every reply of the micro-batch's prompts, then the pairs."""
-    budget = cfg.compute.max_row_tokens or NO_ROW_LIMIT
-    rows = [row for item in items for row in split_rows(item.enc, budget)]  # replies stay in item order
-    ld = cfg.loss.ld_alpha
-    out = rows_logps(model, rows, pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt,
-                     wpo=cfg.loss.use_weighting, cumulative=ld is not None)
+    rows = [row for item in items for row in split_rows(item.enc, cfg.compute.max_row_tokens or NO_ROW_LIMIT)]
+    ld, (budget, attention) = cfg.loss.ld_alpha, _layout(cfg)
+    out = reply_logps(model, rows, pad_id, cfg.compute.chunk_size, cfg.compute.share_prompt, budget, attention,
+                      wpo=cfg.loss.use_weighting, cumulative=ld is not None)  # replies numbered in item order
     chosen, rejected, ref_c, ref_r, offset = [], [], [], [], 0
     for item in items:
         for c, r in item.pairs:
@@ -83,6 +90,14 @@ def set_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     host = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     listwise = _listwise_inputs(items, out.logps) if isinstance(loss, ListwiseLoss) else None
     return _losses(loss, lp, host(ref_c), host(ref_r), plain_chosen, listwise, prompts=len(items))
+
+
+def _layout(cfg) -> tuple[int | None, str]:
+    """(pack budget or None, attention): --pack puts a micro-batch's rows into sequences of at most
+    --max-tokens-per-batch tokens (no budget: one sequence)."""
+    if not cfg.compute.pack:
+        return None, cfg.compute.attention
+    return cfg.schedule.max_tokens_per_batch or NO_ROW_LIMIT, cfg.compute.attention
 
 
 def _listwise_inputs(items: list, policy: torch.Tensor):

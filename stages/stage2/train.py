@@ -24,6 +24,7 @@ from stages.base.progress import Progress, say
 from stages.model.distributed import DistEnv, all_reduce_sum, init_distributed
 from stages.model.memory import PhaseMemory, memory_line, peak_memory_gb
 from stages.model.models import ModelSpec, dtype_name, load_policy, resolve_dtype
+from stages.model.rowlayout import prepare_model
 from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.objective.loss import DPOLoss, build_loss
 from stages.objective.lossspec import is_listwise
@@ -78,6 +79,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     model = load_policy(spec, cfg.lora.lora(), env.device, cfg.lora.gradient_checkpointing, env=env,
                         replicas=cfg.compute.replicas)  # sharded load
     memory.end("load")
+    prepare_model(model, cfg.compute.attention)  # --attention segments: the model's attention switched for good
     t = Trainer.build(model, cfg, total_steps)  # optimizer, LR schedule and loss: once per run
     start_step, prior_seconds, window = resume_or_start(cfg.run.resume, out, t.model, t.optimizer, t.scheduler, env)
     if env.is_main:
