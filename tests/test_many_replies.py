@@ -381,3 +381,17 @@ def test_a_packed_segment_attention_run_with_checkpointing_trains_as_the_default
         norms.append(next(r["grad_norm"] for r in records if "grad_norm" in r))
     n_params = 8192  # LoRA r4 on the tiny model (the test of the expanded pairs counts them)
     assert abs(norms[0] - norms[1]) <= grad_norm_tol(norms[0], n_params), norms
+
+
+def test_attention_auto_takes_segments_and_says_so(made, tmp_path):
+    args = ["precompute-ref", "--model", str(made["model"]), "--data", str(made["sets"]), "--output",
+            str(tmp_path / "ref.parquet"), "--max-length", str(MAXLEN), "--max-prompt-length", str(MAXPROMPT),
+            "--attention", "auto", "--pack"]
+    res = CliRunner().invoke(cli_main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "attention: segments (--attention auto: per segment from the rows' boundaries, no [T, T] mask)" in \
+        res.output, res.output
+    assert "padding waste 0.0%" in res.output, res.output
+    other = pl.read_parquet(tmp_path / "ref.parquet").sort("reply_id")
+    base = made["reply_df"].sort("reply_id")
+    assert ((other["ref_logps"] - base["ref_logps"]).abs() <= sum_tol(base["reply_tokens"], made["scale"])).all()

@@ -70,13 +70,26 @@ def pair_output(out: ReplyLogps, ld_alpha: float | None = None) -> LogpOutput:
     return lp
 
 
-def prepare_model(model, attention: str) -> None:
-    """After loading, with --attention segments: the model's attention switched to segattn for good (training's
-    activation checkpointing recomputes the layers in backward, after the forward's call has returned); a model
-    whose attention does not go through transformers' attention interface is one line."""
-    if attention != "segments":
-        return
+def prepare_model(model, attention: str) -> tuple[str, str]:
+    """After loading: the attention the run uses, and the line that says which. "segments" switches the model's
+    attention to segattn for good (training's activation checkpointing recomputes the layers in backward, after the
+    forward's call has returned); "auto" takes segments where the model's attention goes through transformers'
+    attention interface (no [T, T] mask; the fastest on CPU, flash-eligible on CUDA), else dense. `attention_of`
+    reads the decision back from the model. An explicit "segments" the model cannot take is one line."""
+    if attention == "dense":
+        return "dense", "attention: dense ([T, T] mask per row)"
     try:
         use_segments(model)
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"--attention segments: {e}; use --attention dense") from None
+        if attention == "segments":
+            raise UserError(f"--attention segments: {e}; use --attention dense") from None
+        return "dense", f"attention: dense (--attention auto: {e})"
+    how = "--attention auto: " if attention == "auto" else ""
+    return "segments", f"attention: segments ({how}per segment from the rows' boundaries, no [T, T] mask)"
+
+
+def attention_of(model) -> str:
+    """"segments" when prepare_model switched the model's attention to segattn, else "dense"."""
+    from stages.model.segattn import NAME
+
+    return "segments" if getattr(model.config, "_attn_implementation", None) == NAME else "dense"

@@ -24,7 +24,7 @@ from stages.settings.options import Group, opt
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
-Attention = Literal["dense", "segments"]  # stages/model/rowlayout.py
+Attention = Literal["dense", "segments", "auto"]  # stages/model/rowlayout.prepare_model
 PairRuleName = Literal[PAIR_RULES]  # the rule names, declared once with the rule (stages/data/pairs.py)
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 FSDP2_OPTIMIZERS = ("adamw",)  # tested under FSDP2 (more than one process); torch AdamW: LoRA-sized state, small
@@ -152,8 +152,9 @@ class Compute(Group):
                                      resume=True)
     pack: bool = opt(False, "Pack several prompts (each with its replies) into one sequence up to the token budget "
                             "(--max-tokens-per-batch): no padding but at the end (same numbers).", resume=True)
-    attention: Attention = opt("dense", "Attention of the shared rows: dense (a [T, T] mask) or segments (per segment "
-                                        "from the rows' boundaries, no mask; same numbers).", resume=True)
+    attention: Attention = opt("dense", "Attention of the shared rows: dense (a [T, T] mask), segments (per segment "
+                                        "from the rows' boundaries, no mask), auto (segments where the model "
+                                        "supports it); same numbers.", resume=True)
 
     def check(self) -> None:
         at_least("chunk_size", self.chunk_size, 1)

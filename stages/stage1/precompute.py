@@ -34,7 +34,7 @@ from stages.model.models import (
     quantization_name,
     resolve_dtype,
 )
-from stages.model.rowlayout import prepare_model
+from stages.model.rowlayout import attention_of, prepare_model
 from stages.model.runguard import StopSignal, guarded_output, rerun_hint
 from stages.settings import yamlconfig as config
 from stages.settings.commands import PrecomputeConfig
@@ -122,7 +122,8 @@ def reference_pass(cfg, out: Path, units, todo: list, pad_id: int, meta: dict, e
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "score"
     model = load_model(spec, env.device, env=env, replicas=cfg.compute.replicas)  # each rank reads only its shard
     model.eval()
-    prepare_model(model, cfg.compute.attention)  # --attention segments: the model's attention switched
+    attention, line = prepare_model(model, cfg.compute.attention)  # segments: the model's attention switched
+    say(env, line)
     share = cfg.compute.share_prompt and supports_prompt_sharing(model)
     meta["share_prompt"] = share  # what was used, not only asked for
     memory.end("load")
@@ -222,7 +223,7 @@ def score_batches(model, pad_id, units, batches, parts, share, cfg, env, stop) -
         for step in range(steps):
             batch = mine[step] if step < len(mine) else dummy  # a rank with nothing left still joins the collectives
             out = units.forward(model, batch, pad_id, cfg.compute.chunk_size, share, store, budget,
-                                cfg.compute.attention)
+                                attention_of(model))
             done_now = batches[step * world:(step + 1) * world]  # what all ranks finished in this step
             progress.update(sum(map(units.count, done_now)), tokens=sum(units.real(b, share) for b in done_now))
             if step >= len(mine):  # dummy forward: keeps ranks in step, result discarded

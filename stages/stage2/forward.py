@@ -18,7 +18,7 @@ import torch
 from stages.data.replyset import split_rows
 from stages.model.logprobs import LogpOutput, pair_logps
 from stages.model.replylogps import ld_pair_sums
-from stages.model.rowlayout import pair_output, pair_rows, reply_logps
+from stages.model.rowlayout import attention_of, pair_output, pair_rows, reply_logps
 from stages.objective.loss import LossOutput
 from stages.objective.ranking import ListwiseLoss
 
@@ -47,7 +47,7 @@ def policy_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     sft terms use the plain sums. With --use-weighting the head also returns the WPO sums."""
     if items and hasattr(items[0], "pairs"):
         return set_forward(model, items, pad_id, cfg, loss)
-    budget, attention = _layout(cfg)
+    budget, attention = _layout(cfg, model)
     if budget is None and attention == "dense":
         lp = pair_logps(model, [i.enc for i in items], pad_id, cfg.compute.chunk_size, share=cfg.compute.share_prompt,
                         ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.use_weighting)
@@ -67,7 +67,7 @@ def policy_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
 def set_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     """Reply sets (prepare.SetItem): one forward for every reply of the micro-batch's prompts, then the pairs."""
     rows = [row for item in items for row in split_rows(item.enc, cfg.compute.max_row_tokens or NO_ROW_LIMIT)]
-    ld, (budget, attention) = cfg.loss.ld_alpha, _layout(cfg)
+    ld, (budget, attention) = cfg.loss.ld_alpha, _layout(cfg, model)
     out = reply_logps(model, rows, pad_id, cfg.compute.chunk_size, cfg.compute.share_prompt, budget, attention,
                       wpo=cfg.loss.use_weighting, cumulative=ld is not None)  # replies numbered in item order
     chosen, rejected, ref_c, ref_r, offset = [], [], [], [], 0
@@ -92,12 +92,14 @@ def set_forward(model, items: list, pad_id: int, cfg, loss) -> PolicyPass:
     return _losses(loss, lp, host(ref_c), host(ref_r), plain_chosen, listwise, prompts=len(items))
 
 
-def _layout(cfg) -> tuple[int | None, str]:
+def _layout(cfg, model) -> tuple[int | None, str]:
     """(pack budget or None, attention): --pack puts a micro-batch's rows into sequences of at most
-    --max-tokens-per-batch tokens (no budget: one sequence)."""
+    --max-tokens-per-batch tokens (no budget: one sequence); the attention is what setup chose for the model
+    (rowlayout.prepare_model), or --attention when the model was not prepared (functions called directly)."""
+    attention = attention_of(model) if cfg.compute.attention == "auto" else cfg.compute.attention
     if not cfg.compute.pack:
-        return None, cfg.compute.attention
-    return cfg.schedule.max_tokens_per_batch or NO_ROW_LIMIT, cfg.compute.attention
+        return None, attention
+    return cfg.schedule.max_tokens_per_batch or NO_ROW_LIMIT, attention
 
 
 def _listwise_inputs(items: list, policy: torch.Tensor):

@@ -79,7 +79,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     model = load_policy(spec, cfg.lora.lora(), env.device, cfg.lora.gradient_checkpointing, env=env,
                         replicas=cfg.compute.replicas)  # sharded load
     memory.end("load")
-    prepare_model(model, cfg.compute.attention)  # --attention segments: the model's attention switched for good
+    say(env, prepare_model(model, cfg.compute.attention)[1])  # segments: the model's attention switched for good
     t = Trainer.build(model, cfg, total_steps)  # optimizer, LR schedule and loss: once per run
     start_step, prior_seconds, window = resume_or_start(cfg.run.resume, out, t.model, t.optimizer, t.scheduler, env)
     if env.is_main:
