@@ -16,7 +16,7 @@ from stages.tools.plan import (
 )
 from stages.tools.plancount import count_parameters, lora_parameters
 from stages.tools.plantable import format_plan
-from stages.tools.planterms import nf4_split
+from stages.tools.planterms import MASK_LABEL, nf4_split
 
 torch.set_num_threads(1)
 
@@ -142,7 +142,9 @@ def test_small_memory_by_hand(tmp_path):
     assert s1["CUDA/NCCL overhead (fixed)"] == OVERHEAD_BYTES == 2 * GIB
     # FSDP2's copy-out: one more copy of the largest gathered unit, here a bf16 layer 2·36992 > the root 2·32832
     assert s1["all-gather copy-out, largest unit (transient)"] == max(2 * 36992, 2 * (32768 + 64)) == 73984
-    total = 106816 + 213632 + 73984 + 65536 + 360448 + 819200 + 2 * GIB
+    # the dense layout's bool mask (issue 24): 256 // 128 = 2 pair rows of 2·64 = 128 tokens, 2·128² bytes
+    assert s1[MASK_LABEL] == 2 * 128 * 128 == 32768
+    total = 106816 + 213632 + 73984 + 65536 + 360448 + 819200 + 32768 + 2 * GIB
     assert plan.scenario("stage1_bf16").run == plan.scenario("stage1_bf16").total == total
     assert not plan.scenario("stage1_bf16").fits        # the 2 GiB overhead alone exceeds 1 GiB
 
@@ -164,6 +166,7 @@ def test_small_memory_by_hand(tmp_path):
     assert s2["activations: one layer recomputed + grads"] == 2 * T * (a + lora_in) == 985088
     # one checkpointed chunk (128 tokens): bf16 + fp32 logits and both gradients; 3 bf16 [T, h] tensors
     assert s2["log-prob head"] == T * 512 * (2 + 4 + 4 + 2) + 3 * T * 64 * 2 == 835584
+    assert s2[MASK_LABEL] == 1 * 128 * 128 == 16384  # one pair row of 2·64 tokens
 
     naive = plan.scenario("naive").breakdown
     assert naive["policy weights + grads, bf16 (sharded)"] == 4 * 106816 // 2
@@ -319,7 +322,8 @@ def test_online_reference_scenario_by_hand(tmp_path):
     plan = plan_memory(cfg)
     online, s2 = plan.scenario("online_ref").breakdown, plan.scenario("stage2").breakdown
     extra = "reference forward, adapters off (extra at peak)"
-    assert {k: v for k, v in online.items() if k != extra} == s2  # same weights and policy activations
+    # same weights and policy activations; the dense mask is the stages' layout, not the online trainer's
+    assert {k: v for k, v in online.items() if k != extra} == {k: v for k, v in s2.items() if k != MASK_LABEL}
     # T = 128 tokens. reference forward: 2·T·h·2 + T·a + chunk(128)·V·(2+4) = 32768 + 128·2768 + 393216 = 780288;
     # the backward's own transient with checkpointing: 2·T·(a + lora_in) = 2·128·(2768 + 1080) = 985088 -> 0 extra
     assert online[extra] == max(0, 780288 - 985088) == 0
@@ -416,8 +420,8 @@ def test_loading_peak_can_decide_the_fit(tmp_path):
     s1 = plan_memory(cfg).scenario("stage1_bf16")
     weights = 2 * (2 * 36992 + 65536 * 64 + 64)                      # P = 4,268,352 in bf16, one GPU
     assert s1.load == weights + 2 * 65536 * 64 == 16925312            # + the whole embedding read in bf16
-    # run: hidden states 2·16·64·2 + one layer 16·1408 + head 16·65536·(2+4) + 16·64·2
-    assert s1.run == weights + 4096 + 22528 + 6291456 + 2048 == 14856832
+    # run: hidden states 2·16·64·2 + one layer 16·1408 + head 16·65536·(2+4) + 16·64·2 + the dense mask 16²
+    assert s1.run == weights + 4096 + 22528 + 6291456 + 2048 + 256 == 14857088
     assert s1.total == s1.load and s1.run < 0.015 * GIB < s1.total and not s1.fits  # the run alone would fit
     assert plan_memory(PlanConfig(path, gpus=1, cpu=True, max_length=16, max_tokens_per_batch=16, lora_r=4,
                                   gpu_memory="0.016GB")).scenario("stage1_bf16").fits
@@ -462,3 +466,108 @@ def test_log_prob_head_chunk_is_the_devices_default(tmp_path):
     assert cpu.scenario("stage1_bf16").breakdown["log-prob head"] == 256 * 152064 * 6 + 8192 * 8192 * 2
     # stage two, T = 4096: chunk min(2048, T) with both gradients (2+4+4+2), plus 3 bf16 [T, h]
     assert gpu.scenario("stage2").breakdown["log-prob head"] == 2048 * 152064 * 12 + 3 * 4096 * 8192 * 2
+
+
+# ------------------------------------------------------------------------------ issue 24: the layout, the dense mask
+STAGE_KEYS = {"stage1_bf16": 1, "stage1_nf4": 1, "stage2": 2}
+
+
+@pytest.mark.parametrize("flags,stage1,stage2", [
+    # T = 2048: one pair row of 2·1024 tokens in each stage, packed or not: 2048² = 4 MiB per forward
+    (dict(max_length=1024, batch_size=1, max_tokens_per_batch=2048, pack=False), (1, 2048), (1, 2048)),
+    (dict(max_length=1024, batch_size=1, max_tokens_per_batch=2048, pack=True), (1, 2048), (1, 2048)),
+    # T = 8192 as one row: pair rows of 2·4096, one per forward: 8192² = 64 MiB
+    (dict(max_length=4096, batch_size=1, max_tokens_per_batch=8192, pack=False), (1, 8192), (1, 8192)),
+    # 8192 tokens as 4 rows of 2048 (4·2048² = 16 MiB), or --pack's one sequence of 8192 (8192² = 64 MiB)
+    (dict(max_length=1024, batch_size=4, max_tokens_per_batch=8192, pack=False), (4, 2048), (4, 2048)),
+    (dict(max_length=1024, batch_size=4, max_tokens_per_batch=8192, pack=True), (1, 8192), (1, 8192)),
+])
+def test_dense_mask_term_by_hand(tmp_path, flags, stage1, stage2):
+    """Dense attention holds a [B, 1, T, T] bool mask per forward, B·T² bytes; segments none: the stage columns differ
+    by exactly that term, every other row (and the naive and online-ref columns) the same."""
+    from stages.tools.planterms import mask_bytes, stage_sequences
+
+    path = str(write(tmp_path, SMALL))
+    dense = plan_memory(PlanConfig(path, gpus=2, lora_r=4, **flags))
+    seg = plan_memory(PlanConfig(path, gpus=2, lora_r=4, attention="segments", **flags))
+    assert (dense.attention, seg.attention) == ("dense", "segments")
+    by_hand = {1: stage1[0] * stage1[1] ** 2, 2: stage2[0] * stage2[1] ** 2}
+    assert by_hand[1] in (2048 ** 2, 4 * 2048 ** 2, 8192 ** 2) and 8192 ** 2 == 64 * 2 ** 20
+    assert (stage_sequences(dense.config, 1), stage_sequences(dense.config, 2)) == (stage1, stage2)
+    for key, stage in STAGE_KEYS.items():
+        d, s = dense.scenario(key), seg.scenario(key)
+        assert d.breakdown[MASK_LABEL] == mask_bytes(dense.config, stage) == by_hand[stage], key
+        assert MASK_LABEL not in s.breakdown
+        assert d.run - s.run == by_hand[stage] and d.load == s.load
+        assert {k: v for k, v in d.breakdown.items() if k != MASK_LABEL} == s.breakdown
+    for key in ("naive", "online_ref"):  # other trainers' layouts: no mask term
+        assert dense.scenario(key) == seg.scenario(key) and MASK_LABEL not in dense.scenario(key).breakdown
+
+
+def test_pack_changes_only_the_sequences(tmp_path):
+    """--pack: one sequence of the budget per forward (stage one T1, stage two batch_size·2·max_length), no padding;
+    unpacked: ⌊T1 / W1⌋ rows of W1 = min(2·max_length, T1) in stage one, batch_size rows of 2·max_length in stage
+    two. The activations count the full budget either way, so only the mask's shape changes."""
+    from stages.tools.planterms import stage_sequences
+
+    path = str(write(tmp_path, SMALL))
+    kw = dict(gpus=2, lora_r=4, max_length=1024, batch_size=3, max_tokens_per_batch=8192)
+    flat, packed = (plan_memory(PlanConfig(path, pack=p, **kw)) for p in (False, True))
+    assert stage_sequences(flat.config, 1) == (8192 // 2048, 2048) and stage_sequences(flat.config, 2) == (3, 2048)
+    assert stage_sequences(packed.config, 1) == (1, 8192) and stage_sequences(packed.config, 2) == (1, 3 * 2048)
+    # a budget below one pair row: one row of the budget (the longest rows are cut, as the plan's note says)
+    short = PlanConfig(path, max_length=1024, max_tokens_per_batch=1500)
+    assert stage_sequences(short, 1) == (1, 1500)
+    mask = {1: (4 * 2048 ** 2, 8192 ** 2), 2: (3 * 2048 ** 2, 6144 ** 2)}
+    for key, stage in STAGE_KEYS.items():
+        a, b = flat.scenario(key).breakdown, packed.scenario(key).breakdown
+        assert (a[MASK_LABEL], b[MASK_LABEL]) == mask[stage]
+        assert {k: v for k, v in a.items() if k != MASK_LABEL} == {k: v for k, v in b.items() if k != MASK_LABEL}
+    seg = [plan_memory(PlanConfig(path, attention="segments", pack=p, **kw)) for p in (False, True)]
+    assert seg[0].scenarios == seg[1].scenarios  # segments, no mask: packing changes nothing the plan counts
+
+
+def test_attention_and_layout_lines(tmp_path):
+    """The printed plan names the attention and the layout it assumed, with the mask's arithmetic per stage."""
+    path = str(MODELS / "qwen2.5-72b-instruct")
+    text = format_plan(plan_memory(PlanConfig(path, pack=True)))
+    assert ("attention: dense [B, 1, T, T] bool mask (sdpa), per forward: stage one 1 x 8192^2 x 1 B = 64 MiB, "
+            "stage two 1 x 4096^2 x 1 B = 16 MiB") in text
+    assert ("layout: packed (--pack), prompts back to back, no padding but at the end: stage one 1 sequence of 8,192 "
+            "tokens per forward, stage two 1 sequence of 4,096") in text
+    assert "--pack with the dense mask: one [T, T] mask over the whole packed sequence" in text
+    assert f"  {MASK_LABEL}" in text and "attention scores are not counted anywhere here" in text
+    text = format_plan(plan_memory(PlanConfig(path)))
+    assert "stage one 2 x 4096^2 x 1 B = 32 MiB, stage two 1 x 4096^2 x 1 B = 16 MiB" in text
+    assert ("layout: unpacked, one [prompt | chosen | rejected] row per pair padded to the longest: stage one 2 rows "
+            "of 4,096 tokens per forward, stage two 1 row of 4,096") in text
+    seg = format_plan(plan_memory(PlanConfig(path, attention="segments")))
+    assert "attention: segments (no [T, T] mask: per segment from the rows' boundaries)" in seg
+    assert MASK_LABEL not in seg and "largest attention intermediate is one segment's q.k" in seg
+    # auto: segments for the model types the plan counts (their attention goes through transformers' interface)
+    auto = plan_memory(PlanConfig(path, attention="auto"))
+    assert auto.attention == "segments" and "--attention auto takes it for qwen2" in format_plan(auto)
+    other = plan_memory(PlanConfig(str(write(tmp_path, {**SMALL, "model_type": "olmo"})), attention="auto"))
+    assert other.attention == "dense" and "(--attention auto: model_type 'olmo' is counted dense)" in format_plan(other)
+
+
+def test_attention_and_pack_options(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    path = str(write(tmp_path, SMALL))
+    with pytest.raises(UserError, match="--attention 'flash' is not one of dense, segments, auto"):
+        plan_memory(PlanConfig(path, attention="flash"))
+    with pytest.raises(UserError, match="--pack takes true or false"):
+        plan_memory(PlanConfig(path, pack="yes"))
+    res = CliRunner().invoke(main, ["plan", "--model", path, "--gpus", "2", "--attention", "segments", "--pack"])
+    assert res.exit_code == 0, res.output
+    assert "attention: segments" in res.output and "layout: packed (--pack)" in res.output
+    res = CliRunner().invoke(main, ["plan", "--model", path, "--attention", "flash"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    # the stages' own file: `dpo plan --config` takes their --attention and --pack
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"shared:\n  model: {path}\ntrain:\n  attention: auto\n  pack: true\n  learning_rate: 1.0e-5\n")
+    res = CliRunner().invoke(main, ["plan", "--config", str(cfg), "--gpus", "1"])
+    assert res.exit_code == 0, res.output
+    assert "--attention auto takes it for llama" in res.output and "layout: packed (--pack)" in res.output

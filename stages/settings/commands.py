@@ -6,6 +6,7 @@ and default); the type and the check stay the group's. stages/cli.py builds ever
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from stages.base.errors import UserError
 from stages.objective.lossspec import LossSpec, canonical_loss
 from stages.settings.groups import (
     DATA_HELP,
+    Attention,
     CacheInput,
     Compute,
     DataSpec,
@@ -149,6 +151,11 @@ class PlanConfig(Group):
     cpu: bool = opt(False, "One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
     ref_adapter_r: int = opt(0, "LoRA rank of the reference's SFT adapter on every decoder linear (0: none); its "
                                 "fp32 weights are counted wherever a reference is held.")
+    attention: Attention = opt("dense", "Mirrors the stages' --attention: dense (a [B, 1, T, T] mask per forward, "
+                                        "counted), segments (no mask), auto (segments for the model types counted "
+                                        "here).")
+    pack: bool = opt(False, "Mirrors the stages' --pack: prompts back to back in one sequence up to the token budget "
+                            "(no padding; with dense attention one mask over the whole sequence).")
 
     def check(self) -> None:
         counts = ("gpus", "max_length", "batch_size", "lora_r", "max_tokens_per_batch")
@@ -159,6 +166,11 @@ class PlanConfig(Group):
         if not isinstance(self.ref_adapter_r, int) or self.ref_adapter_r < 0:
             raise UserError(f"--ref-adapter-r {self.ref_adapter_r!r}: must be a whole number >= 0 (0: the reference "
                             f"has no SFT adapter)")
+        if self.attention not in typing.get_args(Attention):
+            raise UserError(f"dpo plan: --attention {self.attention!r} is not one of "
+                            f"{', '.join(typing.get_args(Attention))}")
+        if not isinstance(self.pack, bool):
+            raise UserError(f"dpo plan: --pack takes true or false, got {self.pack!r}")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ Notation used in the docstrings (all per GPU unless stated):
 A fixed OVERHEAD_BYTES = 2 GiB per GPU is added to every scenario for the CUDA context, cuBLAS workspaces and
 NCCL buffers (not with --cpu: then a "GPU" is one CPU process and the figures are what its tensors hold, weights
 counted whole as a GPU holds them, whether or not a CPU run has paged them in). Attention is assumed to be
-SDPA/flash (no seq_len² score matrix is stored). With one GPU nothing is sharded, so nothing is all-gathered.
+SDPA/flash (no seq_len² score matrix is stored): attention scores are counted nowhere. With one GPU nothing is sharded,
+so nothing is all-gathered. The stages' layout (--attention, --pack: planterms.stage_sequences): dense attention holds
+a [B, 1, T, T] bool mask per forward in stage one and two, B·T² bytes; segments none (its largest intermediate, one
+segment's q·k, is a score). --pack only reshapes the mask (the activations already count the full token budget).
 --layers N counts the model with N decoder layers (the widths unchanged): what bench/bench_72b.py measures.
 """
 
@@ -73,6 +76,7 @@ from stages.tools.planterms import (
     BF16,
     FP32,
     article_naive,
+    attention_assumed,
     base_nf4_per_gpu,
     cdiv,
     copy_out,
@@ -83,6 +87,7 @@ from stages.tools.planterms import (
     load_parts,
     logits_chunk,
     lora_input_bytes_per_token,
+    mask_parts,
     ref_adapter_layer,
     ref_adapter_params,
     ref_adapter_sharded,
@@ -121,6 +126,7 @@ class Plan:
     notes: tuple[str, ...]
     shape: Shape
     article: dict[str, int] = field(default_factory=dict)  # article_naive: naive DPO at 8 B/param, whole job
+    attention: str = "dense"     # the attention the stage columns assume (planterms.attention_assumed)
 
     def scenario(self, key: str) -> Scenario:
         return next(s for s in self.scenarios if s.key == key)
@@ -171,6 +177,7 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
               dequantised to bf16 for its matmul; also on one GPU)
         SFT adapter (--ref-adapter-r): + 4·A_ref/N sharded; each gathered layer carries its 4·A_ref/L.
         activations: inference_activations over max_tokens_per_batch tokens.
+        mask: dense attention's [B, 1, T, T] bool mask, B·T² (mask_parts; none with segments).
         copy-out: one more root or layer at N > 1 (copy_out).
         load: the sharded weights + the largest tensor's slice in flight (load_parts).
     """
@@ -182,7 +189,7 @@ def scenario_stage1(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int,
         weights, layer = cdiv(BF16 * c["total"], n), layer + BF16 * c["per_layer"]
         gathered = gathered_parts(n, 2 * layer + BF16 * root_params(c))
     parts = {"reference weights (sharded)": weights, **ref, **gathered,
-             **copy_out(n, BF16 * root_params(c), layer), **inference_activations(s, cfg)}
+             **copy_out(n, BF16 * root_params(c), layer), **inference_activations(s, cfg), **mask_parts(s, cfg, 1)}
     key, title = ("stage1_nf4", "stage 1 NF4") if nf4 else ("stage1_bf16", "stage 1 bf16")
     load = load_parts(s, cfg, weights + sum(ref.values()), nf4, lora_params=ref_adapter_params(s, cfg))
     return _finish(key, title, parts, load, capacity, cfg.cpu)
@@ -216,9 +223,11 @@ def scenario_stage2(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int)
                      forward and again in backward; also on one GPU)
         copy-out   : max(2·P_root, layer_nf4 + 2·A_lay) at N > 1 (copy_out)
         activations: training_activations with the LoRA inputs added per layer.
+        mask       : dense attention's [B, 1, T, T] bool mask, B·T² (mask_parts), held through the backward.
         load       : _stage2_load.
     """
-    return _finish("stage2", "stage 2 QLoRA", _stage2_parts(s, c, cfg), _stage2_load(s, c, cfg), capacity, cfg.cpu)
+    parts = {**_stage2_parts(s, c, cfg), **mask_parts(s, cfg, 2)}
+    return _finish("stage2", "stage 2 QLoRA", parts, _stage2_load(s, c, cfg), capacity, cfg.cpu)
 
 
 def scenario_online_ref(s: Shape, c: dict[str, int], cfg: PlanConfig, capacity: int) -> Scenario:
@@ -381,7 +390,8 @@ def plan_memory(cfg: PlanConfig) -> Plan:
         notes.append(f"max_tokens_per_batch {cfg.max_tokens_per_batch} < max_length {cfg.max_length}: the longest "
                      f"rows cannot be scored in stage one")
     return Plan(cfg, s.model_type, counts, lora_parameters_from_shape(s, cfg.lora_r), capacity_bytes(cfg),
-                scen, tuple(sugg), tuple(notes), s, article_naive(counts, ref_adapter_params(s, cfg)))
+                scen, tuple(sugg), tuple(notes), s, article_naive(counts, ref_adapter_params(s, cfg)),
+                attention_assumed(s, cfg))
 
 
 def parse_gpu_memory(text: str | float | int) -> float:

@@ -4,7 +4,7 @@ loading rows, the peak (max of the two), fits/does-not-fit, suggestions and note
 from __future__ import annotations
 
 from stages.tools.plan import GIB, OVERHEAD_BYTES, Plan, gpu_memory_gib
-from stages.tools.planterms import BF16, full_logits_bytes, nf4_split
+from stages.tools.planterms import BF16, MASK_LABEL, full_logits_bytes, mask_bytes, nf4_split, stage_sequences
 
 _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m + v (sharded)",
               "reference weights (sharded)", "reference SFT adapter, fp32 (sharded)", "base weights NF4 (sharded)",
@@ -13,7 +13,7 @@ _ROW_ORDER = ("policy weights + grads, bf16 (sharded)", "AdamW fp32 master + m +
               "dequantised NF4 linear (one GPU)", "activations: hidden states",
               "activations: one layer",
               "activations: layer checkpoints", "activations: one layer recomputed + grads",
-              "activations: all layers saved", "activations: one layer grads", "log-prob head",
+              "activations: all layers saved", "activations: one layer grads", MASK_LABEL, "log-prob head",
               "reference forward, adapters off (extra at peak)", "CUDA/NCCL overhead (fixed)",
               "load: weights resident (sharded)", "load: largest tensor's slice in flight",
               "load: whole LoRA weights, fp32, before sharding", "load: CUDA/NCCL overhead (fixed)")
@@ -43,8 +43,56 @@ def _header(plan: Plan) -> list[str]:
         f"training {cfg.batch_size} pair(s) x 2 x seq_len "
         f"{cfg.max_length} = {tokens:,} tokens per GPU per step, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; stage 1 {cfg.max_tokens_per_batch:,} tokens per forward",
+        *attention_lines(plan),
     ]
     return [x for x in lines if x is not None]
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the figure >= 1: '64 MiB', '1.5 GiB', '32 KiB', '256 B'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} B"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def attention_lines(plan: Plan) -> list[str]:
+    """The attention and the layout the stage columns assume: the dense mask's B x T^2 x 1 B per forward of each
+    stage, or segments (no mask); unpacked rows or --pack's sequences (planterms.stage_sequences)."""
+    cfg, model_type = plan.config, plan.shape.model_type
+    (b1, t1), (b2, t2) = stage_sequences(cfg, 1), stage_sequences(cfg, 2)
+    if plan.attention == "segments":
+        auto = f"; --attention auto takes it for {model_type}" if cfg.attention == "auto" else ""
+        head = f"attention: segments (no [T, T] mask: per segment from the rows' boundaries{auto})"
+    else:
+        auto = f" (--attention auto: model_type {model_type!r} is counted dense)" if cfg.attention == "auto" else ""
+        head = (f"attention: dense [B, 1, T, T] bool mask (sdpa){auto}, per forward: stage one {b1} x {t1}^2 x 1 B = "
+                f"{_size(mask_bytes(cfg, 1))}, stage two {b2} x {t2}^2 x 1 B = {_size(mask_bytes(cfg, 2))}")
+    if cfg.pack:
+        layout = (f"layout: packed (--pack), prompts back to back, no padding but at the end: stage one 1 sequence "
+                  f"of {t1:,} tokens per forward, stage two 1 sequence of {t2:,}")
+    else:
+        layout = (f"layout: unpacked, one [prompt | chosen | rejected] row per pair padded to the longest: stage one "
+                  f"{_n(b1, 'row')} of {t1:,} tokens per forward, stage two {_n(b2, 'row')} of {t2:,}")
+    return [head, layout]
+
+
+def _attention_notes(plan: Plan) -> list[str]:
+    """What the attention terms count and what they leave out."""
+    if plan.attention == "segments":
+        return ["  - attention scores are not counted anywhere here: --attention segments builds no [T, T] tensor; "
+                "its largest attention intermediate is one segment's q.k (the math kernel's; CUDA's flash and "
+                "memory-efficient kernels make none)"]
+    return ["  - attention scores are not counted anywhere here (SDPA keeps no [T, T] score matrix); the dense "
+            "layout's [B, 1, T, T] mask is counted as sdpa's bool (1 B per entry; eager's additive mask would take 2 B "
+            "in bf16); it keeps SDPA off the flash kernel, --attention segments drops it; the naive and online-ref "
+            "columns are other trainers' layouts: no mask counted there",
+            "  - --pack with the dense mask: one [T, T] mask over the whole packed sequence (it grows with the budget "
+            "squared)" if plan.config.pack else None]
 
 
 def _ref_adapter(plan: Plan) -> int:
@@ -126,5 +174,6 @@ def format_plan(plan: Plan) -> str:
         if plan.config.gpus > 1 else None,
         f"  - NF4 absmax (fp32, one per 64 weights) is not sharded by FSDP2: "
         f"{nf4_split(plan.counts['linear_weights'])[1] / GIB:.2f} GiB whole on every GPU in the NF4 columns",
+        *_attention_notes(plan),
     ]
     return "\n".join(x for x in lines if x is not None)

@@ -1,13 +1,14 @@
 """`dpo plan`'s byte terms, per GPU, that the scenarios of stages/tools/plan.py add up (the notation is in that module's
 docstring): NF4 storage and its FSDP2 split, the weights FSDP2 keeps and all-gathers, the all-gather copy-out, the
-loading peak's slice in flight, and the activations of training and of stage one's forward."""
+loading peak's slice in flight, the activations of training and of stage one's forward, and the attention layout's
+mask (--attention, --pack as the stages take them)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from stages.base.constants import CHUNK_BY_DEVICE
-from stages.tools.plancount import Shape, linear_shapes, lora_parameters_from_shape
+from stages.tools.plancount import KNOWN_MODEL_TYPES, Shape, linear_shapes, lora_parameters_from_shape
 
 if TYPE_CHECKING:
     from stages.settings.commands import PlanConfig
@@ -207,3 +208,50 @@ def full_logits_bytes(s: Shape, cfg: PlanConfig) -> int:
     """[2B, T, V] logits of one step when a trainer materialises them: bf16 logits + their fp32 log_softmax
     (saved for backward) for the policy, and the same for the reference forward held alongside."""
     return 2 * cfg.batch_size * 2 * cfg.max_length * s.vocab * (BF16 + FP32)
+
+
+# ----------------------------------------------------------------------------------------------- attention layout
+
+MASK_LABEL = "attention mask [B, 1, T, T] (dense)"
+MASK_ENTRY_BYTES = 1              # sdpa's bool mask (eager's additive one would take the weights' dtype, 2 B in bf16)
+
+
+def attention_assumed(s: Shape, cfg: PlanConfig) -> str:
+    """"dense" or "segments": cfg.attention, with "auto" decided as the stages' rowlayout.prepare_model decides it
+    (segments where the model's attention goes through transformers' attention interface, as the decoders of
+    KNOWN_MODEL_TYPES do; any other model type is counted with the dense mask)."""
+    if cfg.attention == "auto":
+        return "segments" if s.model_type in KNOWN_MODEL_TYPES else "dense"
+    return cfg.attention
+
+
+def stage_sequences(cfg: PlanConfig, stage: int) -> tuple[int, int]:
+    """(B, T): the sequences of one forward and the tokens of each, as the plan counts them.
+        unpacked, stage one: rows of W1 = min(2·max_length, T1) tokens (a pair row [prompt | chosen | rejected], at
+                             most 2·max_length, no wider than the budget), B1 = max(1, ⌊T1 / W1⌋) of them (padded
+                             tokens <= --max-tokens-per-batch)
+        unpacked, stage two: batch_size rows of 2·max_length (the T = batch_size·2·max_length tokens it counts)
+        --pack             : one sequence of the budget: stage one T1, stage two the micro-batch's
+                             batch_size·2·max_length (no padding; the activations count these same tokens)."""
+    if stage == 1:
+        t1 = cfg.max_tokens_per_batch
+        if cfg.pack:
+            return 1, t1
+        width = min(2 * cfg.max_length, t1)
+        return max(1, t1 // width), width
+    if cfg.pack:
+        return 1, cfg.batch_size * 2 * cfg.max_length
+    return cfg.batch_size, 2 * cfg.max_length
+
+
+def mask_bytes(cfg: PlanConfig, stage: int) -> int:
+    """Bytes of the dense layout's [B, 1, T, T] mask of one forward of `stage` (1 or 2): B·T²·1 (bool, sdpa), alive
+    through the forward (and, for stage two, its backward: each checkpointed layer keeps it as an input)."""
+    b, t = stage_sequences(cfg, stage)
+    return b * t * t * MASK_ENTRY_BYTES
+
+
+def mask_parts(s: Shape, cfg: PlanConfig, stage: int) -> dict[str, int]:
+    """{MASK_LABEL: mask_bytes} with dense attention; nothing with segments (segattn builds no [T, T] tensor; its
+    largest intermediate, one segment's q·k, is an attention score, which the plan does not count)."""
+    return {MASK_LABEL: mask_bytes(cfg, stage)} if attention_assumed(s, cfg) == "dense" else {}
