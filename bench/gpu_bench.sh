@@ -19,6 +19,10 @@
 #   7. stage one under FSDP2 fully_shard at world size 1 (the sharding overhead)                               ~30 s
 #   8. stage one as 2 shard jobs (--shard-index auto) + `dpo cache merge` against one job (issue 13)           ~50 s
 #   9. with 2+ GPUs only (skipped on one): HSDP (--replicas 2) stage one and 3 training steps (issue 13)
+#  10. the attention paths (issue 24, bench/bench_packing.py --gpu): stage one bf16 and stage two NF4 (LoRA r16,
+#      gradient checkpointing) at 2k and 8k tokens per forward, dense [T, T] mask vs segments (segattn), with and
+#      without --pack, plus one [prompt | chosen | rejected] row of 2k / 8k tokens: tokens/s, peak memory, MFU  ~90 s
+#      PACKING_ONLY=1 bash bench/gpu_bench.sh  runs the setup (section 0) and section 10 only (~2.5 min)
 # Step times are wall seconds, CUDA synchronised (bench/_common.Timer); MFU = 2·N (stage one) or 6·N (stage two)
 # x tokens/s / 989 TFLOP/s (bf16 dense, H100/H200), N = non-embedding parameters (bench/gpu_mfu.py).
 #
@@ -77,6 +81,15 @@ section() {  # section SECONDS TITLE...: announce it, or skip it (status 1) when
 tmo() { local l; l=$(left); [ "$l" -gt 5 ] || { echo "no time left for: $*"; return 124; }; timeout -k 10 "$l" "$@"; }
 ok() { "$@"; local rc=$?; [ $rc = 0 ] || echo "!! FAILED (exit $rc): $*"; return 0; }
 mfu() { ok tmo $PY bench/gpu_mfu.py --model "$MODEL" "$1" "$2"; }
+packing() {  # section 10 (issue 24): bench_packing.py --gpu prints its table (MFU too), writes $WORK/packing.*
+  local tokens=2048,8192 nf4=()
+  if [ "$DRY" = 1 ]; then tokens=256,1024; fi
+  if [ "$NF4" = 1 ] && [ "$DRY" != 1 ]; then nf4=(--4bit); fi
+  if section 90 "10. attention paths (issue 24): dense vs segments, with and without --pack, at $tokens tokens"; then
+    ok tmo $PY bench/bench_packing.py --gpu --model "$MODEL" --tokens $tokens --dtype $DT "${nf4[@]}" \
+      --repeats $REPEATS --json "$WORK/packing.json"
+  fi
+}
 
 finish() {
   local rc=$?
@@ -146,6 +159,7 @@ print(f"{n / 1e9:.3f}B parameters, built and saved in {time.perf_counter() - t:.
 EOF
 fi
 $PY -c "from tests.tiny import build_tokenizer; build_tokenizer('$MODEL')" || exit 1
+if [ "${PACKING_ONLY:-0}" = 1 ]; then packing; exit 0; fi  # PACKING_ONLY=1: the setup above and section 10 only
 
 # ------------------------------------------------------------------------------------------------ 1. CUDA-only tests
 if section 20 "1. CUDA-only tests: NF4 + FSDP2 at world size 1 against the unsharded model (tests/test_gpu.py)"; then
@@ -246,4 +260,7 @@ EOF
 else
   stamp "9. HSDP skipped: $NGPU GPU(s) here, it needs 2+ (tests/test_hsdp_dist.py covers it on CPU)"
 fi
+
+# ------------------------------------------------------------------------------------------------ 10. issue 24
+packing
 stamp "all sections done"
