@@ -65,6 +65,7 @@ MESH_PROBE = textwrap.dedent("""
     assert group == env.rank // 2, (env.rank, group)  # ranks 0,1 are one replica group (one node), 2,3 the other
     print(f"rank {env.rank}: mesh {tuple(mesh.shape)} group {group} placements {w.placements} "
           f"local {tuple(w.to_local().shape)}")
+    torch.distributed.destroy_process_group()  # as the CLI ends (gloo's threads joined before the interpreter exits)
 """)
 
 
