@@ -248,8 +248,7 @@ def med(runs: list[dict], key: str) -> float:
 
 
 def waste_lines(res: dict) -> list[str]:
-    w, d = res["waste"], res["data"]
-    keys = list(w)
+    w, d, keys = res["waste"], res["data"], list(res["waste"])
     head = ["layout"] + [f"{DATA[k.rsplit('-', 1)[0]]}, budget {k.rsplit('-', 1)[1]}" for k in keys]
     rows = [[label] + [f"{100 * pad(w[k][lay]):.1f}% · {w[k][lay]['forwards']} fwd · "
                        f"{w[k][lay]['positions'] // max(w[k][lay]['forwards'], 1)} tok/fwd" for k in keys]
