@@ -108,34 +108,40 @@ def rows_of(batch: list) -> list:
     return [r for i in batch for r in (split_rows(i.enc, NO_ROW_LIMIT) if hasattr(i, "pairs") else pair_rows([i.enc]))]
 
 
-def typical_batch(items: list, size: int) -> list:
-    """Of the micro-batches `dpo train --batch-size size` builds (batches_for_epoch, seed 0, epoch 0: length
-    grouping), the one whose padding (today's layout) is the median."""
+def typical_batch(items: list, size: int, budget: int | None) -> list:
+    """Of the micro-batches `dpo train --batch-size size [--max-tokens-per-batch budget]` builds (seed 0, epoch 0),
+    one whose padding (today's layout) is the median; of those, the median in real tokens."""
     from stages.stage2.trainutil import batches_for_epoch
 
-    ranked = sorted(batches_for_epoch(items, size, 0, 0), key=lambda b: pad(_shape([[[r] for r in rows_of(b)]])))
-    return ranked[len(ranked) // 2]
+    batches = batches_for_epoch(items, size, 0, 0, budget)
+    shape = [_shape([[[r] for r in rows_of(b)]]) for b in batches]
+    mid = sorted(pad(s) for s in shape)[len(shape) // 2]
+    ties = sorted((s["real"], i) for i, s in enumerate(shape) if pad(s) == mid)
+    return batches[ties[len(ties) // 2][1]]
 
 
 def pick_batches(data: dict, pairs: int, sets: int, scored: int) -> dict:
-    """Stage two's micro-batches: of the ones `dpo train` builds (--batch-size `pairs` over every HH row, `sets`
-    over the first `scored` reply sets), the one with the median padding (typical_batch); references later."""
+    """Stage two's micro-batches (typical_batch) over every HH row (--batch-size `pairs`) and the first `scored`
+    reply sets (`sets`), without and with each token budget: name -> (items, budget, size); references later."""
     from stages.stage2.prepare import Item, SetItem
 
-    return {"hh": typical_batch([Item(e, 0.0, 0.0) for e in data["hh"]], pairs),
-            "sets": typical_batch([SetItem(s, (), tuple(p), ()) for s, p in zip(data["sets"][:scored], data["pairs"])],
-                                  sets)}
+    pool = {"hh": ([Item(e, 0.0, 0.0) for e in data["hh"]], pairs),
+            "sets": ([SetItem(s, (), tuple(p), ()) for s, p in zip(data["sets"][:scored], data["pairs"])], sets)}
+    return {f"{n}-{b or 'bs'}": (typical_batch(items, size, b), b, size) for n, (items, size) in pool.items()
+            for b in (None, *BUDGETS)}
 
 
 def stage_two_items(data: dict, refs: dict) -> dict:
-    """The picked micro-batches with stage one's values as the reference (so the loss is log 2 at the start: LoRA
-    B = 0, the policy is the reference)."""
+    """The picked micro-batches, stage one's values as their reference (loss log 2 at the start: LoRA B = 0)."""
     from stages.stage2.prepare import Item, SetItem
 
-    items = [Item(i.enc, *refs["hh"][i.enc.example_id]) for i in data["picks"]["hh"]]
-    refs_of = [(s, tuple(refs["sets"][k] for k in s.enc.reply_ids)) for s in data["picks"]["sets"]]
-    return {"hh": items, "sets": [SetItem(s.enc, ref, s.pairs, tuple((ref[c], ref[r]) for c, r in s.pairs))
-                                  for s, ref in refs_of]}
+    def with_ref(i):
+        if not hasattr(i, "pairs"):
+            return Item(i.enc, *refs["hh"][i.enc.example_id])
+        ref = tuple(refs["sets"][k] for k in i.enc.reply_ids)
+        return SetItem(i.enc, ref, i.pairs, tuple((ref[c], ref[r]) for c, r in i.pairs))
+
+    return {k: ([with_ref(i) for i in items], budget, size) for k, (items, budget, size) in data["picks"].items()}
 
 
 def waste_cells(units, items: list, budget: int) -> dict:
@@ -158,7 +164,6 @@ def waste_cells(units, items: list, budget: int) -> dict:
         "s2-bs8-budget": _shape([[[r] for r in b] for b in by_budget]),
         "s2-pack-bs8": _shape([pack(b, NO_ROW_LIMIT) for b in by_size[8]]),
         "s2-pack-bs8-budget": _shape([pack(b, budget) for b in by_budget]),
-        "ffd-8": _shape([packs[i:i + 8] for packs in [pack(as_rows(todo), budget)] for i in range(0, len(packs), 8)]),
     }
 
 
@@ -212,12 +217,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for k in a for x, y in zip(flat(a[k]), flat(b[k])))
 
 
-def stage_two_shapes(items: list, variants: dict) -> dict:
+def stage_two_shapes(items: list, budget: int | None) -> dict:
     """Per variant: sequences, positions (padded), real tokens and attention q.k elements of the forward."""
     from stages.model.packing import pack
+    from stages.stage2.forward import NO_ROW_LIMIT
 
-    rows, out = rows_of(items), {}
-    for v, (p, attention, budget) in variants.items():
+    rows, out, budget = rows_of(items), {}, budget or NO_ROW_LIMIT
+    for v, (p, attention) in VARIANTS.items():
         seqs = pack(rows, budget) if p else [[r] for r in rows]
         widths = [sum(r.length for r in s) for s in seqs]
         out[v] = {"sequences": len(seqs), "positions": len(seqs) * max(widths), "real": sum(widths),
@@ -234,7 +240,6 @@ LAYOUTS = {
     "s2-bs8-budget": "stage two, today: --batch-size 8 --max-tokens-per-batch budget (`token_batches`)",
     "s2-pack-bs8": "stage two, --pack --batch-size 8 (no token budget: one sequence a micro-batch)",
     "s2-pack-bs8-budget": "stage two, --pack --batch-size 8 --max-tokens-per-batch budget (`pack` at the budget)",
-    "ffd-8": "(reference) every row first-fit packed at the budget, 8 packs per forward padded to the longest",
 }
 PACKED = ("s1-pack", "s2-pack-bs8", "s2-pack-bs8-budget")
 
@@ -259,15 +264,13 @@ def waste_lines(res: dict) -> list[str]:
             f"Padding = 1 − real tokens / forwarded positions; cell = padding · forwards · positions per forward. "
             f"Data: all {d['hh']} HH pair rows (encoded as both stages do, --max-length {MAXLEN}); the {d['sets']} "
             f"reply sets of {d['sets_file']}, {d['replies']} replies; {d['hh_sets']} sets of every two consecutive HH "
-            "rows (prompt i; chosen i, rejected i, chosen i+1, rejected i+1 as token ids, the pairing of "
-            "tests/test_many_replies.reply_sets). Stage two's micro-batches are `trainutil.batches_for_epoch` (seed "
-            "0, epoch 0) or `token_batches`, as `dpo train` builds them.", "",
+            "rows (prompt i; chosen i, rejected i, chosen i+1, rejected i+1: tests/test_many_replies.reply_sets' "
+            "pairing). Stage two's micro-batches: `trainutil.batches_for_epoch` (seed 0), as `dpo train` builds.", "",
             C.table(head, rows), "",
             f"- Target: padding ≤ 1 % with --pack: {'PASS' if worst <= 0.01 else '**MISS**'} (worst of the --pack "
-            f"rows {100 * worst:.2f} %; today's layout {100 * min(today):.1f}–{100 * max(today):.1f} %). A packed "
-            "forward is one sequence in both stages (a micro-batch's rows over the budget: several, padded to the "
-            "longest), so what --pack leaves is the part of the budget a batch does not fill (tokens per forward), "
-            "which costs nothing: a shorter sequence, not padding."]
+            f"rows {100 * worst:.2f} %; today's layout {100 * min(today):.1f}–{100 * max(today):.1f} %): a packed "
+            "forward is one sequence in both stages, as the stages form their batches; what the budget does not fill "
+            "is a shorter sequence (tokens per forward), not padding."]
 
 
 def stage_one_lines(res: dict) -> list[str]:
@@ -296,22 +299,21 @@ def stage_one_lines(res: dict) -> list[str]:
 def stage_two_lines(res: dict) -> list[str]:
     rows = []
     for name, r in res["stage_two"].items():
-        runs, sh = r["runs"], r["shapes"]
+        runs, sh, b = r["runs"], r["shapes"], r["budget"]
         for v in runs:
-            base, layout = v.rsplit("-", 1) if v != "today" else ("today", "")
-            rows.append([f"{DATA[name]}: {r['n']} ({r['pairs']} pairs)", f"{NAMES[base]}" + (f", budget {layout}"
-                         if layout else ""), sh[v]["sequences"], sh[v]["positions"], sh[v]["real"],
+            rows.append([f"{DATA[name.split('-')[0]]}: {r['n']} ({r['pairs']} pairs), --batch-size {r['size']}"
+                         + (f" --max-tokens-per-batch {b}" if b else ""), NAMES[v], sh[v]["sequences"],
+                         sh[v]["positions"], sh[v]["real"],
                          f"{100 * (1 - sh[v]['real'] / sh[v]['positions']):.1f}%", sh[v]["qk"],
                          C.fmt(med(runs[v], "cpu"), 2), C.fmt(med(runs[v], "user"), 2), C.fmt(med(runs[v], "wall"), 2),
                          f"{med(runs[v], 'cpu') / med(runs['today'], 'cpu'):.2f}x", f"+{med(runs[v], 'added'):.3f}",
                          f"{runs[v][0]['loss']:.6f}"])
     return ["### (b) Stage two: one training step (`stage2.forward.policy_forward` + backward)", "",
-            "Micro-batch: of those `dpo train --batch-size n` builds (`batches_for_epoch`, seed 0: length grouping) "
-            "over all HH rows / the scored reply sets, the one whose padding (today's layout) is the median; the same "
-            "micro-batch in every variant (only the layout changes). LoRA r16 α32 dropout 0 on all linear layers, "
-            "fp32, sigmoid β 0.1, no gradient checkpointing, no optimizer step; the reference = stage one's values, "
-            "so the loss is log 2 (LoRA B = 0) in every variant; one untimed warm-up step per variant, then "
-            f"{res['meta']['plan']['steps']} timed round(s), the order rotating; medians.", "",
+            "Micro-batch: of those `dpo train` builds with these options (seed 0) over all HH rows / the scored sets, "
+            "one of median padding (today's layout; of those, the median in real tokens); only the layout changes "
+            "between its variants. LoRA r16 α32 dropout 0 on all linear layers, fp32, sigmoid β 0.1, no gradient "
+            "checkpointing, no optimizer step; reference = stage one's values (loss log 2: LoRA B = 0); one untimed "
+            f"warm-up step a variant, then {res['meta']['plan']['steps']} timed round(s), order rotating, medians.", "",
             C.table(["micro-batch", "variant", "sequences", "positions", "real", "padding", "attention q·k",
                      "CPU s / step", "of which user s", "wall s", "CPU vs today", "peak RSS added GiB", "loss"],
                     rows)]
@@ -344,22 +346,20 @@ def attention_lines(res: dict) -> list[str]:
 def reading_lines(res: dict) -> list[str]:
     """What the tables say, in numbers: CPU ratios against today (or dense), the repeats' spread."""
     s1, s2, a = res["stage_one"]["results"], res["stage_two"], res["attention"]["runs"]
-    base = lambda runs: runs["today" if "today" in runs else "dense"]  # noqa: E731
-    ratio = lambda runs, v: f"{med(runs[v], 'cpu') / med(base(runs), 'cpu'):.2f}x"  # noqa: E731
+    ratio = lambda rs, v: f"{med(rs[v], 'cpu') / med(rs.get('today', rs.get('dense')), 'cpu'):.2f}x"  # noqa: E731
     spread = max((max(r["cpu"] for r in rs) - min(r["cpu"] for r in rs)) / med(rs, "cpu")
                  for x in s1.values() for rs in x["runs"].values())
     one = ", ".join(f"{DATA[k.rsplit('-', 1)[0]]} {k.rsplit('-', 1)[1]}: {ratio(x['runs'], 'pack')} / "
                     f"{ratio(x['runs'], 'pack-seg')}" for k, x in s1.items())
-    two = ", ".join(f"{DATA[n]}: " + " / ".join(ratio(x["runs"], v) for v in list(x["runs"])[1:])
-                    for n, x in s2.items())
+    two = ", ".join(f"{n}: {ratio(x['runs'], 'pack')} / {ratio(x['runs'], 'pack-seg')}" for n, x in s2.items())
     size = max(int(k.split("-")[1]) for k in a)
     att = "; ".join(f"{k}: time {ratio(a[k], 'segments')}, peak RSS added {med(a[k]['segments'], 'added'):.3f} "
                     f"against {med(a[k]['dense'], 'added'):.3f} GiB" for k in a if k.endswith(f"-{size}"))
     return ["### Reading", "",
             f"- Stage one, CPU against today (--pack dense / --pack segments): {one}. The slice's forward is mostly "
             f"its LM head and MLPs, not attention; the repeats of one variant spread by up to {100 * spread:.0f} %.",
-            f"- Stage two step, CPU against today ({' / '.join(list(next(iter(s2.values()))['runs'])[1:])}): {two}. "
-            "Packing drops the padded positions' work and activations (positions, peak RSS).",
+            f"- Stage two step, CPU against today (--pack dense / --pack segments; micro-batch: data-budget, bs = "
+            f"no token budget): {two}.",
             f"- Item 3, segments against the dense mask at {size} tokens: {att}. Segments build no [T, T] tensor; a "
             "row packed with short blocks costs them far less than T² (q·k elements handed).", ""]
 

@@ -9,8 +9,9 @@ by side in one process (one torch thread, variants interleaved, the order rotati
       stage one's batches (`precompute.plan_batches`, cost `units.cost`, or `units.real` with --pack) and stage
       two's micro-batches (`trainutil.batches_for_epoch` / `token_batches`, then `packing.pack` with --pack).
   (b) stage one (`precompute.score_batches`, the command's loop) and stage two (`stage2.forward.policy_forward` +
-      backward, LoRA r16 on all linear layers, a TrainConfig from `TrainConfig.flat`) on SmolLM2-135M-Instruct's
-      2-layer slice, fp32: CPU / wall seconds, peak RSS over each run, values against today's.
+      backward, LoRA r16 on all linear layers, a TrainConfig from `TrainConfig.flat`; typical micro-batches of
+      --batch-size 8 / 4 without and with --max-tokens-per-batch 512 / 2048) on SmolLM2-135M-Instruct's 2-layer
+      slice, fp32: CPU / wall seconds, peak RSS over each run, values against today's.
   (c) item 3: one attention layer (SmolLM2's 9 heads x 64, 3 KV heads; forward + backward) at 2k and 8k tokens per
       row, the dense mask (built as packing.py builds it, then transformers' sdpa) against segattn: time, peak RSS.
 Peak RSS is VmHWM per run (reset through /proc/self/clear_refs), with glibc trimming (bench/_common.MALLOC_ENV; the
@@ -96,7 +97,7 @@ def phase_stage_one(model, dense_impl: str, data: dict, plan: Plan) -> dict:
     from stages.stage1.precompute import plan_batches
     from stages.stage1.units import PairUnits, ReplyUnits
 
-    picked = [i.enc for i in data["picks"]["hh"]]  # stage two's micro-batch, then a fixed random sample
+    picked = list({i.enc: 0 for k, p in data["picks"].items() if k.startswith("hh") for i in p[0]})  # stage two's
     hh = picked + [e for e in C.sample_rows(data["hh"], plan.hh_rows) if e not in picked][:plan.hh_rows - len(picked)]
     inputs = {"hh": PairUnits(hh), "sets": ReplyUnits(data["sets"][:plan.sets])}
     warm = PairUnits(inputs["hh"].items[:2])
@@ -129,8 +130,8 @@ def phase_stage_one(model, dense_impl: str, data: dict, plan: Plan) -> dict:
 
 # ================================================================================================ (b) stage two
 def phase_stage_two(model_dir: Path, data: dict, refs: dict, plan: Plan) -> dict:
-    """One warm-up step per variant, then `steps` timed rounds, the order rotating: today, and --pack dense /
-    segments at each budget (the same micro-batch: only the layout changes)."""
+    """Per micro-batch (without, and with each token budget): one warm-up step per variant, then `steps` timed
+    rounds, the order rotating: today, --pack dense, --pack segments (only the layout changes)."""
     import torch
 
     from stages.model.models import LoraSettings, ModelSpec, load_policy
@@ -142,21 +143,18 @@ def phase_stage_two(model_dir: Path, data: dict, refs: dict, plan: Plan) -> dict
                          LoraSettings(LORA["r"], LORA["alpha"], 0.0, ("all-linear",)), torch.device("cpu"), False)
     policy.train()
     dense_impl = policy.config._attn_implementation
-    variants = {"today": (False, "dense", None)}
-    variants |= {f"{v}-{b}": (p, a, b) for b in BUDGETS for v, (p, a) in VARIANTS.items() if p}
-    cfgs = {v: TrainConfig.flat(model=str(model_dir), data=("unused",), ref_cache="", output="", load_in_4bit=False,
-                                dtype="fp32", lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                gradient_checkpointing=False, max_tokens_per_batch=b, pack=p, attention=a)
-            for v, (p, a, b) in variants.items()}
-    loss = build_loss(cfgs["today"].loss)
-    out = {}
-    for name, items in R.stage_two_items(data, refs).items():
-        runs = {v: [] for v in variants}
+    cfgs = {(v, b): TrainConfig.flat(model=str(model_dir), data=("unused",), ref_cache="", output="", lora_r=LORA["r"],
+                                     lora_alpha=LORA["alpha"], lora_dropout=0.0, load_in_4bit=False, dtype="fp32",
+                                     gradient_checkpointing=False, max_tokens_per_batch=b, pack=p, attention=a)
+            for b in (None, *BUDGETS) for v, (p, a) in VARIANTS.items()}
+    loss, out = build_loss(cfgs["today", None].loss), {}
+    for name, (items, budget, size) in R.stage_two_items(data, refs).items():
+        runs = {v: [] for v in VARIANTS}
         for rep in range(plan.steps + 1):
-            for v in list(variants)[rep % len(variants):] + list(variants)[:rep % len(variants)]:
-                set_attention(policy, variants[v][1], dense_impl)
+            for v in list(VARIANTS)[rep % 3:] + list(VARIANTS)[:rep % 3]:
+                set_attention(policy, VARIANTS[v][1], dense_impl)
                 with Peaks() as mem, C.Timer() as t:
-                    res = policy_forward(policy, items, 2, cfgs[v], loss)
+                    res = policy_forward(policy, items, 2, cfgs[v, budget], loss)
                     res.objective.backward()
                     policy.zero_grad(set_to_none=True)
                 r = {"cpu": t.cpu, "user": t.user, "wall": t.wall, "peak": mem.peak, "added": mem.added,
@@ -165,8 +163,8 @@ def phase_stage_two(model_dir: Path, data: dict, refs: dict, plan: Plan) -> dict
                     runs[v].append(r)
                 log(f"stage two {name} {'warm-up' if not rep else f'rep {rep}'} {v}: CPU {t.cpu:.1f}s wall "
                     f"{t.wall:.1f}s, peak +{mem.added:.2f} GiB, loss {r['loss']:.6f}")
-        out[name] = {"runs": runs, "shapes": R.stage_two_shapes(items, variants), "n": len(items),
-                     "pairs": sum(len(getattr(i, "pairs", ((0, 1),))) for i in items)}
+        out[name] = {"runs": runs, "shapes": R.stage_two_shapes(items, budget), "n": len(items), "budget": budget,
+                     "size": size, "pairs": sum(len(getattr(i, "pairs", ((0, 1),))) for i in items)}
     return out
 
 
