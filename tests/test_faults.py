@@ -331,7 +331,7 @@ def test_checkpoint_rng_state_loads_with_weights_only(tiny_llama, rows, cache12,
 def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(tiny_llama, rows, baseline, tmp_path,
                                                                               monkeypatch):
     out = tmp_path / "ref.parquet"
-    real, calls = units.pair_logps, []
+    real, calls = units.PairUnits.forward, []
 
     def signalling(*a, **kw):
         calls.append(1)
@@ -339,7 +339,7 @@ def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(ti
             os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before it kills the job
         return real(*a, **kw)
     with monkeypatch.context() as m:
-        m.setattr(units, "pair_logps", signalling)
+        m.setattr(units.PairUnits, "forward", staticmethod(signalling))
         line = one_line(invoke(*pc_args(tiny_llama, [rows["twelve"]], out)), "3 examples are safe", "to continue",
                         code=128 + signal.SIGTERM)
     assert line.startswith("stopped:")
@@ -353,7 +353,7 @@ def test_sigterm_in_stage_one_saves_the_current_part_and_says_how_to_continue(ti
 def test_parts_are_saved_by_time_as_well_as_by_count(tiny_llama, rows, tmp_path, monkeypatch):
     """--batches-per-part 1000 would save nothing before the end; --part-seconds saves anyway (here: every batch)."""
     out = tmp_path / "ref.parquet"
-    real, calls = units.pair_logps, []
+    real, calls = units.PairUnits.forward, []
 
     def dying(*a, **kw):
         calls.append(1)
@@ -361,7 +361,7 @@ def test_parts_are_saved_by_time_as_well_as_by_count(tiny_llama, rows, tmp_path,
             raise SimulatedKill("kill -9")
         return real(*a, **kw)
     with monkeypatch.context() as m:
-        m.setattr(units, "pair_logps", dying)
+        m.setattr(units.PairUnits, "forward", staticmethod(dying))
         with pytest.raises(SimulatedKill):
             precompute.run(pc(tiny_llama, [rows["twelve"]], out, batches_per_part=1000, part_seconds=1e-9))
     assert len(refcache.done_ids(tmp_path / "ref.parquet.parts")) == 4

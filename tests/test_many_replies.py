@@ -50,7 +50,7 @@ expanded = expanded_pairs  # tests/hhrows.py
 
 
 def run_stage_one(model: Path, data: Path, out: Path, **kw) -> pl.DataFrame:
-    kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, **kw}
+    kw = {"max_length": MAXLEN, "max_prompt_length": MAXPROMPT, "attention": "dense", **kw}  # dense: the reference
     precompute.run(PrecomputeConfig.flat(model=str(model), data=(str(data),), output=str(out), **kw))
     return pl.read_parquet(out)
 
@@ -156,7 +156,7 @@ def test_a_cache_of_the_other_layout_is_refused_in_one_line(made, tmp_path):
 def _cfg(made, data: str, cache: str, out: Path, **kw) -> TrainConfig:
     base = dict(model=str(made["model"]), data=(str(made[data]),), ref_cache=str(made[cache]), output=str(out),
                 max_steps=2, batch_size=2, lora_r=4, lora_alpha=8, learning_rate=1e-3, load_in_4bit=False,
-                gradient_checkpointing=False)
+                gradient_checkpointing=False, attention="dense")  # the dense mask: the reference layout
     return TrainConfig.flat(**{**base, **kw})
 
 
@@ -283,6 +283,39 @@ def test_micro_batches_filled_by_tokens(made, tmp_path):
     assert summary["steps"] == len(batches)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_micro_batches_count_real_tokens(made, tmp_path, share):
+    """--pack with --max-tokens-per-batch: the budget counts the real tokens of the one packed sequence (prompt
+    once with --share-prompt, else once per reply), not padded rows, so a packed micro-batch fills its budget
+    and the forward packs it into ONE sequence."""
+    from stages.data.encode import Encoded
+    from stages.model import packing
+    from stages.settings.options import replace
+    from stages.stage2.trainutil import PackCost, batch_cost, cost_of, token_batches
+
+    cfg = _cfg(made, "pairs", "pair_cache", tmp_path / "a", pack=True, share_prompt=share, max_tokens_per_batch=500)
+    assert cost_of(cfg.compute) == PackCost(share)
+    assert cost_of(_cfg(made, "pairs", "pair_cache", tmp_path).compute) is batch_cost
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: tuple(torch.randint(3, 500, (n,), generator=g).tolist())  # noqa: E731
+    items = [Item(Encoded(f"x{k}", ids(30 + k % 7), ids(10 + k % 5), ids(12 + k % 3)), -1.0, -2.0) for k in range(24)]
+    real = [(1 if share else 2) * len(i.enc.prompt_ids) + len(i.enc.chosen_ids) + len(i.enc.rejected_ids)
+            for i in items]
+    assert [i.packed_tokens(share) for i in items] == real
+    packed, padded = token_batches(items, 64, 500, PackCost(share)), token_batches(items, 64, 500)
+    assert all(sum(i.packed_tokens(share) for i in b) <= 500 for b in packed)
+    assert all(sum(i.packed_tokens(share) for i in b) + min(real) > 500 for b in packed[:-1])  # each one is full
+    # shared: padded rows count the prompt twice and the shorter reply as the longer (half-full packed sequences)
+    assert len(packed) < len(padded) if share else len(packed) <= len(padded)
+    seen = []
+    real_pack = packing.pack
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("stages.model.rowlayout.pack", lambda rows, b, s: seen.append(real_pack(rows, b, s)) or seen[-1])
+        model = _policy64(made)
+        policy_forward(model, packed[0], 2, replace(cfg), Trainer.build(model, cfg, 1).loss)
+    assert len(seen) == 1 and len(seen[0]) == 1 and len(seen[0][0]) == len(packed[0])  # ONE sequence, all of it
+
+
 def test_a_sweep_over_reply_sets_reads_the_cache_once_and_trains_each_beta(made, tmp_path):
     res = CliRunner().invoke(cli_main, ["sweep", "--model", str(made["model"]), "--data", str(made["sets"]),
                                         "--ref-cache", str(made["reply_cache"]), "--output", str(tmp_path / "sweep"),
@@ -392,6 +425,9 @@ def test_attention_auto_takes_segments_and_says_so(made, tmp_path):
     assert "attention: segments (--attention auto: per segment from the rows' boundaries, no [T, T] mask)" in \
         res.output, res.output
     assert "padding waste 0.0%" in res.output, res.output
+    from stages.cache.refcache import read_cache
+
+    assert read_cache(tmp_path / "ref.parquet")[1]["share_prompt"] is True  # segments share the prompt (no 4-D mask)
     other = pl.read_parquet(tmp_path / "ref.parquet").sort("reply_id")
     base = made["reply_df"].sort("reply_id")
     assert ((other["ref_logps"] - base["ref_logps"]).abs() <= sum_tol(base["reply_tokens"], made["scale"])).all()

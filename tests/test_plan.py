@@ -125,7 +125,7 @@ def test_lora_matches_peft():
 
 def test_small_memory_by_hand(tmp_path):
     cfg = PlanConfig(str(write(tmp_path, SMALL)), gpus=2, gpu_memory="1GB", max_length=64, batch_size=1, lora_r=4,
-                     max_tokens_per_batch=256)
+                     attention="dense", max_tokens_per_batch=256)
     plan = plan_memory(cfg)
     # per-token bytes of one layer: 2·(5h + 3q_d + 3kv_d + 4i) + 4·(2h + heads)
     a = 2 * (5 * 64 + 3 * 64 + 3 * 32 + 4 * 128) + 4 * (2 * 64 + 4)
@@ -416,7 +416,8 @@ def test_loading_nf4_slice_by_hand(tmp_path):
 def test_loading_peak_can_decide_the_fit(tmp_path):
     """A big vocabulary and a short stage-one batch: loading, not scoring, is the peak, and decides the fit."""
     path = str(write(tmp_path, {**SMALL, "vocab_size": 65536}))
-    cfg = PlanConfig(path, gpus=1, cpu=True, max_length=16, max_tokens_per_batch=16, lora_r=4, gpu_memory="0.015GB")
+    cfg = PlanConfig(path, gpus=1, cpu=True, max_length=16, max_tokens_per_batch=16, lora_r=4, gpu_memory="0.015GB",
+                     attention="dense")
     s1 = plan_memory(cfg).scenario("stage1_bf16")
     weights = 2 * (2 * 36992 + 65536 * 64 + 64)                      # P = 4,268,352 in bf16, one GPU
     assert s1.load == weights + 2 * 65536 * 64 == 16925312            # + the whole embedding read in bf16
@@ -488,7 +489,7 @@ def test_dense_mask_term_by_hand(tmp_path, flags, stage1, stage2):
     from stages.tools.planterms import mask_bytes, stage_sequences
 
     path = str(write(tmp_path, SMALL))
-    dense = plan_memory(PlanConfig(path, gpus=2, lora_r=4, **flags))
+    dense = plan_memory(PlanConfig(path, gpus=2, lora_r=4, attention="dense", **flags))
     seg = plan_memory(PlanConfig(path, gpus=2, lora_r=4, attention="segments", **flags))
     assert (dense.attention, seg.attention) == ("dense", "segments")
     by_hand = {1: stage1[0] * stage1[1] ** 2, 2: stage2[0] * stage2[1] ** 2}
@@ -512,7 +513,7 @@ def test_pack_changes_only_the_sequences(tmp_path):
 
     path = str(write(tmp_path, SMALL))
     kw = dict(gpus=2, lora_r=4, max_length=1024, batch_size=3, max_tokens_per_batch=8192)
-    flat, packed = (plan_memory(PlanConfig(path, pack=p, **kw)) for p in (False, True))
+    flat, packed = (plan_memory(PlanConfig(path, pack=p, attention="dense", **kw)) for p in (False, True))
     assert stage_sequences(flat.config, 1) == (8192 // 2048, 2048) and stage_sequences(flat.config, 2) == (3, 2048)
     assert stage_sequences(packed.config, 1) == (1, 8192) and stage_sequences(packed.config, 2) == (1, 3 * 2048)
     # a budget below one pair row: one row of the budget (the longest rows are cut, as the plan's note says)
@@ -530,14 +531,14 @@ def test_pack_changes_only_the_sequences(tmp_path):
 def test_attention_and_layout_lines(tmp_path):
     """The printed plan names the attention and the layout it assumed, with the mask's arithmetic per stage."""
     path = str(MODELS / "qwen2.5-72b-instruct")
-    text = format_plan(plan_memory(PlanConfig(path, pack=True)))
+    text = format_plan(plan_memory(PlanConfig(path, pack=True, attention="dense")))
     assert ("attention: dense [B, 1, T, T] bool mask (sdpa), per forward: stage one 1 x 8192^2 x 1 B = 64 MiB, "
             "stage two 1 x 4096^2 x 1 B = 16 MiB") in text
     assert ("layout: packed (--pack), prompts back to back, no padding but at the end: stage one 1 sequence of 8,192 "
             "tokens per forward, stage two 1 sequence of 4,096") in text
     assert "--pack with the dense mask: one [T, T] mask over the whole packed sequence" in text
     assert f"  {MASK_LABEL}" in text and "attention scores are not counted anywhere here" in text
-    text = format_plan(plan_memory(PlanConfig(path)))
+    text = format_plan(plan_memory(PlanConfig(path, attention="dense")))
     assert "stage one 2 x 4096^2 x 1 B = 32 MiB, stage two 1 x 4096^2 x 1 B = 16 MiB" in text
     assert ("layout: unpacked, one [prompt | chosen | rejected] row per pair padded to the longest: stage one 2 rows "
             "of 4,096 tokens per forward, stage two 1 row of 4,096") in text
@@ -545,7 +546,7 @@ def test_attention_and_layout_lines(tmp_path):
     assert "attention: segments (no [T, T] mask: per segment from the rows' boundaries)" in seg
     assert MASK_LABEL not in seg and "largest attention intermediate is one segment's q.k" in seg
     # auto: segments for the model types the plan counts (their attention goes through transformers' interface)
-    auto = plan_memory(PlanConfig(path, attention="auto"))
+    auto = plan_memory(PlanConfig(path))  # the default: auto
     assert auto.attention == "segments" and "--attention auto takes it for qwen2" in format_plan(auto)
     other = plan_memory(PlanConfig(str(write(tmp_path, {**SMALL, "model_type": "olmo"})), attention="auto"))
     assert other.attention == "dense" and "(--attention auto: model_type 'olmo' is counted dense)" in format_plan(other)

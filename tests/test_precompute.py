@@ -284,10 +284,12 @@ def test_share_prompt_and_sorting_do_not_change_values(arch, request, files, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(logprobs, "shared_prompt_logps", spy)
-    shared = run_inproc(model, data, tmp_path / "s.parquet", max_tokens_per_batch=1500)
+    # the dense-mask path (--attention dense) is the one that calls shared_prompt_logps; segments: test_packing
+    shared = run_inproc(model, data, tmp_path / "s.parquet", max_tokens_per_batch=1500, attention="dense")
     assert calls["shared"] > 0, "--share-prompt did not take the shared path on an sdpa model"
     calls["shared"] = 0
-    plain = run_inproc(model, data, tmp_path / "p.parquet", max_tokens_per_batch=1500, share_prompt=False)
+    plain = run_inproc(model, data, tmp_path / "p.parquet", max_tokens_per_batch=1500, share_prompt=False,
+                       attention="dense")
     assert calls["shared"] == 0
     unsorted = run_inproc(model, data, tmp_path / "u.parquet", max_tokens_per_batch=1500, sort_by_length=False)
     assert shared.height == plain.height == unsorted.height == 30
@@ -421,7 +423,7 @@ def test_finished_parts_are_merged_without_recomputing(tiny_llama, files, tmp_pa
     monkeypatch.undo()
     assert parts.is_dir() and len(list(parts.glob("part-*.parquet"))) == 5 and not out.exists()
     calls = []
-    monkeypatch.setattr(units, "pair_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(units.PairUnits, "forward", staticmethod(lambda *a, **k: calls.append(1)))
     again = run_inproc(tiny_llama, [files["eval"]], out, batches_per_part=1, max_tokens_per_batch=1)
     assert calls == [] and again.equals(full)
 
@@ -481,7 +483,8 @@ def test_non_finite_logps_is_an_error_naming_the_example(share, tiny_llama, file
     monkeypatch.setattr(logprobs, name, poisoned)
     out = tmp_path / "r.parquet"
     with pytest.raises(UserError) as err:
-        run_inproc(tiny_llama, [files["eval"]], out, share_prompt=share, batches_per_part=1, max_tokens_per_batch=1)
+        run_inproc(tiny_llama, [files["eval"]], out, share_prompt=share, batches_per_part=1, max_tokens_per_batch=1,
+                   attention="dense")  # the dense path's functions are poisoned; segments: the same check
     msg = str(err.value)
     assert victim in msg and "non-finite" in msg and "\n" not in msg
     assert not out.exists()
@@ -610,7 +613,7 @@ def test_smollm2_slice_share_prompt_matches_plain(smollm2_slice, files, tmp_path
     these rows (tests/bounds.py: rounding only, any CPU kernel). The same bounds fail, on the same rows, for a
     dropped/added token and for a mask that lets the rejected reply see the chosen one."""
     data = [files["train"], files["eval"]]
-    kw = {"max_tokens_per_batch": 4096, "store_token_logps": True}
+    kw = {"max_tokens_per_batch": 4096, "store_token_logps": True, "attention": "dense"}  # the [T, T] mask path
     shared = run_inproc(smollm2_slice, data, tmp_path / "s.parquet", **kw)
     plain = run_inproc(smollm2_slice, data, tmp_path / "p.parquet", share_prompt=False, **kw)
     assert shared.height == plain.height == 30

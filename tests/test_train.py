@@ -247,6 +247,9 @@ def test_e2e_adapter_reloads_to_the_trained_policy(e2e, fp32_files):
     base_c, _ = logps_of(base, items, pad)
     loaded = PeftModel.from_pretrained(base, str(e2e["out"] / "adapter"))
     got_c, got_r = logps_of(loaded, items, pad)
+    from stages.model.packing import unuse_segments
+
+    unuse_segments(e2e["policy"])  # --attention auto switched it to segments, which plain forwards cannot take
     want_c, want_r = logps_of(e2e["policy"], items, pad)
     # same weights in two module trees (maybe other kernels/layouts): rounding only, per example (tests/bounds.py)
     z = logit_scale(loaded.eval(), pair_sequences([it.enc for it in items]))

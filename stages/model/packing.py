@@ -219,7 +219,17 @@ def use_segments(model) -> None:
     with activation checkpointing needs, since the layers' recompute runs in backward, after packed_logps has
     returned. The model then takes packed_logps(..., attention="segments") only (segattn refuses a mask)."""
     segattn = _segattn(model)
+    if model.config._attn_implementation != segattn.NAME:
+        model.config.dpo_attention_before = model.config._attn_implementation  # what unuse_segments puts back
     model.config._attn_implementation = segattn.NAME
+
+
+def unuse_segments(model) -> None:
+    """Undo use_segments: the model's own attention again (plain forwards, generation, a dense mask)."""
+    before = getattr(model.config, "dpo_attention_before", None)
+    if before is not None:
+        model.config._attn_implementation = before
+        del model.config.dpo_attention_before
 
 
 def _segattn(model):

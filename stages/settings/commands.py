@@ -9,6 +9,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stages.base.errors import UserError
 from stages.objective.lossspec import LossSpec, canonical_loss
@@ -18,6 +19,7 @@ from stages.settings.groups import (
     CacheInput,
     Compute,
     DataSpec,
+    DType,
     Lengths,
     LoraSettings,
     LossSettings,
@@ -151,7 +153,7 @@ class PlanConfig(Group):
     cpu: bool = opt(False, "One CPU process per GPU: no CUDA overhead (compare with a CPU run).")
     ref_adapter_r: int = opt(0, "LoRA rank of the reference's SFT adapter on every decoder linear (0: none); its "
                                 "fp32 weights are counted wherever a reference is held.")
-    attention: Attention = opt("dense", "Mirrors the stages' --attention: dense (a [B, 1, T, T] mask per forward, "
+    attention: Attention = opt("auto", "Mirrors the stages' --attention: dense (a [B, 1, T, T] mask per forward, "
                                         "counted), segments (no mask), auto (segments for the model types counted "
                                         "here).")
     pack: bool = opt(False, "Mirrors the stages' --pack: prompts back to back in one sequence up to the token budget "
@@ -304,3 +306,59 @@ class FromTrlConfig(Group):
     """`dpo config from-trl DPOConfig.yaml`."""
 
     path: str = opt(help="A TRL DPOConfig / TrainingArguments YAML file.", argument=True)
+
+
+# ------------------------------------------------------------------------------------------------ export
+MergeInto = Literal["original", "dequantized"]  # stages/model/merge.py applies them
+GgufType = Literal["auto", "f32", "f16", "bf16"]  # stages/model/ggufwrite.GGUF_TYPES (a test holds them equal)
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30, "TIB": 2**40}  # as transformers' save_pretrained reads max_shard_size
+
+
+@dataclass(frozen=True)
+class ExportConfig(Group):
+    """`dpo export RUN_DIR_OR_ADAPTER --output DIR`: the merged model, its card, optionally a GGUF."""
+
+    run_dir_or_adapter: str = opt(help="A `dpo train` output folder (its adapter/, config.yaml and cache) or a "
+                                       "PEFT adapter folder.", argument=True)
+    output: str = opt(help="Folder for the merged model (written under a temporary name, renamed when complete).",
+                      aliases=("out",))
+    base: str | None = opt(None, "The base model folder (default: the run's --model, else the adapter's "
+                                 "base_model_name_or_path).", aliases=("model",))
+    dtype: DType = opt("auto", "Dtype of the written weights (auto: the run's, as its cache records; an adapter "
+                               "alone: the base's stored dtype).")
+    merge_into: MergeInto = opt("original", "Merge LoRA into the original base weights (what serving stacks "
+                                            "load) or into their NF4 round trip (dequantized: what a QLoRA "
+                                            "adapter was trained against).")
+    max_shard_size: str = opt("5GB", "Largest safetensors file, e.g. 500MB, 5GB, 2GiB (GB = 10^9 bytes, as "
+                                     "save_pretrained).")
+    gguf: bool = opt(False, "Also write DIR/model.<type>.gguf for llama.cpp (llama, qwen2, mistral).")
+    gguf_type: GgufType = opt("auto", "GGUF tensor type (auto: as --dtype: fp32 -> f32, bf16 -> bf16, "
+                                      "fp16 -> f16).")
+    overwrite: bool = opt(False, "Replace an existing DIR (the old one goes only once the new one is complete).")
+    trust_remote_code: bool = opt(False, "Let transformers run code shipped with the base model (off: "
+                                         "nothing from a model folder is executed).")
+
+    def check(self) -> None:
+        if not self.run_dir_or_adapter:
+            raise UserError("dpo export: name a run folder or an adapter folder (RUN_DIR_OR_ADAPTER)")
+        if Path(self.output).resolve() in (src := Path(self.run_dir_or_adapter).resolve(), *src.parents):
+            raise UserError(f"--output {self.output}: would replace the run or adapter it exports; pick a new folder")
+        parse_size(self.max_shard_size)  # a size that does not parse is one line, before anything is read
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+def parse_size(text: str) -> int:
+    """--max-shard-size in bytes (the one place it is read): 5GB = 5·10^9, 2GiB = 2·2^30, a bare number = bytes."""
+    clean = str(text).strip().upper().replace(" ", "")
+    number = clean.rstrip("KMGTIB")
+    try:
+        value = float(number) * SIZE_UNITS[clean[len(number):]]
+    except (ValueError, KeyError):
+        value = 0
+    if not 1 <= value < 2**63:  # also NaN and inf
+        raise UserError(f"--max-shard-size {text!r}: not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(value)

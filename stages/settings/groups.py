@@ -152,9 +152,9 @@ class Compute(Group):
                                      resume=True)
     pack: bool = opt(False, "Pack several prompts (each with its replies) into one sequence up to the token budget "
                             "(--max-tokens-per-batch): no padding but at the end (same numbers).", resume=True)
-    attention: Attention = opt("dense", "Attention of the shared rows: dense (a [T, T] mask), segments (per segment "
-                                        "from the rows' boundaries, no mask), auto (segments where the model "
-                                        "supports it); same numbers.", resume=True)
+    attention: Attention = opt("auto", "Attention of the shared rows: auto (segments where the model supports it, "
+                                       "else dense), segments (per segment from the rows' boundaries, no mask), "
+                                       "dense (a [T, T] mask); same numbers.", resume=True)
 
     def check(self) -> None:
         at_least("chunk_size", self.chunk_size, 1)

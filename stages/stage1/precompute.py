@@ -124,7 +124,7 @@ def reference_pass(cfg, out: Path, units, todo: list, pad_id: int, meta: dict, e
     model.eval()
     attention, line = prepare_model(model, cfg.compute.attention)  # segments: the model's attention switched
     say(env, line)
-    share = cfg.compute.share_prompt and supports_prompt_sharing(model)
+    share = cfg.compute.share_prompt and (attention == "segments" or supports_prompt_sharing(model))
     meta["share_prompt"] = share  # what was used, not only asked for
     memory.end("load")
     start = time.perf_counter()

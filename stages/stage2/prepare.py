@@ -41,6 +41,11 @@ class Item:
     def tokens(self) -> int:  # what its forward costs: two padded rows (the metrics' tokens/s)
         return 2 * self.enc.length
 
+    def packed_tokens(self, share: bool) -> int:
+        """Its real tokens in a packed sequence: [prompt | chosen | rejected], or two rows with the prompt twice."""
+        e = self.enc
+        return (1 if share else 2) * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
+
 
 @dataclass(frozen=True)
 class SetItem:
@@ -59,6 +64,11 @@ class SetItem:
     @property
     def tokens(self) -> int:  # one [prompt | replies] row
         return self.enc.length
+
+    def packed_tokens(self, share: bool) -> int:
+        """Its real tokens in a packed sequence: one [prompt | replies] row, or one row per reply with the prompt."""
+        e = self.enc
+        return self.tokens if share else len(e.replies) * len(e.prompt_ids) + sum(len(r) for r in e.replies)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from stages.stage2.trainutil import (
     batches_for_epoch,
     build_optimizer,
     build_scheduler,
+    cost_of,
     seed_everything,
     token_batches,
 )
@@ -73,7 +74,7 @@ def train_run(cfg: TrainConfig, prepared: Prepared | None, env: DistEnv, out: Pa
     for note in prep.notes:
         say(env, note)
     seed_everything(cfg.run.seed)
-    total_steps, steps_per_epoch = plan_steps(cfg.schedule, prep.train, env)
+    total_steps, steps_per_epoch = plan_steps(cfg.schedule, prep.train, env, cost_of(cfg.compute))
     spec = policy_spec(cfg.model, prep.cache_meta, env, prep.reference_differs)
     memory = PhaseMemory(env)  # peaks per phase, every rank: "load" (load + shard), then "train"
     model = load_policy(spec, cfg.lora.lora(), env.device, cfg.lora.gradient_checkpointing, env=env,
@@ -108,25 +109,31 @@ def policy_spec(model: ModelSettings, meta: dict, env: DistEnv, differs: tuple[s
     """The policy's base loaded as the cache's reference was (quantization, dtype, SFT adapter) where no flag says
     otherwise. `differs`: what prepare found not the reference (only with --allow-reference-mismatch; prepare refuses
     it otherwise, and has said it in a note); named in the one model line."""
-    cached = {"load_in_4bit": meta["quantization"] != "none", "dtype": meta["dtype"],
-              "adapter": (meta.get("adapter") or {}).get("path")}
-    given = {"load_in_4bit": model.load_in_4bit, "dtype": model.dtype, "adapter": model.adapter}
-    spec = {k: cached[k] if v is None else v for k, v in given.items()}
+    spec = as_the_cache({"load_in_4bit": model.load_in_4bit, "dtype": model.dtype, "adapter": model.adapter}, meta)
     dtype = dtype_name(resolve_dtype(spec["dtype"], env.device))
     say(env, f"model: {'NF4' if spec['load_in_4bit'] else dtype} base, adapter {spec['adapter'] or 'none'} "
              f"({'as the cache' if not differs else 'cache differs in ' + ', '.join(differs)})")
     return model.spec(**spec)
 
 
-def plan_steps(schedule: Schedule, train: list, env: DistEnv) -> tuple[int, int]:
+def as_the_cache(given: dict, meta: dict) -> dict:
+    """{load_in_4bit, dtype, adapter} of the policy's base: each given value, or the cache's reference's where it is
+    None (the one rule; `dpo export` reads a run's base with it)."""
+    cached = {"load_in_4bit": meta["quantization"] != "none", "dtype": meta["dtype"],
+              "adapter": (meta.get("adapter") or {}).get("path")}
+    return {k: cached[k] if v is None else v for k, v in given.items()}
+
+
+def plan_steps(schedule: Schedule, train: list, env: DistEnv, cost=None) -> tuple[int, int]:
     """Optimizer steps: each takes accumulation x world_size micro-batches of batch_size examples (with
-    --max-tokens-per-batch: of trainutil.token_batches, the same every epoch)."""
+    --max-tokens-per-batch: of trainutil.token_batches counted by `cost`, the same every epoch)."""
     per_step = schedule.gradient_accumulation_steps * env.world_size
     if schedule.max_tokens_per_batch is None:
         steps_per_epoch = len(train) // (per_step * schedule.batch_size)
         need = f"{per_step * schedule.batch_size} = batch size x accumulation x processes"
     else:
-        steps_per_epoch = len(token_batches(train, schedule.batch_size, schedule.max_tokens_per_batch)) // per_step
+        batches = token_batches(train, schedule.batch_size, schedule.max_tokens_per_batch, cost)
+        steps_per_epoch = len(batches) // per_step
         need = f"{per_step} micro-batches = accumulation x processes, each up to --max-tokens-per-batch"
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training examples are fewer than one optimizer step needs ({need}); lower "
@@ -194,7 +201,7 @@ def drift_check(t: Trainer, prep: Prepared, cfg, env, writer) -> None:
     """An extra no-grad eval-mode pass on the first batch, only when the policy starts from a trained adapter (its
     LoRA dropout would add noise to the first step's own forward); a fresh LoRA reads the drift from step 1."""
     items = batches_for_epoch(prep.train, cfg.schedule.batch_size, cfg.run.seed, 0,
-                              budget=cfg.schedule.max_tokens_per_batch)[env.rank]
+                              budget=cfg.schedule.max_tokens_per_batch, cost=cost_of(cfg.compute))[env.rank]
     t.model.eval()
     with torch.no_grad():
         result = policy_forward(t.model, items, prep.tokenizer.pad_token_id, cfg, t.loss)
@@ -294,7 +301,7 @@ def step_batches(train: list[Item | SetItem], cfg, env: DistEnv,
         epoch, in_epoch = divmod(step, at.steps_per_epoch)
         if epoch != order_epoch:
             order_epoch, batches = epoch, batches_for_epoch(train, cfg.schedule.batch_size, cfg.run.seed, epoch,
-                                                            budget=cfg.schedule.max_tokens_per_batch)
+                                                            cfg.schedule.max_tokens_per_batch, cost_of(cfg.compute))
         first = in_epoch * accum * env.world_size
         step_items = [item for b in batches[first:first + accum * env.world_size] for item in b]
         count = StepCount(sum(len(getattr(item, "pairs", (None,))) for item in step_items), len(step_items))

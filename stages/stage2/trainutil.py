@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -18,13 +19,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int, budget: int | None = None) -> list[list]:
+def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int, budget: int | None = None,
+                      cost=None) -> list[list]:
     """Micro-batches of exactly `batch_size` examples, the same on every rank and for every world size:
     shuffle (seeded by seed and epoch), sort each megabatch by length (little padding), drop the remainder.
-    With a token `budget`: the micro-batches of `token_batches` (built once, the same every epoch) in an order
-    shuffled by seed and epoch."""
+    With a token `budget`: the micro-batches of `token_batches` (built once, the same every epoch; `cost` as there)
+    in an order shuffled by seed and epoch."""
     if budget is not None:
-        batches = token_batches(items, batch_size, budget)
+        batches = token_batches(items, batch_size, budget, cost)
         order = list(range(len(batches)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
         return [batches[i] for i in order]
@@ -45,18 +47,36 @@ def batch_cost(batch: list) -> int:
     return len(batch) * max(item.tokens for item in batch)
 
 
-def token_batches(items: list, batch_size: int, budget: int) -> list[list]:
+def token_batches(items: list, batch_size: int, budget: int, cost=None) -> list[list]:
     """Whole examples (pairs, or prompts with all their replies), longest first, greedily into micro-batches of at
-    most `batch_size` examples and `budget` padded tokens (`batch_cost`); an example over the budget alone is a
+    most `batch_size` examples and `budget` tokens as `cost` counts them (default `batch_cost`: padded rows;
+    --pack: `PackCost`, the real tokens of the one packed sequence); an example over the budget alone is a
     micro-batch of its own. Deterministic (the same on every rank and every epoch)."""
+    cost = cost or batch_cost
     order = sorted(range(len(items)), key=lambda i: (-items[i].tokens, i))
     batches: list[list] = []
     for i in order:
-        if batches and len(batches[-1]) < batch_size and batch_cost(batches[-1] + [items[i]]) <= budget:
+        if batches and len(batches[-1]) < batch_size and cost(batches[-1] + [items[i]]) <= budget:
             batches[-1].append(items[i])
         else:
             batches.append([items[i]])
     return batches
+
+
+@dataclass(frozen=True)
+class PackCost:
+    """--pack: a micro-batch is one sequence of its real tokens (`packed_tokens`: the shared or plain layout), so
+    the budget counts those, not padded rows (which would fill packed sequences about half)."""
+
+    share: bool
+
+    def __call__(self, batch: list) -> int:
+        return sum(item.packed_tokens(self.share) for item in batch)
+
+
+def cost_of(compute) -> object:
+    """How --max-tokens-per-batch counts a micro-batch under these Compute settings (one rule for all callers)."""
+    return PackCost(compute.share_prompt) if compute.pack else batch_cost
 
 
 def build_optimizer(model, optim: OptimSettings):
