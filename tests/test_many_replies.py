@@ -316,6 +316,30 @@ def test_packed_micro_batches_count_real_tokens(made, tmp_path, share):
     assert len(seen) == 1 and len(seen[0]) == 1 and len(seen[0][0]) == len(packed[0])  # ONE sequence, all of it
 
 
+def test_length_grouping_sorts_by_the_shared_row_it_pads_to():
+    """With --share-prompt a pair's forward is ONE row [prompt | chosen | rejected]: grouping by that width pads
+    less than grouping by prompt + longer reply (the plain layout's rows), with the same examples per epoch."""
+    from types import SimpleNamespace
+
+    from stages.data.encode import Encoded
+    from stages.stage2.trainutil import batches_for_epoch, width_of
+
+    g = torch.Generator().manual_seed(1)
+    n = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    items = [Item(Encoded(f"x{k}", (5,) * n(10, 400), (6,) * n(5, 300), (7,) * n(5, 300)), 0.0, 0.0)
+             for k in range(512)]
+    width = width_of(SimpleNamespace(share_prompt=True))
+    assert [width(i) for i in items] == [i.packed_tokens(True) for i in items]
+    assert width_of(SimpleNamespace(share_prompt=False))(items[0]) == items[0].length
+
+    def padding(batches) -> float:
+        positions = sum(len(b) * max(width(i) for i in b) for b in batches)
+        return 1 - sum(width(i) for b in batches for i in b) / positions
+    by_length, by_width = (batches_for_epoch(items, 8, 0, 0, width=w) for w in (None, width))
+    assert sorted(id(i) for b in by_width for i in b) == sorted(id(i) for b in by_length for i in b)
+    assert padding(by_width) < 0.8 * padding(by_length), (padding(by_width), padding(by_length))
+
+
 def test_a_sweep_over_reply_sets_reads_the_cache_once_and_trains_each_beta(made, tmp_path):
     res = CliRunner().invoke(cli_main, ["sweep", "--model", str(made["model"]), "--data", str(made["sets"]),
                                         "--ref-cache", str(made["reply_cache"]), "--output", str(tmp_path / "sweep"),

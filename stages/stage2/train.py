@@ -44,6 +44,7 @@ from stages.stage2.trainutil import (
     cost_of,
     seed_everything,
     token_batches,
+    width_of,
 )
 
 DRIFT_WARN = 0.05  # mean |policy - ref| per token above this at step 0 means rewards will not start at 0
@@ -201,7 +202,7 @@ def drift_check(t: Trainer, prep: Prepared, cfg, env, writer) -> None:
     """An extra no-grad eval-mode pass on the first batch, only when the policy starts from a trained adapter (its
     LoRA dropout would add noise to the first step's own forward); a fresh LoRA reads the drift from step 1."""
     items = batches_for_epoch(prep.train, cfg.schedule.batch_size, cfg.run.seed, 0,
-                              budget=cfg.schedule.max_tokens_per_batch, cost=cost_of(cfg.compute))[env.rank]
+                              cfg.schedule.max_tokens_per_batch, cost_of(cfg.compute), width_of(cfg.compute))[env.rank]
     t.model.eval()
     with torch.no_grad():
         result = policy_forward(t.model, items, prep.tokenizer.pad_token_id, cfg, t.loss)
@@ -301,7 +302,8 @@ def step_batches(train: list[Item | SetItem], cfg, env: DistEnv,
         epoch, in_epoch = divmod(step, at.steps_per_epoch)
         if epoch != order_epoch:
             order_epoch, batches = epoch, batches_for_epoch(train, cfg.schedule.batch_size, cfg.run.seed, epoch,
-                                                            cfg.schedule.max_tokens_per_batch, cost_of(cfg.compute))
+                                                            cfg.schedule.max_tokens_per_batch, cost_of(cfg.compute),
+                                                            width_of(cfg.compute))
         first = in_epoch * accum * env.world_size
         step_items = [item for b in batches[first:first + accum * env.world_size] for item in b]
         count = StepCount(sum(len(getattr(item, "pairs", (None,))) for item in step_items), len(step_items))

@@ -20,9 +20,10 @@ def seed_everything(seed: int) -> None:
 
 
 def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int, budget: int | None = None,
-                      cost=None) -> list[list]:
+                      cost=None, width=None) -> list[list]:
     """Micro-batches of exactly `batch_size` examples, the same on every rank and for every world size:
-    shuffle (seeded by seed and epoch), sort each megabatch by length (little padding), drop the remainder.
+    shuffle (seeded by seed and epoch), sort each megabatch by `width` (default: length; `width_of`: the row the
+    forward pads to, so little padding), drop the remainder.
     With a token `budget`: the micro-batches of `token_batches` (built once, the same every epoch; `cost` as there)
     in an order shuffled by seed and epoch."""
     if budget is not None:
@@ -30,13 +31,14 @@ def batches_for_epoch(items: list, batch_size: int, seed: int, epoch: int, budge
         order = list(range(len(batches)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
         return [batches[i] for i in order]
+    width = width or (lambda item: item.length)
     order = list(range(len(items)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     usable = len(order) - len(order) % batch_size
     batches = []
     span = batch_size * MEGABATCH
     for start in range(0, usable, span):
-        group = sorted(order[start:min(start + span, usable)], key=lambda i: -items[i].length)
+        group = sorted(order[start:min(start + span, usable)], key=lambda i: -width(items[i]))
         batches += [[items[i] for i in group[k:k + batch_size]] for k in range(0, len(group), batch_size)]
     return batches
 
@@ -77,6 +79,12 @@ class PackCost:
 def cost_of(compute) -> object:
     """How --max-tokens-per-batch counts a micro-batch under these Compute settings (one rule for all callers)."""
     return PackCost(compute.share_prompt) if compute.pack else batch_cost
+
+
+def width_of(compute):
+    """What length grouping sorts by: the row a shared forward pads to ([prompt | chosen | rejected], one
+    [prompt | replies] row: `packed_tokens(True)`), or the longer prompt + reply of the plain layout's rows."""
+    return (lambda item: item.packed_tokens(True)) if compute.share_prompt else (lambda item: item.length)
 
 
 def build_optimizer(model, optim: OptimSettings):
