@@ -306,6 +306,17 @@ def demo(**flags):
     run_demo(quick=cfgmod.build(settings.DemoConfig, None, flags).quick)
 
 
+@main.command("export", context_settings={"show_default": False})
+@options_from(settings.ExportConfig, config=False)
+@user_errors
+def export_cmd(**flags):
+    """A merged model from a trained run or adapter (RUN_DIR_OR_ADAPTER): sharded safetensors streamed shard by
+    shard, config, tokenizer, a model card; --gguf adds a GGUF for llama.cpp."""
+    from stages.tools.export import run_export
+
+    run_export(cfgmod.build(settings.ExportConfig, None, flags))
+
+
 @main.group("config")
 def config_group():
     """Configs from elsewhere."""

@@ -33,7 +33,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "cache": frozenset({"base", "data"}),
     "stage1": frozenset({"root", "base", "data", "model", "cache", "settings"}),
     "stage2": frozenset({"base", "data", "objective", "model", "cache", "settings"}),
-    "tools": frozenset({"base", "data", "objective", "model", "cache", "settings", "stage1", "stage2"}),
+    "tools": frozenset({"root", "base", "data", "objective", "model", "cache", "settings", "stage1", "stage2"}),
     "cli": frozenset({"base", "model", "cache", "settings", "stage1", "stage2", "tools"}),
 }
 # An allowed arrow that may land only on these modules of the imported part.

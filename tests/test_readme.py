@@ -153,7 +153,7 @@ def run_tour(root: Path, monkeypatch) -> list[str]:
 
 
 TOUR = ["precompute-ref", "cache info", "cache verify", "cache export-trl", "train", "sample", "compare", "sweep",
-        "compare", "precompute-ref", "train", "train", "config from-trl"]
+        "compare", "precompute-ref", "train", "train", "config from-trl", "export"]
 
 
 def check_tour_outputs(root: Path, ran: list[str]) -> None:
@@ -166,6 +166,9 @@ def check_tour_outputs(root: Path, ran: list[str]) -> None:
         records = [json.loads(x) for x in (root / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert any(r.get("prompts_per_step") == 2 for r in records), run
         assert (root / "runs" / run / "adapter" / "adapter_config.json").is_file()
+    export = root / "models" / "smollm2-dpo"  # the tour ends with the exported model, its card and a GGUF
+    assert (export / "config.json").is_file() and (export / "model.f32.gguf").is_file()
+    assert "base_model: cache/models/smollm2-135m-instruct" in (export / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")

