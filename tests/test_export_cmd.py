@@ -157,7 +157,7 @@ def test_an_existing_output_needs_overwrite_and_survives_a_failed_one(run, expor
         raise OSError(28, "No space left on device", str(out))
     monkeypatch.setattr("stages.tools.export.write_model_files", broken)
     one_line(invoke("export", str(run["run"]), "--output", str(out), "--overwrite"), "No space left")
-    assert (out / "mine.txt").read_text() == "keep" and not list(tmp_path.glob(".out*"))
+    assert (out / "mine.txt").read_text() == "keep" and not (tmp_path / ".out.lock").exists()
     monkeypatch.undo()
     assert invoke("export", str(run["run"]), "--output", str(out), "--overwrite").exit_code == 0
     assert not (out / "mine.txt").exists() and (out / "README.md").is_file() and not list(tmp_path.glob(".out*"))
@@ -204,3 +204,39 @@ def test_gguf_through_the_command(run, tmp_path):
     assert (out / "model.f16.gguf").is_file()
     assert "llama-server -m" in (out / "README.md").read_text()
     assert json.loads((out / "export.json").read_text())["gguf"] == "model.f16.gguf"
+
+
+class Killed(BaseException):
+    """Nothing catches it: as if the process died there."""
+
+
+def test_a_crashed_export_resumes_without_redoing_whole_files(run, exported, tmp_path, monkeypatch):
+    """Killed after the first of three shards: the same command keeps that shard (not written again), writes the
+    rest, and the result is byte for byte the export of an uninterrupted run; another job starts afresh."""
+    from stages.model import merge
+
+    out, written = tmp_path / "out", []
+    real = merge._write_shard
+
+    def dying(out_dir, shard, *a):
+        if written:
+            raise Killed("kill -9")  # the process ends here, after the first shard
+        written.append(shard.file)
+        return real(out_dir, shard, *a)
+    args = ["export", str(run["run"]), "--output", str(out), "--max-shard-size", "150KB"]
+    monkeypatch.setattr(merge, "_write_shard", dying)
+    with pytest.raises(Killed):
+        invoke(*args)
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and (partial / written[0]).is_file() and not (tmp_path / ".out.lock").exists()
+    first = (partial / written[0]).stat().st_ino
+    monkeypatch.setattr(merge, "_write_shard", lambda o, shard, *a: written.append(shard.file) or real(o, shard, *a))
+    res = invoke(*args)
+    assert res.exit_code == 0 and "1 of 3 shard(s) already written" in res.output, res.output
+    assert written[1:] == ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert (out / written[0]).stat().st_ino == first and not partial.exists()
+    clean = tmp_path / "clean"
+    assert invoke("export", str(run["run"]), "--output", str(clean), "--max-shard-size", "150KB").exit_code == 0
+    for f in sorted(p.name for p in clean.glob("*.safetensors*")):
+        assert (out / f).read_bytes() == (clean / f).read_bytes(), f
+    assert not (out / ".export-job.json").exists()

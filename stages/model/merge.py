@@ -270,37 +270,58 @@ def _quantized(job: MergeJob, base: dict[str, StoredTensor]) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ streaming
-def merge(job: MergeJob, out: Path, say: Callable[[str], object] = print) -> MergeReport:
+def merge(job: MergeJob, out: Path, say: Callable[[str], object] = print, resume: bool = False) -> MergeReport:
     """Write the merged safetensors shards (+ index when more than one) into `out`, an existing folder without
     weights (the caller writes config and tokenizer, before or after). Everything is checked before the first byte
-    is written."""
+    is written. Each shard is written as `.FILE.tmp` and renamed when whole; `resume`: `out` holds an earlier,
+    interrupted merge of the SAME job (the caller checks that), whose whole shards are kept, not written again."""
     start = time.perf_counter()
     _check(job)
     out = Path(out)
-    if not out.is_dir() or any(out.glob("*.safetensors")) or (out / INDEX).exists():
+    if not out.is_dir() or (not resume and (any(out.glob("*.safetensors")) or (out / INDEX).exists())):
         raise UserError(f"{out}: not a folder, or it holds safetensors already; merge writes into a new empty folder")
     base = _base_tensors(job)
     tensors, pairs = _load_adapter(job, base)
     nf4 = _quantized(job, base)
     shards = _plan(job, base)
-    written = 0
+    kept = {s.file for s in shards if resume and _whole(out / s.file, s)}
+    if kept:
+        say(f"merge: {len(kept)} of {len(shards)} shard(s) already written in {out}; {len(shards) - len(kept)} to go")
     for i, shard in enumerate(shards, 1):
+        if shard.file in kept:
+            continue
         t0 = time.perf_counter()
-        with open(out / shard.file, "wb") as f:
-            head = shard.header()
-            f.write(head)
-            for name, t, dtype in shard.tensors:
-                _stream(f, t, dtype, job.nf4_dtype if name in nf4 else None, pairs.get(name), tensors)
-            if f.tell() != len(head) + shard.data_bytes():
-                raise AssertionError(f"{shard.file}: wrote {f.tell()} bytes, planned {len(head) + shard.data_bytes()}")
-            written += f.tell()
+        _write_shard(out, shard, job, nf4, pairs, tensors)
         merged = sum(name in pairs for name, _, _ in shard.tensors)
         say(f"merge: {shard.file} ({i}/{len(shards)}): {len(shard.tensors)} tensors, {merged} with LoRA, "
             f"{shard.data_bytes() / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s")
+    written = sum(len(s.header()) + s.data_bytes() for s in shards)
     if len(shards) > 1:
         written += (out / INDEX).write_bytes(_index(shards))
     return MergeReport(tensors=len(base), merged=len(pairs), dequantized=len(nf4), shards=tuple(s.file for s in shards),
                        bytes=written, seconds=time.perf_counter() - start)
+
+
+def _whole(path: Path, shard: _Shard) -> bool:
+    """A shard file with its final name is whole (written under a temporary name, then renamed) when it has the
+    planned size and header."""
+    head = shard.header()
+    if not path.is_file() or path.stat().st_size != len(head) + shard.data_bytes():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(head)) == head
+
+
+def _write_shard(out: Path, shard: _Shard, job: MergeJob, nf4: set[str], pairs: dict, tensors: dict) -> None:
+    tmp = out / f".{shard.file}.tmp"
+    with open(tmp, "wb") as f:
+        head = shard.header()
+        f.write(head)
+        for name, t, dtype in shard.tensors:
+            _stream(f, t, dtype, job.nf4_dtype if name in nf4 else None, pairs.get(name), tensors)
+        if f.tell() != len(head) + shard.data_bytes():
+            raise AssertionError(f"{shard.file}: wrote {f.tell()} bytes, planned {len(head) + shard.data_bytes()}")
+    tmp.replace(out / shard.file)
 
 
 def _step(t: StoredTensor, nf4: bool) -> int:

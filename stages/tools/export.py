@@ -7,13 +7,16 @@ transformers, vLLM, TGI and (with --gguf) llama.cpp load without PEFT, with a ca
            trained THAT adapter further: its adapter/ holds SFT + DPO in the same LoRA weights, merged once
   check    everything before anything is written: the adapter mergeable, the GGUF architecture, the output free
            (or --overwrite), the disk space for every file
-  write    `.DIR.tmp-PID` beside DIR, held by `.DIR.lock`: merged shards (streamed, stages/model/merge.py),
+  write    `.DIR.partial` beside DIR, held by `.DIR.lock`: merged shards (streamed, stages/model/merge.py),
            config.json, generation_config.json, tokenizer, README.md (the card), dpo_config.yaml, export.json,
-           [model.TYPE.gguf]; then renamed to DIR (with --overwrite the old DIR goes only after that)
+           [model.TYPE.gguf]; then renamed to DIR (with --overwrite the old DIR goes only after that). Each large
+           file is renamed into the folder when whole, so the same command after a crash keeps them (the folder's
+           `.export-job.json` says which job it holds; another job's folder is started again)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +34,7 @@ from stages.stage2.train import as_the_cache
 
 GGUF_OF_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 SPARE_BYTES = 64 * 2**20  # tokenizer, config, card: a generous bound for the small files
+STAMP = ".export-job.json"  # in the partial folder: the job it holds (job_stamp)
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,11 @@ def run_export(cfg: ExportConfig) -> Path:
               f"weights{', NF4 round trip of ' + src.compute_dtype if cfg.merge_into == 'dequantized' else ''})")
     # write under a temporary name, held against a second writer
     with fsio.OutputLock(out.with_name(f".{out.name}.lock"), out, "--output"):
-        fsio.remove_stale_temporaries(out.parent, (out.name,))  # what a killed export left
-        tmp = fsio.tmp_path(out)
-        tmp.mkdir()
-        try:
-            write_all(cfg, src, job, tmp)
-            publish(tmp, out, cfg.overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        fsio.remove_stale_temporaries(out.parent, (out.name,))  # what a killed --overwrite left
+        work, resumed = partial_folder(out, job_stamp(cfg, src, job))
+        write_all(cfg, src, job, work, resumed)  # interrupted: `work` stays, and the same command resumes it
+        (work / STAMP).unlink()
+        publish(work, out, cfg.overwrite)
     say(None, f"done: {out} (load it with AutoModelForCausalLM.from_pretrained or `dpo sample --model {out}`)")
     return out
 
@@ -172,6 +172,8 @@ def check_before_writing(cfg: ExportConfig, src: Source, job, out: Path) -> None
         if problem:
             raise UserError(f"--gguf: {problem}")
         need += gguf_bytes(src.base, gguf_type(cfg, src))
+    partial = out.with_name(f".{out.name}.partial")  # an interrupted export's files count as written
+    need -= sum(f.stat().st_size for f in partial.iterdir() if f.is_file()) if partial.is_dir() else 0
     parent = next(d for d in [out.parent, *out.parent.parents] if d.exists())
     free = shutil.disk_usage(parent).free
     if free < need:
@@ -179,19 +181,54 @@ def check_before_writing(cfg: ExportConfig, src: Source, job, out: Path) -> None
                         "free space or export elsewhere")
 
 
-def write_all(cfg: ExportConfig, src: Source, job, tmp: Path) -> None:
+def job_stamp(cfg: ExportConfig, src: Source, job) -> dict:
+    """What decides the bytes of an export: a partial folder made under another stamp is not resumed."""
+    from stages import __version__
+
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.base.glob("*.safetensors"))
+    adapter = hashlib.sha256((src.adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return {"tool_version": __version__, "base": str(src.base.resolve()), "base_files": files, "adapter": adapter,
+            "adapter_config": _json(src.adapter / "adapter_config.json"), "dtype": src.dtype,
+            "merge_into": cfg.merge_into, "nf4_dtype": src.compute_dtype, "max_shard_bytes": job.max_shard_bytes,
+            "gguf": gguf_type(cfg, src) if cfg.gguf else None}
+
+
+def partial_folder(out: Path, stamp: dict) -> tuple[Path, bool]:
+    """`.NAME.partial` beside `out`: an interrupted export of the same job is resumed (True), anything else there is
+    replaced by an empty folder holding the stamp (False)."""
+    work = out.with_name(f".{out.name}.partial")
+    stamp = json.loads(json.dumps(stamp))  # as it reads back (tuples are lists)
+    if (work / STAMP).is_file():
+        try:
+            if json.loads((work / STAMP).read_text()) == stamp:
+                return work, True
+        except json.JSONDecodeError:
+            pass
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    fsio.write_text_atomic(work / STAMP, json.dumps(stamp))
+    return work, False
+
+
+def write_all(cfg: ExportConfig, src: Source, job, tmp: Path, resumed: bool = False) -> None:
     from stages.model.merge import merge
     from stages.tools.modelcard import model_card
 
     started = time.time()
-    report = merge(job, tmp, say=lambda line: say(None, line))
+    report = merge(job, tmp, say=lambda line: say(None, line), resume=resumed)
     write_model_files(src, tmp, cfg.trust_remote_code)
     gguf_file = None
     if cfg.gguf:
         from stages.model.ggufwrite import write_gguf
 
         gguf_file = tmp / f"model.{gguf_type(cfg, src)}.gguf"
-        write_gguf(tmp, gguf_file, gguf_type(cfg, src), say=lambda line: say(None, line), name=Path(cfg.output).name)
+        if gguf_file.is_file():  # renamed into place only when whole: an interrupted export's, kept
+            say(None, f"{gguf_file.name}: already written")
+        else:
+            part = gguf_file.with_name(f".{gguf_file.name}.tmp")
+            write_gguf(tmp, part, gguf_type(cfg, src), say=lambda line: say(None, line), name=Path(cfg.output).name)
+            part.replace(gguf_file)
     provenance = export_record(cfg, src, report, gguf_file, time.time() - started)
     provenance["output"] = cfg.output
     fsio.write_text_atomic(tmp / "export.json", json.dumps(provenance, indent=1, default=str))
