@@ -240,3 +240,16 @@ def test_a_crashed_export_resumes_without_redoing_whole_files(run, exported, tmp
     for f in sorted(p.name for p in clean.glob("*.safetensors*")):
         assert (out / f).read_bytes() == (clean / f).read_bytes(), f
     assert not (out / ".export-job.json").exists()
+
+
+def test_the_settings_name_what_the_writers_take():
+    """--merge-into and --gguf-type are declared in the settings (torch-free); the writers take exactly those."""
+    import typing
+
+    from stages.model.ggufwrite import GGUF_TYPES
+    from stages.model.merge import MERGE_INTO
+    from stages.settings.commands import GgufType, MergeInto
+    from stages.tools.export import GGUF_OF_DTYPE
+
+    assert set(typing.get_args(MergeInto)) == set(MERGE_INTO)
+    assert set(typing.get_args(GgufType)) - {"auto"} == set(GGUF_TYPES) == set(GGUF_OF_DTYPE.values())
