@@ -83,9 +83,9 @@ def test_batch_order_built_once_per_epoch_and_resume_still_exact(cache8, tmp_pat
     calls: list[int] = []
     real = trainutil.batches_for_epoch
 
-    def counting(items, batch_size, seed, epoch, **kw):
+    def counting(items, batch_size, seed, epoch, *rest, **kw):
         calls.append(epoch)
-        return real(items, batch_size, seed, epoch, **kw)
+        return real(items, batch_size, seed, epoch, *rest, **kw)
 
     monkeypatch.setattr(train, "batches_for_epoch", counting)
     train.run(_tcfg(cache8, tmp_path / "a"))
