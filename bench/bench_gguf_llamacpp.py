@@ -124,8 +124,9 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['gguf']} | {r['export_s']:.1f} | {r['same_ids']} | {r['template']} | "
               f"{r['tokens']} | {r['max_diff']:.3g} | {r['max_logit']:.3g} | {r['argmax_agree']:.0%} |" for r in rows]
     lines += ["", "Reading: llama.cpp reads the architecture, the Q/K permutation, tied/untied heads, qwen2 biases and "
-              "the BPE tokenizer as transformers does; the logits differ only by the two libraries' kernels "
-              "(accumulation order; bf16 products in llama.cpp's CPU path)."]
+              "the BPE tokenizer as transformers does. f32: the logits differ by the two libraries' kernels "
+              "(accumulation order) only; bf16: transformers also runs its activations in bf16, llama.cpp its "
+              "activations in f32 over bf16 weights, so their roundings differ (a near tie may flip the argmax)."]
     C.update_results("export-gguf-llamacpp", "\n".join(lines))
     print("\n".join(lines))
 
