@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from stages.data.replyset import Row
 from stages.model import packing
-from stages.model.logprobs import output_head
 from stages.model.packing import pack, packed_logps, packing_waste, segments_available, span, use_segments
 from stages.model.replylogps import ld_pair_sums, prefix_sums, rows_logps
 from tests.bounds import EPS32, ULPS, logit_scale, sum_tol, token_tol
+from tests.tiny import scaled_models
 
 torch.set_num_threads(1)  # 2 shared cores
 
-HEAD_SCALE = 20.0  # logits std ~0.15 -> ~3 on the random tiny models
 PAD = 2            # the tiny tokenizer's <|endoftext|>
 REAL_MASK = packing._block_mask  # kept before any test patches it
 # (prompt length, (reply lengths...)): K = 1..4, prompts of 1..12 tokens, one-token replies
@@ -55,20 +53,7 @@ def _z(model, rows) -> float:
 @pytest.fixture(scope="module")
 def models(tiny_llama, tiny_qwen2):
     """model(arch, impl): the tiny fp32 model with the given attention, head scaled, eval mode (cached)."""
-    paths, cache = {"llama": tiny_llama, "qwen2": tiny_qwen2}, {}
-
-    def get(arch: str, impl: str = "sdpa", fresh: bool = False):
-        if fresh or (arch, impl) not in cache:
-            model = AutoModelForCausalLM.from_pretrained(str(paths[arch]), dtype=torch.float32,
-                                                         attn_implementation=impl)
-            with torch.no_grad():
-                output_head(model).weight.mul_(HEAD_SCALE)
-            if fresh:
-                return model.eval()
-            cache[arch, impl] = model.eval()
-        return cache[arch, impl]
-
-    return get
+    return scaled_models({"llama": tiny_llama, "qwen2": tiny_qwen2})
 
 
 @pytest.fixture

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from stages.data.encode import Encoded
 from stages.data.replyset import EncodedSet, Row, split_rows
 from stages.model import replylogps
-from stages.model.logprobs import ld_sums, output_head, pair_logps
+from stages.model.logprobs import ld_sums, pair_logps
 from stages.model.replylogps import ld_pair_sums, prefix_sums, rows_logps
 from tests.bounds import EPS32, ULPS, logit_scale, sum_tol, token_tol
+from tests.tiny import scaled_models
 
 torch.set_num_threads(1)  # 2 shared cores
 
-HEAD_SCALE = 20.0  # logits std ~0.15 -> ~3 on the random tiny models
 PAD = 2            # the tiny tokenizer's <|endoftext|>
 REAL_MASK = replylogps._reply_mask  # kept before any test patches it
 PAIRS = [(6, 3, 8), (2, 9, 2), (11, 5, 5), (4, 1, 7)]  # (prompt, chosen, rejected) lengths: longer, shorter, equal
@@ -60,20 +59,7 @@ def _layouts(rows: list[Row]) -> tuple[tuple, tuple]:
 @pytest.fixture(scope="module")
 def models(tiny_llama, tiny_qwen2):
     """model(arch, impl): the tiny fp32 model with the given attention, head scaled, eval mode (cached)."""
-    paths, cache = {"llama": tiny_llama, "qwen2": tiny_qwen2}, {}
-
-    def get(arch: str, impl: str = "sdpa", fresh: bool = False):
-        if fresh or (arch, impl) not in cache:
-            model = AutoModelForCausalLM.from_pretrained(str(paths[arch]), dtype=torch.float32,
-                                                         attn_implementation=impl)
-            with torch.no_grad():
-                output_head(model).weight.mul_(HEAD_SCALE)  # tied llama: scales the embeddings too, harmless
-            if fresh:
-                return model.eval()
-            cache[arch, impl] = model.eval()
-        return cache[arch, impl]
-
-    return get
+    return scaled_models({"llama": tiny_llama, "qwen2": tiny_qwen2})
 
 
 @pytest.fixture

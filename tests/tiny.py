@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -154,3 +155,27 @@ def build_tiny_model(dir: str | Path, arch: str = "llama", tie: bool = True, see
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out))
     return out
+
+
+HEAD_SCALE = 20.0  # logits std ~0.15 -> ~3 on the random tiny models: realistic logit scales for the bounds
+
+
+def scaled_models(paths: dict):
+    """get(arch, impl="sdpa", fresh=False): the tiny fp32 model of `paths[arch]` with the given attention, its head
+    scaled by HEAD_SCALE (tied llama: the embeddings too, harmless), in eval mode; cached unless `fresh`."""
+    from stages.model.logprobs import output_head
+
+    cache = {}
+
+    def get(arch: str, impl: str = "sdpa", fresh: bool = False):
+        if fresh or (arch, impl) not in cache:
+            model = AutoModelForCausalLM.from_pretrained(str(paths[arch]), dtype=torch.float32,
+                                                         attn_implementation=impl)
+            with torch.no_grad():
+                output_head(model).weight.mul_(HEAD_SCALE)
+            if fresh:
+                return model.eval()
+            cache[arch, impl] = model.eval()
+        return cache[arch, impl]
+
+    return get
