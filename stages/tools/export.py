@@ -33,6 +33,7 @@ from stages.settings.commands import ExportConfig
 from stages.stage2.train import as_the_cache
 
 GGUF_OF_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+CONFIG_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # our names -> config.json's
 SPARE_BYTES = 64 * 2**20  # tokenizer, config, card: a generous bound for the small files
 STAMP = ".export-job.json"  # in the partial folder: the job it holds (job_stamp)
 
@@ -130,7 +131,7 @@ def stored_dtype(base: Path, source: Path) -> str:
     """The base's own dtype (config.json's dtype / torch_dtype): what an adapter alone is exported in."""
     config = _json(base / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    known = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    known = {v: k for k, v in CONFIG_DTYPE.items()}
     if name not in known:
         raise UserError(f"{base}/config.json: dtype {name!r} is none of {', '.join(known)} (what --dtype auto "
                         "reads); pass --dtype")
@@ -244,7 +245,7 @@ def write_model_files(src: Source, tmp: Path, trust_remote_code: bool) -> None:
 
     config = _json(src.base / "config.json")
     config.pop("quantization_config", None)
-    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[src.dtype]
+    name = CONFIG_DTYPE[src.dtype]
     config.update({"dtype": name} if "dtype" in config or "torch_dtype" not in config else {"torch_dtype": name})
     fsio.write_text_atomic(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (src.base / "generation_config.json").is_file():
